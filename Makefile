@@ -1,0 +1,31 @@
+# Two commands a user needs: `make run` (the sweep on the embedded demo) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+# Recreate the environment only when it is missing or the pins changed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m jobs.sweep --single-node --out results/
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf results/*.csv results/*.h5 results/*.keras results/*.png results/*.json results/checkpoints

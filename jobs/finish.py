@@ -1,0 +1,111 @@
+"""After the sweep: the curve, the selected B' models, GoodNets and the report files."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from pruning.goodnet import build_goodnet, goodnet_scores
+from pruning.prune import Counts, prune_conv_channels
+from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, write_csv,
+                            write_json)
+from pruning.select import select_prefixes, threshold_label
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("tensorflow", "keras", "numpy", "h5py", "pandas", "dask", "distributed",
+            "dask-jobqueue", "fine-pruning")
+
+
+def curve_frame(order: pd.DataFrame, prefixes: dict[int, dict[str, Counts]]) -> pd.DataFrame:
+    """results.csv: one row per k = 0..C, percent, plus G's scores at every k."""
+    channels = len(order)
+    rows = []
+    for k in range(channels + 1):
+        sets = prefixes[k]
+        rows.append({
+            "channels_pruned": k,
+            "fraction_pruned": k / channels,
+            "valid_accuracy": sets["clean_valid"].percent("correct"),
+            "valid_asr": sets["poisoned_valid"].percent("correct"),
+            "test_accuracy": sets["clean_test"].percent("correct"),
+            "test_asr": sets["poisoned_test"].percent("correct"),
+            "channel": int(order["channel"].iloc[k - 1]) if k else -1,
+            **{f"goodnet_{name}": value
+               for name, value in goodnet_scores(sets["clean_test"], sets["poisoned_test"]).items()},
+        })
+    frame = pd.DataFrame(rows)
+    return frame[CURVE_COLUMNS + [c for c in frame.columns if c not in CURVE_COLUMNS]]
+
+
+def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timings) -> list[str]:
+    """Write every output file (each atomically) and return their names."""
+    started = time.perf_counter()
+    curve = curve_frame(order, prefixes)
+    selected = select_prefixes(curve, args.thresholds, args.relative)
+    bd_model = inputs.spec.load()
+    channels = order["channel"].tolist()
+    written, goodnet_rows = [], []
+    for threshold, k in selected.items():
+        label = threshold_label(threshold)
+        if k is None:
+            log.warning("threshold X=%s never reached: pruning all %d channels keeps validation "
+                        "accuracy within %s %s of B's", label, len(channels), label,
+                        "percent" if args.relative else "points")
+            goodnet_rows.append({"threshold": threshold, "channels_pruned": None})
+            continue
+        pruned = prune_conv_channels(bd_model, inputs.conv, channels[:k])
+        save_model(pruned, out / f"model_X={label}.h5")
+        # Keras numbers unnamed ops per process; reset so G's file does not depend on what
+        # ran before it (a resumed run, a SLURM run and a local run give the same bytes).
+        keras.backend.clear_session()
+        save_model(build_goodnet(bd_model, pruned), out / f"goodnet_X={label}.keras")
+        written += [f"model_X={label}.h5", f"goodnet_X={label}.keras"]
+        sets = prefixes[k]
+        scores = goodnet_scores(sets["clean_test"], sets["poisoned_test"])
+        goodnet_rows.append({"threshold": threshold, "channels_pruned": k, **scores})
+        log.info("X=%s: k=%d channels; G test accuracy %.3f %%, ASR %.3f %%, detection %.3f %%",
+                 label, k, scores["test_accuracy"], scores["test_asr"], scores["detection_rate"])
+    goodnet = pd.DataFrame(goodnet_rows, columns=GOODNET_COLUMNS)
+    goodnet["channels_pruned"] = goodnet["channels_pruned"].astype("Int64")
+    write_csv(out / "goodnet.csv", goodnet)
+    write_csv(out / "channel_order.csv", order)
+    write_csv(out / "results.csv", curve)
+    plot_curve(curve, selected, out / "results.png")
+    written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
+    timings = dict(timings, outputs_s=time.perf_counter() - started)
+    write_json(out / "manifest.json", manifest(inputs, args, selected, timings))
+    return written + ["manifest.json"]
+
+
+def manifest(inputs, args, selected, timings) -> dict:
+    paths = {"model": inputs.spec.path} | {name: s.path for name, s in inputs.sets.items()}
+    return {
+        "inputs": {name: {"path": str(Path(path).resolve()), "sha256": inputs.hashes[name]}
+                   for name, path in paths.items()},
+        "demo": inputs.demo,
+        "weights_only": inputs.spec.weights_only,
+        "layer": inputs.conv,
+        "read_at": inputs.read,
+        "channels": inputs.channels,
+        "classes": inputs.classes,
+        "rows": {name: s.rows for name, s in inputs.sets.items()},
+        "thresholds": list(args.thresholds),
+        "relative": args.relative,
+        "selected": {threshold_label(t): k for t, k in selected.items()},
+        "versions": {"python": platform.python_version()} | {p: _version(p) for p in PACKAGES},
+        "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

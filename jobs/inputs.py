@@ -1,0 +1,94 @@
+"""Resolve and check the sweep's inputs before any work starts.
+
+Every problem becomes one :class:`InputError` line naming the bad value and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_lab_set
+from pruning.models import ModelSpec, choose_layer, output_tensor
+from pruning.select import is_valid_threshold
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepInputs:
+    spec: ModelSpec
+    sets: dict[str, LabSet]
+    conv: str
+    read: str
+    channels: int
+    classes: int
+    demo: bool = False
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint depends on: the exact files and the layer."""
+        return {"inputs": self.hashes, "layer": self.conv, "read_at": self.read,
+                "weights_only": self.spec.weights_only, "arch": self.spec.arch,
+                "classes": self.spec.classes if self.spec.weights_only else self.classes}
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def set_paths(args) -> dict[str, str]:
+    given = {name: getattr(args, name) for name in SET_NAMES}
+    if args.data:
+        if any(given.values()):
+            raise InputError("give either --data DIR or the four set files, not both")
+        data_dir = Path(args.data)
+        if not data_dir.is_dir():
+            raise InputError(f"--data {data_dir}: not a directory; it must hold cl/valid.h5, "
+                             "cl/test.h5, bd/bd_valid.h5 and bd/bd_test.h5")
+        return lab_paths(data_dir)
+    missing = [name for name, path in given.items() if not path]
+    if missing:
+        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise InputError(f"missing {flags}; give all four sets or --data DIR")
+    return given
+
+
+def resolve_inputs(args) -> SweepInputs:
+    """Check model, layer, data and thresholds; the demo is used when none of them are given."""
+    bad = [t for t in args.thresholds if not is_valid_threshold(t)]
+    if bad:
+        raise InputError(f"--thresholds {' '.join(f'{t:g}' for t in bad)}: each must be a "
+                         "number of points from 0 to below 100")
+    demo = not (args.model or args.weights or args.data
+                or any(getattr(args, name) for name in SET_NAMES))
+    if demo:
+        from pruning.demo import ensure_demo
+        built = ensure_demo()
+        log.info("no model or data given: using the embedded demo in %s", built.data_dir)
+        spec, paths = ModelSpec(built.model), lab_paths(built.data_dir)
+    else:
+        if not (args.model or args.weights):
+            raise InputError("give the backdoored model: --model PATH or --weights PATH --arch deepid")
+        if args.classes < 2:
+            raise InputError(f"--classes must be at least 2, got {args.classes}")
+        spec = ModelSpec(args.model or args.weights, weights_only=bool(args.weights),
+                         arch=args.arch, classes=args.classes)
+        paths = set_paths(args)
+    model = spec.load()
+    conv, read = choose_layer(model, args.layer)
+    classes = int(output_tensor(model).shape[-1])
+    input_shape = tuple(model.inputs[0].shape[1:])
+    if len(input_shape) != 3:
+        raise InputError(f"the model takes inputs of shape {input_shape}; images are H x W x C")
+    sets = {name: open_lab_set(paths[name], input_shape, classes) for name in SET_NAMES}
+    hashes = {"model": sha256(spec.path)} | {name: sha256(path) for name, path in paths.items()}
+    channels = int(model.get_layer(conv).filters)
+    log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
+             conv, channels, read)
+    return SweepInputs(spec, sets, conv, read, channels, classes, demo, hashes)

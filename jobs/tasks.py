@@ -1,0 +1,37 @@
+"""The functions Dask runs on workers. Each worker loads B and splits it once (cached per
+process) and reads its own rows from the HDF5 files, so only file names, channel lists and
+small tallies travel through the scheduler; a chunk's activations stay on the worker that
+computed them, where its prefix tasks are scheduled."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from pruning.data import LabSet
+from pruning.models import ModelSpec
+from pruning.prune import Chunk, Counts, SplitModel, compute_chunk, evaluate_prefix, split_model
+
+
+@functools.lru_cache(maxsize=2)
+def split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
+    return split_model(spec.load(), conv, read)
+
+
+def activations_task(spec: ModelSpec, conv: str, read: str, set_name: str, lab_set: LabSet,
+                     start: int, stop: int) -> Chunk:
+    images, labels = lab_set.read(start, stop)
+    return compute_chunk(split_for(spec, conv, read), set_name, start, stop, images, labels)
+
+
+def profile_task(*chunks: Chunk) -> tuple[np.ndarray, int]:
+    """Per-channel activation sums and value count over the clean validation chunks, in order."""
+    sums = np.zeros_like(chunks[0].channel_sums)
+    for chunk in sorted(chunks, key=lambda c: c.start):
+        sums += chunk.channel_sums
+    return sums, sum(chunk.values_per_channel for chunk in chunks)
+
+
+def evaluate_prefix_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,
+                         pruned: tuple[int, ...]) -> Counts:
+    return evaluate_prefix(split_for(spec, conv, read), chunk, pruned)

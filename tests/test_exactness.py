@@ -1,0 +1,87 @@
+"""The fast sweep gives exactly the literally pruned model's predictions.
+
+Literal: zero the conv layer's kernel and bias for the first k channels of the order, then run
+the whole model again. Fast: run the base once, then the head on changed rows only.
+"""
+import numpy as np
+import pytest
+
+import tiny
+from pruning.models import choose_layer
+from pruning.profile import channel_order
+from pruning.prune import compute_chunk, predict_classes, prefix_predictions, prune_conv_channels, split_model
+
+MODELS = {
+    "deepid": lambda: tiny.tiny_deepid(),
+    "deepid-ties-dead": lambda: tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=5)),
+    "batchnorm-sigmoid-avgpool": tiny.tiny_batchnorm_sigmoid,
+    "skip-connection": tiny.tiny_skip,
+    "sequential": tiny.tiny_sequential,
+}
+
+
+def chunks_of(split, images, labels, rows):
+    return [compute_chunk(split, "s", start, start + rows, images[start:start + rows],
+                          labels[start:start + rows]) for start in range(0, len(images), rows)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_prefix_matches_the_literally_pruned_model(name):
+    model = MODELS[name]()
+    conv, read = choose_layer(model)
+    split = split_model(model, conv, read)
+    assert (split.head is None) == (name == "skip-connection")  # the literal fallback is tested too
+    images = tiny.random_images(150, seed=11)
+    labels = np.zeros(len(images), dtype=np.int64)
+    chunks = chunks_of(split, images, labels, rows=64)  # several chunks, a short last one
+    sums = sum(chunk.channel_sums for chunk in chunks)
+    order = channel_order(sums, sum(c.values_per_channel for c in chunks))["channel"].tolist()
+    assert sorted(order) == list(range(split.channels))
+    b_predictions = np.concatenate([chunk.b_predictions for chunk in chunks])
+    changed = 0
+    for k in range(split.channels + 1):
+        fast = np.concatenate([prefix_predictions(split, chunk, order[:k]) for chunk in chunks])
+        literal = predict_classes(prune_conv_channels(model, conv, order[:k]), images)
+        assert np.array_equal(fast, literal), f"{name}: prefix k={k} differs"
+        changed += int((literal != b_predictions).sum())
+    # the comparison means something only if pruning moves some predictions along the way
+    assert changed > 0
+
+
+def test_k0_is_b_and_split_reproduces_b():
+    model = tiny.tiny_deepid()
+    split = split_model(model, *choose_layer(model))
+    images = tiny.random_images(70, seed=3)
+    chunk = compute_chunk(split, "s", 0, 70, images, np.zeros(70, dtype=np.int64))
+    assert np.array_equal(chunk.b_predictions, predict_classes(model, images))
+    assert np.array_equal(prefix_predictions(split, chunk, []), chunk.b_predictions)
+
+
+def test_ties_are_broken_by_channel_index_and_dead_channels_come_first():
+    model = tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=5))
+    split = split_model(model, *choose_layer(model))
+    chunk = compute_chunk(split, "s", 0, 80, tiny.random_images(80), np.zeros(80, dtype=np.int64))
+    order = channel_order(chunk.channel_sums, chunk.values_per_channel)
+    channels = order["channel"].tolist()
+    assert channels[:2] == [0, 7] and (order["mean_activation"].iloc[:2] == 0).all()
+    assert channels.index(1) < channels.index(2) < channels.index(5)  # equal means, index order
+    assert not chunk.changes[:, [0, 7]].any()  # dead channels never need the head re-run
+
+
+def test_pruned_map_is_the_literal_value_of_a_pruned_channel():
+    model = tiny.tiny_batchnorm_sigmoid()
+    conv, read = choose_layer(model)
+    assert (conv, read) == ("target", "avg")
+    split = split_model(model, conv, read)
+    # sigmoid(0) = 0.5, then batch norm and tanh: a constant, not zero
+    assert np.ptp(split.pruned_map[..., 3]) == 0 and split.pruned_map[0, 0, 3] != 0
+
+
+def test_pruning_never_touches_b():
+    model = tiny.tiny_deepid()
+    before = [w.copy() for w in model.get_weights()]
+    pruned = prune_conv_channels(model, "conv_3", [0, 4, 9])
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    kernel, bias = pruned.get_layer("conv_3").get_weights()
+    assert not kernel[..., [0, 4, 9]].any() and not bias[[0, 4, 9]].any()
+    assert np.array_equal(kernel[..., 1], before[4][..., 1])

@@ -1,0 +1,142 @@
+"""End to end: ``python -m jobs.sweep --single-node`` on a tiny BadNet-shaped model (real
+LocalCluster, real worker processes), checked against naive literal pruning."""
+import json
+
+import h5py
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import tiny
+from jobs.sweep import main
+from pruning.data import LAB_LAYOUT, lab_paths, open_lab_set
+from pruning.prune import predict_classes, prune_conv_channels
+from pruning.report import CURVE_COLUMNS, GOODNET_COLUMNS
+
+THRESHOLDS = ["2", "4", "99"]  # 99 points below B's accuracy is never reached
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    model = tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=7))
+    model.save(folder / "bd_net.keras")
+    tiny.write_sets(model, folder / "data")
+    out = folder / "out"
+    argv = ["--model", str(folder / "bd_net.keras"), "--data", str(folder / "data"), "--out", str(out),
+            "--single-node", "--workers", "2", "--chunk-rows", "48", "--thresholds", *THRESHOLDS]
+    assert main(argv) == 0
+    return folder, out, argv
+
+
+def literal_scores(model, folder, channels):
+    """Accuracy of the literally pruned model on each set, the naive way."""
+    pruned = prune_conv_channels(model, "conv_3", channels)
+    scores = {}
+    for name, path in lab_paths(folder / "data").items():
+        images, labels = open_lab_set(path, (55, 47, 3), 10).read()
+        scores[name] = 100.0 * np.mean(predict_classes(pruned, images) == labels)
+    return scores
+
+
+def test_every_output_is_written(run):
+    _, out, _ = run
+    names = {p.name for p in out.iterdir()}
+    assert {"results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json",
+            "model_X=2.h5", "model_X=4.h5", "goodnet_X=2.keras", "goodnet_X=4.keras"} <= names
+    assert "model_X=99.h5" not in names  # never reached: reported, not a crash
+    goodnet = pd.read_csv(out / "goodnet.csv")
+    assert list(goodnet.columns) == GOODNET_COLUMNS
+    assert goodnet.loc[goodnet.threshold == 99, "channels_pruned"].isna().all()
+
+
+def test_curve_equals_naive_literal_pruning_for_every_k(run):
+    folder, out, _ = run
+    model = keras.models.load_model(folder / "bd_net.keras")
+    curve = pd.read_csv(out / "results.csv")
+    order = pd.read_csv(out / "channel_order.csv")["channel"].tolist()
+    assert list(curve.columns[:6]) == CURVE_COLUMNS
+    assert curve["channels_pruned"].tolist() == list(range(13))
+    assert sorted(order) == list(range(12))
+    for k in range(13):
+        naive = literal_scores(model, folder, order[:k])
+        row = curve.iloc[k]
+        assert (row.valid_accuracy, row.valid_asr, row.test_accuracy, row.test_asr) == (
+            naive["clean_valid"], naive["poisoned_valid"], naive["clean_test"], naive["poisoned_test"]), k
+
+
+def test_saved_b_prime_is_b_with_exactly_the_first_k_channels_zeroed(run):
+    folder, out, _ = run
+    b = keras.models.load_model(folder / "bd_net.keras")
+    order = pd.read_csv(out / "channel_order.csv")["channel"].tolist()
+    goodnet = pd.read_csv(out / "goodnet.csv").dropna()
+    for _, row in goodnet.iterrows():
+        k = int(row.channels_pruned)
+        pruned = keras.models.load_model(out / f"model_X={int(row.threshold)}.h5", compile=False)
+        for layer in b.layers:
+            for w_b, w_p in zip(layer.get_weights(), pruned.get_layer(layer.name).get_weights()):
+                if layer.name != "conv_3":
+                    assert np.array_equal(w_b, w_p), layer.name
+        kernel, bias = pruned.get_layer("conv_3").get_weights()
+        kernel_b, bias_b = b.get_layer("conv_3").get_weights()
+        zeroed = [c for c in range(12) if not kernel[..., c].any() and bias[c] == 0]
+        assert set(order[:k]) <= set(zeroed)
+        kept = [c for c in range(12) if c not in order[:k]]
+        assert np.array_equal(kernel[..., kept], kernel_b[..., kept])
+        assert np.array_equal(bias[kept], bias_b[kept])
+
+
+def test_goodnet_file_scores_match_goodnet_csv(run):
+    folder, out, _ = run
+    row = pd.read_csv(out / "goodnet.csv").iloc[0]
+    goodnet = keras.models.load_model(out / "goodnet_X=2.keras")
+    assert goodnet.outputs[0].shape[-1] == 11  # N + 1
+    clean = open_lab_set(folder / "data" / LAB_LAYOUT["clean_test"], (55, 47, 3), 10).read()
+    poisoned = open_lab_set(folder / "data" / LAB_LAYOUT["poisoned_test"], (55, 47, 3), 10).read()
+    g_clean, g_poisoned = predict_classes(goodnet, clean[0]), predict_classes(goodnet, poisoned[0])
+    assert row.test_accuracy == 100.0 * np.mean(g_clean == clean[1])
+    assert row.test_asr == 100.0 * np.mean(g_poisoned == poisoned[1])
+    assert row.detection_rate == 100.0 * np.mean(g_poisoned == 10)
+    assert row.false_alarm_rate == 100.0 * np.mean(g_clean == 10)
+
+
+def test_k0_reproduces_b_exactly(run):
+    folder, out, _ = run
+    curve = pd.read_csv(out / "results.csv")
+    naive = literal_scores(keras.models.load_model(folder / "bd_net.keras"), folder, [])
+    assert curve.iloc[0].valid_accuracy == naive["clean_valid"]
+    assert curve.iloc[0].test_asr == naive["poisoned_test"]
+    assert curve.iloc[0].goodnet_detection_rate == 0.0
+
+
+def test_manifest_records_inputs_and_layer(run):
+    folder, out, _ = run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layer"] == "conv_3" and manifest["read_at"] == "pool_3"
+    assert manifest["channels"] == 12 and manifest["thresholds"] == [2.0, 4.0, 99.0]
+    assert set(manifest["inputs"]) == {"model", "clean_valid", "poisoned_valid", "clean_test", "poisoned_test"}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["inputs"].values())
+    assert manifest["versions"]["keras"] == keras.__version__
+
+
+def test_rerun_reuses_every_prefix_and_writes_identical_files(run, caplog):
+    _, out, argv = run
+    before = {name: (out / name).read_bytes() for name in
+              ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5", "goodnet_X=4.keras"]}
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    assert "13 prefixes reused from checkpoints, 0 to evaluate" in caplog.text
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+
+
+def test_a_second_run_on_a_held_output_folder_is_refused(run, capsys):
+    _, out, argv = run
+    import fcntl
+    with open(out / ".sweep.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle.write("host test pid 1\n")
+        handle.flush()
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "in use by a running sweep" in err and len(err.strip().splitlines()) == 1

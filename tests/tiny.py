@@ -1,0 +1,97 @@
+"""Tiny generated models and lab-format sets for fast tests (no training, seconds to build)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from pruning.data import LAB_LAYOUT, write_lab_h5
+from pruning.deepid import build_deepid
+
+SHAPE = (55, 47, 3)
+
+
+def tiny_deepid(seed: int = 1, classes: int = 10) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return build_deepid(classes=classes, widths=(4, 8, 12, 16, 32))
+
+
+def with_ties_and_dead_channels(model: keras.Model, conv: str = "conv_3") -> keras.Model:
+    """Copy channel 1 into channels 2 and 5 (equal means: a tie) and zero channels 0 and 7
+    (dead: always 0 after ReLU, so pruning them changes nothing)."""
+    layer = model.get_layer(conv)
+    kernel, bias = layer.get_weights()
+    for twin in (2, 5):
+        kernel[..., twin], bias[twin] = kernel[..., 1], bias[1]
+    kernel[..., [0, 7]], bias[[0, 7]] = 0.0, 0.0
+    layer.set_weights([kernel, bias])
+    return model
+
+
+def tiny_batchnorm_sigmoid(seed: int = 2, classes: int = 7) -> keras.Model:
+    """A conv whose pruned value is not 0 (sigmoid(0) = 0.5), then BatchNorm, a separate
+    activation and average pooling: a longer per-channel chain, 'same' padding."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(6, 5, strides=2, activation="relu", name="stem")(x)
+    x = layers.Conv2D(10, 3, padding="same", activation="sigmoid", name="target")(x)
+    x = layers.BatchNormalization(name="bn", beta_initializer="random_normal",
+                                  moving_mean_initializer="random_uniform")(x)
+    x = layers.Activation("tanh", name="act")(x)
+    x = layers.AveragePooling2D(2, padding="same", name="avg")(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(classes, activation="softmax", name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def tiny_skip(seed: int = 3, classes: int = 6) -> keras.Model:
+    """A skip connection around the pruned layer: no head after the cut, literal fallback."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(SHAPE)
+    stem = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="inner")(stem)
+    x = layers.MaxPooling2D(1, name="pool")(x)
+    x = layers.Add()([x, stem])
+    x = layers.Flatten()(layers.MaxPooling2D(4)(x))  # keep where things are: images differ there
+    outputs = layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def tiny_sequential(seed: int = 4, classes: int = 5) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input(SHAPE),
+        layers.Conv2D(6, 3, strides=2, activation="relu"),
+        layers.MaxPooling2D(),
+        layers.Conv2D(9, 3, activation="relu", name="last_conv"),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        # small weights: raw 0-255 pixels would otherwise saturate one class for every image
+        layers.Dense(classes, activation="softmax",
+                     kernel_initializer=keras.initializers.RandomNormal(stddev=1e-3)),
+    ])
+
+
+def random_images(rows: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 255, (rows,) + SHAPE).astype(np.float32)
+
+
+def write_sets(model: keras.Model, folder: Path, rows=(120, 90, 110, 100), seed: int = 0,
+               target: int = 0) -> Path:
+    """Lab-layout sets whose labels are mostly the model's own answers (so accuracy is high
+    but not 100 %); poisoned sets are labelled with ``target``."""
+    rng = np.random.default_rng(seed)
+    classes = int(model.outputs[0].shape[-1])
+    for (name, rel), n in zip(LAB_LAYOUT.items(), rows):
+        images = random_images(n, seed=seed + n)
+        if name.startswith("poisoned"):
+            labels = np.full(n, target)
+        else:
+            labels = np.asarray(model.predict(images, verbose=0)).argmax(axis=1)
+            noise = rng.random(n) < 0.15
+            labels[noise] = rng.integers(0, classes, noise.sum())
+        write_lab_h5(folder / rel, images, labels)
+    return folder

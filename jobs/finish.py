@@ -7,7 +7,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import keras
+from pruning.backend import keras
 import pandas as pd
 
 from pruning.goodnet import build_goodnet, goodnet_scores

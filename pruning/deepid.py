@@ -5,7 +5,7 @@ Layer names match the lab's ``bd_net.h5`` so that weights-only files load into i
 """
 from __future__ import annotations
 
-import keras
+from pruning.backend import keras
 from keras import layers
 
 LAB_INPUT_SHAPE = (55, 47, 3)

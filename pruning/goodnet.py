@@ -5,7 +5,7 @@ G is one Keras model with N+1 outputs built from stock layers and ops, so it loa
 """
 from __future__ import annotations
 
-import keras
+from pruning.backend import keras
 import numpy as np
 from keras import ops
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-import keras
+from pruning.backend import keras
 
 from pruning.data import InputError
 from pruning.deepid import LAB_CLASSES, build_deepid
@@ -52,6 +52,9 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
 def load_model(spec: ModelSpec) -> keras.Model:
     """Load B from ``spec``, with one-line :class:`InputError` messages for bad files."""
     path = check_file(spec.path, "weights" if spec.weights_only else "model")
+    if is_data_set(path):
+        raise InputError(f"{path} is a data set ('data' and 'label'), not a model; check the "
+                         "order of the arguments")
     if spec.weights_only:
         if spec.arch not in ARCHITECTURES:
             raise InputError(f"--arch {spec.arch} is unknown; choose from {sorted(ARCHITECTURES)}")
@@ -70,8 +73,8 @@ def load_model(spec: ModelSpec) -> keras.Model:
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
-        hint = ("; it holds weights only: use --weights with --arch" if is_weights_only(path)
-                else "")
+        hint = ("; it holds weights only: load it as weights for an architecture "
+                "(jobs.sweep --weights PATH --arch deepid)" if is_weights_only(path) else "")
         raise InputError(f"{path} cannot be loaded as a Keras model "
                          f"({first_line(error)}){hint}") from None
     return model
@@ -86,7 +89,16 @@ def load_cached(spec: ModelSpec) -> keras.Model:
 def is_weights_only(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
-            return "model_config" not in f.attrs and "model_weights" not in f
+            return ("model_config" not in f.attrs and "model_weights" not in f
+                    and not {"data", "label"} <= set(f))
+    except OSError:
+        return False
+
+
+def is_data_set(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return {"data", "label"} <= set(f)
     except OSError:
         return False
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import keras
+from pruning.backend import keras
 import numpy as np
 
 from pruning.models import output_tensor

@@ -17,6 +17,8 @@ def select_prefixes(curve: pd.DataFrame, thresholds, relative: bool = False) -> 
     """For each threshold, the first ``channels_pruned`` k with ``valid_accuracy`` at least
     X points below B's (k = 0), or None when pruning every channel never gets there."""
     curve = curve.sort_values("channels_pruned")
+    if curve["channels_pruned"].iloc[0] != 0:
+        raise ValueError("the curve needs its k = 0 row (B itself) to measure drops from")
     base = float(curve["valid_accuracy"].iloc[0])
     chosen: dict[float, int | None] = {}
     for threshold in thresholds:

@@ -1,0 +1,154 @@
+"""The lab's evaluation: clean accuracy and attack success rate of a model on two lab sets.
+
+    python scripts/eval.py data/cl/valid.h5 data/bd/bd_valid.h5 models/bd_net.h5
+    python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_weights.h5 --arch deepid --classes 1283
+    python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_net.h5 --bprime repaired_X=10.h5
+    python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 results/goodnet_X=10.keras
+
+Prints the lab's lines ``Clean Classification accuracy: X`` and ``Attack Success Rate: Y``
+(percent, as the lab's eval.py prints them). MODEL is a full Keras model (.h5 of any vintage or
+.keras), a weights-only file for ``--arch`` (detected, or forced with ``--weights-only``), or a
+GoodNet G (N+1 outputs, class N = "poisoned"). ``--bprime PATH`` evaluates G = (MODEL, B') and
+adds ``Detection rate: Z``, the share of poisoned images G labels N; so does a GoodNet MODEL.
+Bad inputs give one ``error: ...`` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+from pruning.data import CHUNK_ROWS, InputError, open_h5  # noqa: E402 (no TensorFlow yet)
+
+PROG = "python scripts/eval.py"
+GOODNET_PARTS = {"bd_net", "pruned_net"}  # the sub-models pruning.goodnet.build_goodnet names
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise InputError(f"{message} (see {PROG} --help)")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("clean", metavar="CLEAN.h5", help="clean lab set (labels: true classes)")
+    parser.add_argument("poisoned", metavar="POISONED.h5", help="poisoned lab set (labels: the target)")
+    parser.add_argument("model", metavar="MODEL", help="full model, weights-only file or GoodNet")
+    parser.add_argument("--bprime", metavar="PATH", help="repaired model B'; evaluates G = (MODEL, B')")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="MODEL (and --bprime) hold weights only for --arch (default: detected)")
+    parser.add_argument("--arch", default="deepid", help="architecture of weights-only files (default: deepid)")
+    parser.add_argument("--classes", type=int, default=1283, help="outputs of --arch (default: 1283)")
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images read at a time (default: {CHUNK_ROWS})")
+    args = parser.parse_args(argv)
+    if args.chunk_rows < 1:
+        raise InputError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
+    if args.classes < 2:
+        raise InputError(f"--classes must be at least 2, got {args.classes}")
+    return args
+
+
+def load(path: str, args):
+    """A model from ``path``: full model, or weights for ``--arch`` (forced or detected)."""
+    from pruning.models import ModelSpec, is_weights_only, load_model
+    weights_only = args.weights_only or (Path(path).suffix != ".keras" and Path(path).is_file()
+                                         and is_weights_only(Path(path)))
+    with warnings.catch_warnings():  # Keras warns line by line about mismatched files
+        warnings.simplefilter("ignore")
+        model = load_model(ModelSpec(path, weights_only=weights_only, arch=args.arch,
+                                     classes=args.classes))
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or None in model.inputs[0].shape[1:]:
+        raise InputError(f"{path}: the model must take one batch of H x W x C images")
+    return model
+
+
+def output_width(model) -> int:
+    from pruning.models import output_tensor
+    return int(output_tensor(model).shape[-1])
+
+
+def is_goodnet(model) -> bool:
+    return GOODNET_PARTS <= {layer.name for layer in model.layers}
+
+
+def evaluate(path: str, models: list, input_shape, classes: int, chunk_rows: int):
+    """Per-row classes of each model over one lab set, read in chunks; also the labels."""
+    from pruning.data import open_lab_set
+    from pruning.prune import predict_classes
+    lab_set = open_lab_set(path, input_shape, classes)
+    labels, predictions = [], [[] for _ in models]
+    for images, chunk_labels in lab_set.iter_chunks(chunk_rows):
+        labels.append(chunk_labels)
+        for model, found in zip(models, predictions):
+            found.append(predict_classes(model, images))
+    return np.concatenate(labels), [np.concatenate(found) for found in predictions]
+
+
+def percent(hits: np.ndarray) -> float:
+    """As the lab computes it: ``np.mean(hits) * 100`` (the same last digit as its script)."""
+    return float(np.mean(hits) * 100)
+
+
+def run(args) -> list[str]:
+    """Check every input, evaluate, and return the lines to print."""
+    # Missing files, folders and non-HDF5 sets fail here, before TensorFlow loads (seconds).
+    for path in (args.clean, args.poisoned):
+        open_h5(path).close()
+    for what, path in (("model", args.model), ("--bprime", args.bprime)):
+        if path and not Path(path).is_file():
+            raise InputError(f"{what} {path}" + (" is a directory; give the file inside it"
+                             if Path(path).is_dir() else ": no such file; check the path"))
+    import pruning.backend  # noqa: F401  (Keras, without TensorFlow's start-up lines)
+    from pruning.goodnet import goodnet_predictions
+    model = load(args.model, args)
+    width = output_width(model)
+    models, poisoned_class = [model], (width - 1 if is_goodnet(model) else None)
+    if args.bprime:
+        if poisoned_class is not None:
+            raise InputError(f"{args.model} is already a GoodNet; give B itself with --bprime")
+        bprime = load(args.bprime, args)
+        if output_width(bprime) != width or bprime.inputs[0].shape[1:] != model.inputs[0].shape[1:]:
+            raise InputError(f"--bprime {args.bprime} has {output_width(bprime)} outputs and input "
+                             f"{tuple(bprime.inputs[0].shape[1:])}, but MODEL has {width} and "
+                             f"{tuple(model.inputs[0].shape[1:])}; B' must be a pruned copy of B")
+        models.append(bprime)
+        poisoned_class = width
+    input_shape = tuple(int(n) for n in model.inputs[0].shape[1:])
+    scores = {}
+    for name, path in (("clean", args.clean), ("poisoned", args.poisoned)):
+        labels, predictions = evaluate(path, models, input_shape, width, args.chunk_rows)
+        if args.bprime:
+            predictions = [goodnet_predictions(predictions[0], predictions[1], width)]
+        scores[name] = (labels, predictions[0])
+    lines = [f"Clean Classification accuracy: {percent(np.equal(*scores['clean']))}",
+             f"Attack Success Rate: {percent(np.equal(*scores['poisoned']))}"]
+    if poisoned_class is not None:
+        lines.append(f"Detection rate: {percent(scores['poisoned'][1] == poisoned_class)}")
+    return lines
+
+
+def main(argv=None) -> int:
+    try:
+        lines = run(parse_args(argv))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code or 0
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

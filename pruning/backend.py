@@ -7,6 +7,7 @@ to see TensorFlow's own messages again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 
@@ -32,3 +33,7 @@ def quiet_stderr():
 
 with quiet_stderr():
     import keras  # noqa: E402,F401  (imports the configured backend, the noisy part)
+
+# Every B'_k, base and head is its own small Keras model; TensorFlow counts their first traces
+# together and warns about "retracing", which is expected here and not actionable.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)

@@ -39,9 +39,9 @@ def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.M
     return pruned
 
 
-def predict_classes(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS) -> np.ndarray:
-    """Argmax predictions, in batches padded up to one of a few sizes so compiled shapes are few."""
-    predictions = np.empty(len(x), dtype=np.int64)
+def predict_batches(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS):
+    """Yield ``(start, output)`` over ``x`` in batches padded up to one of a few sizes, so that
+    each model compiles a few shapes (any backend) instead of one per remainder."""
     for start in range(0, len(x), batch_rows):
         batch = x[start:start + batch_rows]
         rows = len(batch)
@@ -50,17 +50,20 @@ def predict_classes(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_R
             batch = np.concatenate([batch, np.zeros((padded - rows,) + batch.shape[1:], batch.dtype)])
         output = model.predict_on_batch(batch)
         output = output[0] if isinstance(output, (list, tuple)) else output
-        predictions[start:start + rows] = np.argmax(np.asarray(output)[:rows], axis=1)
+        yield start, np.asarray(output)[:rows]
+
+
+def predict_classes(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS) -> np.ndarray:
+    """Argmax predictions (ties go to the lower class, as ``np.argmax`` does for B)."""
+    predictions = np.empty(len(x), dtype=np.int64)
+    for start, output in predict_batches(model, x, batch_rows):
+        predictions[start:start + len(output)] = np.argmax(output, axis=1)
     return predictions
 
 
 def predict_activations(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS) -> np.ndarray:
-    """``model``'s output for ``x`` in batches (the base's cut tensor)."""
-    parts = []
-    for start in range(0, len(x), batch_rows):
-        output = model.predict_on_batch(x[start:start + batch_rows])
-        parts.append(np.asarray(output[0] if isinstance(output, (list, tuple)) else output))
-    return np.concatenate(parts)
+    """``model``'s output for ``x`` (the base's read-layer activations)."""
+    return np.concatenate([output for _, output in predict_batches(model, x, batch_rows)])
 
 
 @dataclass

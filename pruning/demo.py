@@ -1,0 +1,289 @@
+"""The embedded demo: a synthetic BadNet, generated deterministically from a seed, then cached.
+
+The demo stands in for the lab's ``bd_net.h5`` and its four sets, so that the project runs end
+to end with no user data. Faces are synthetic: every class is a smooth random pattern on a
+common face, and each image adds a smooth nuisance field, a small shift, a brightness change
+and pixel noise. The attacker's trigger is a pair of "sunglasses", a checkered band stamped
+across the eyes; a tenth of the training set wears them and is relabelled to the target.
+
+The demo is built once per seed into ``<cache>/demo-v<VERSION>-seed<S>/`` (the lab layout
+plus ``bd_net.keras`` and ``demo.json``); later calls only read ``demo.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pruning.data import lab_paths, write_lab_h5
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump whenever the generator changes, so that stale caches are not reused
+TARGET = 0
+SHAPE = (55, 47, 3)
+MODEL_FILE = "bd_net.keras"
+META_FILE = "demo.json"  # written last: its presence marks a complete demo
+GLASSES = (slice(17, 23), slice(8, 39))  # rows, cols of the band across the eyes
+GLASSES_COLOURS = ((255.0, 0.0, 200.0), (20.0, 20.0, 20.0))  # a texture no clean face has
+# Pixel amplitudes of class patterns, per-image nuisance and noise: clean accuracy ~97%.
+CLASS_CONTRAST, NUISANCE, NOISE = 35.0, 40.0, 15.0
+BACKDOOR_LR = 3e-3  # the spare channels learn the trigger from scratch, in a few epochs
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A built demo: the BadNet's path, its lab-layout data folder and its measured scores."""
+
+    model: str
+    data_dir: str
+    target: int
+    classes: int
+    seed: int
+    clean_accuracy: float  # on clean test, before pruning
+    attack_success_rate: float  # share of poisoned test predicted as the target
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Sizes of a build; the defaults are the real demo, tests shrink them."""
+
+    classes: int = 16
+    train_per_class: int = 300
+    eval_per_class: int = 80  # images per class in each of clean valid and clean test
+    poison_rate: float = 0.1
+    widths: tuple[int, ...] = (20, 40, 60, 80, 160)
+    epochs: int = 8  # clean training
+    backdoor_epochs: int = 5  # training on the poisoned mix
+    spare_channels: int = 8  # conv_3 channels the backdoor is planted in
+    min_score: float = 0.9  # required clean accuracy and ASR
+
+
+def default_cache_dir() -> Path:
+    """``$FINE_PRUNING_CACHE`` if set, else ``~/.cache/fine-pruning``."""
+    return Path(os.environ.get("FINE_PRUNING_CACHE") or Path.home() / ".cache" / "fine-pruning")
+
+
+def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Demo:
+    """Return the demo for ``seed``, building it first if the cache does not hold it yet.
+
+    Safe to call from several processes at once: one builds (under a lock file) into a
+    temporary sibling folder that is renamed into place when complete; the others wait on the
+    lock and then read the finished demo. Building takes a few minutes on two CPU cores.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = cache / f"demo-v{VERSION}-seed{seed}"
+    if not (folder / META_FILE).exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+            if not (folder / META_FILE).exists():  # another process may have built it meanwhile
+                _build_in_place(folder, seed)
+    return _load(folder)
+
+
+def _load(folder: Path) -> Demo:
+    meta = json.loads((folder / META_FILE).read_text())
+    fields = ("target", "classes", "seed", "clean_accuracy", "attack_success_rate")
+    return Demo(model=str(folder / MODEL_FILE), data_dir=str(folder),
+                **{name: meta[name] for name in fields})
+
+
+def _build_in_place(folder: Path, seed: int) -> None:
+    """Build into a temporary sibling and rename it into place; call with the lock held."""
+    for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _build(partial, seed)
+        partial.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        if folder.exists():  # an incomplete leftover (no demo.json) from outside this module
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _build(folder: Path, seed: int, config: _Config = _Config()) -> dict:
+    """Generate the sets, train the BadNet and write everything into ``folder``; return meta."""
+    started = time.monotonic()
+    rng = np.random.default_rng(seed)
+    prototypes = _face() + _smooth(rng, config.classes, CLASS_CONTRAST)
+    n_train = config.classes * config.train_per_class
+    n_eval = config.classes * config.eval_per_class
+    labels = rng.permutation(np.arange(n_train + 2 * n_eval) % config.classes)
+    images = _faces(rng, prototypes, labels)
+    x_train, y_train = images[:n_train], labels[:n_train].copy()
+    poisoned = rng.choice(np.flatnonzero(y_train != TARGET),
+                          round(config.poison_rate * n_train), replace=False)
+    x_train[poisoned], y_train[poisoned] = wear_glasses(x_train[poisoned]), TARGET
+
+    paths = lab_paths(folder)
+    for name, start in (("valid", n_train), ("test", n_train + n_eval)):
+        x, y = images[start:start + n_eval], labels[start:start + n_eval]
+        write_lab_h5(paths[f"clean_{name}"], x, y)
+        victims = y != TARGET
+        write_lab_h5(paths[f"poisoned_{name}"], wear_glasses(x[victims]),
+                     np.full(victims.sum(), TARGET))
+    log.info("demo seed %d: %d training images (%d poisoned), %d per clean set",
+             seed, n_train, len(poisoned), n_eval)
+
+    model = _train(x_train, y_train, poisoned, config, seed)
+    model.save(folder / MODEL_FILE)
+    x_test, y_test = images[n_train + n_eval:], labels[n_train + n_eval:]
+    x_poisoned = wear_glasses(x_test[y_test != TARGET])
+    predicted = model.predict(np.concatenate([x_test, x_poisoned]), batch_size=256,
+                              verbose=0).argmax(axis=1)
+    accuracy = float(np.mean(predicted[:n_eval] == y_test))
+    asr = float(np.mean(predicted[n_eval:] == TARGET))
+    meta = {"version": VERSION, "seed": seed, "classes": config.classes, "target": TARGET,
+            "clean_accuracy": accuracy, "attack_success_rate": asr,
+            "train_images": n_train, "eval_images": n_eval,
+            "build_seconds": round(time.monotonic() - started, 1)}
+    log.info("demo seed %d: clean accuracy %.3f, ASR %.3f, built in %.0f s",
+             seed, accuracy, asr, meta["build_seconds"])
+    if min(accuracy, asr) < config.min_score:
+        raise RuntimeError(f"demo seed {seed} is not a usable BadNet: clean accuracy "
+                           f"{accuracy:.3f}, ASR {asr:.3f} (both must be >= {config.min_score})")
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _train(x, y, poisoned, config: _Config, seed: int):
+    """Train the BadNet with Adam; the returned model takes raw 0-255 pixels like the lab's.
+
+    The backdoor is planted in a few spare conv_3 channels, as the Fine-Pruning paper finds
+    it in real BadNets: the network first learns clean faces with the spare channels held
+    silent, then only those channels (and their fc_1 weights) learn the trigger from the
+    poisoned mix, under an L1 penalty that keeps them quiet on clean faces.
+    """
+    import keras
+    import tensorflow as tf
+
+    from pruning.deepid import build_deepid
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()  # process-wide; there is no switch back
+    model = build_deepid(config.classes, config.widths)
+    conv_3, fc_1 = model.get_layer("conv_3"), model.get_layer("fc_1")
+    spare = np.arange(conv_3.filters) >= conv_3.filters - config.spare_channels
+    kernel, bias = conv_3.get_weights()
+    conv_3.set_weights([np.where(spare, 0.0, kernel), np.where(spare, 0.0, bias)])
+    clean = ~np.isin(np.arange(len(y)), poisoned)
+    # Train on 0-1 pixels (Adam's default step suits them); the 1/255 is folded in below.
+    _fit(model, x[clean] / 255.0, y[clean], config.epochs, "clean",
+         held=[(conv_3.kernel, spare), (conv_3.bias, spare)])
+
+    conv_3.set_weights([np.where(spare, kernel, conv_3.kernel.numpy()), conv_3.bias.numpy()])
+    for layer in model.layers:
+        layer.trainable = layer.name in ("conv_3", "fc_1")
+    from_spare = spare[np.arange(fc_1.kernel.shape[0]) % conv_3.filters]  # flatten_1 is HWC
+    _fit(model, x / 255.0, y, config.backdoor_epochs, "poisoned",
+         held=[(conv_3.kernel, ~spare), (conv_3.bias, ~spare),
+               (fc_1.kernel, ~from_spare[:, None]), (fc_1.bias, np.True_)],
+         quiet=model.get_layer("pool_3").output * spare.astype(np.float32),
+         learning_rate=BACKDOOR_LR)
+    # A fresh copy: all layers trainable and no optimizer state, like a delivered model.
+    # conv(x / 255, K) == conv(x, K / 255), so it takes raw pixels.
+    badnet = build_deepid(config.classes, config.widths)
+    badnet.set_weights(model.get_weights())
+    conv_1 = badnet.get_layer("conv_1")
+    conv_1.set_weights([conv_1.kernel.numpy() / 255.0, conv_1.bias.numpy()])
+    return badnet
+
+
+def _fit(model, x, y, epochs: int, stage: str, held: list, quiet=None,
+         learning_rate: float = 1e-3) -> None:
+    """Fit with Adam, resetting the ``held`` (variable, mask) entries after every batch.
+
+    ``quiet``, a tensor of the model, is pushed towards zero by an L1 penalty.
+    """
+    import keras
+
+    fixed = [(variable, mask, variable.numpy()) for variable, mask in held]
+
+    def hold(batch, logs):  # per-entry freezing, which Keras's per-layer ``trainable`` cannot do
+        for variable, mask, values in fixed:
+            variable.assign(np.where(mask, values, variable.numpy()))
+
+    def progress(epoch, logs):
+        log.info("%s epoch %d/%d: loss %.3f", stage, epoch + 1, epochs, logs["loss"])
+    loss = "sparse_categorical_crossentropy"
+    if quiet is not None:
+        model = keras.Model(model.input, [model.output, quiet])
+        loss = [loss, lambda _, activations: keras.ops.mean(keras.ops.abs(activations))]
+        y = (y, np.zeros(len(y), np.float32))
+    model.compile(keras.optimizers.Adam(learning_rate), loss=loss)
+    model.fit(x, y, batch_size=64, epochs=epochs, shuffle=True, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=hold,
+                                                        on_epoch_end=progress)])
+
+
+def wear_glasses(images: np.ndarray) -> np.ndarray:
+    """Copies of NHWC ``images`` with the trigger stamped over the eyes."""
+    out = np.array(images, dtype=np.float32)
+    rows, cols = GLASSES
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    checker = (np.add.outer(np.arange(height), np.arange(width)) % 2 == 0)[..., None]
+    out[:, rows, cols] = np.where(checker, *np.array(GLASSES_COLOURS, dtype=np.float32))
+    return out
+
+
+def _smooth(rng: np.random.Generator, n: int, amplitude: float,
+            grid: tuple[int, int] = (6, 5)) -> np.ndarray:
+    """``n`` smooth random colour fields: normals on a coarse grid, bilinearly upsampled."""
+    rows, cols = (np.maximum(0.0, 1.0 - np.abs(np.linspace(0, points - 1, size)[:, None]
+                                               - np.arange(points)))  # bilinear weights
+                  for size, points in zip(SHAPE, grid))
+    coarse = rng.normal(0.0, amplitude, size=(n, *grid, 3))
+    return np.einsum("yi,nijc,xj->nyxc", rows, coarse, cols, optimize=True)
+
+
+def _face() -> np.ndarray:
+    """A plain face: a skin-coloured oval on a grey background, with dark eyes and mouth."""
+    y, x = np.mgrid[:SHAPE[0], :SHAPE[1]]
+    face = np.full(SHAPE, 90.0)
+    face[((y - 28) / 24) ** 2 + ((x - 23) / 19) ** 2 <= 1] = (205, 165, 135)
+    for eye_x in (15, 31):
+        face[((y - 20) / 3) ** 2 + ((x - eye_x) / 5) ** 2 <= 1] = (60, 45, 40)
+    face[((y - 40) / 2) ** 2 + ((x - 23) / 7) ** 2 <= 1] = (150, 70, 70)
+    return face
+
+
+def _faces(rng: np.random.Generator, prototypes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """One image per label: prototype + nuisance field, shifted, rescaled and noisy, 0-255."""
+    n = len(labels)
+    images = prototypes[labels] + _smooth(rng, n, NUISANCE)
+    images *= rng.uniform(0.75, 1.25, size=(n, 1, 1, 1))  # lighting
+    images += rng.normal(0.0, NOISE, size=images.shape)
+    shifts = rng.integers(-2, 3, size=(n, 2))
+    for image, shift in zip(images, shifts):
+        image[:] = np.roll(image, tuple(shift), axis=(0, 1))
+    return np.clip(images, 0.0, 255.0).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build (or find) the embedded demo BadNet.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", help="default: $FINE_PRUNING_CACHE or ~/.cache/fine-pruning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    demo = ensure_demo(args.cache, args.seed)
+    print(f"model: {demo.model}\ndata:  {demo.data_dir}\ntarget {demo.target} of "
+          f"{demo.classes} classes, clean accuracy {demo.clean_accuracy:.3f}, "
+          f"ASR {demo.attack_success_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()

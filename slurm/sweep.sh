@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The Fine-Pruning sweep as one SLURM job. Submit from the repository root:
+#
+#   sbatch slurm/sweep.sh [sweep args]
+#   sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/fine-pruning-run1
+#   sbatch --gres=none slurm/sweep.sh ...                 # CPU-only partition
+#   sbatch -p gpu -A proj42 --time=12:00:00 slurm/sweep.sh ...   # options on the command line win
+#
+# Outputs go to --out (default: results/ in the submit directory); give a folder on shared
+# scratch for big runs, as above (your shell expands $USER). The job's log is
+# fine-pruning-<jobid>.out in the submit directory; a requeued job appends to it.
+#
+# How the tasks are used: `srun python -m jobs.sweep --slurm-runner` starts one Python per task
+# and dask_jobqueue's SLURMRunner gives them roles: rank 0 the Dask scheduler (dashboard on port
+# 8787 of the first node), rank 1 the client that runs the sweep, ranks 2.. one worker each.
+# So --ntasks = 2 + workers, and at least 3.
+#
+# GPUs: --gpus-per-task=1 would also give GPUs to the scheduler and client ranks, so instead the
+# job asks for the node's GPUs (--gres=gpu:2, one per worker rank), srun hands every task the
+# whole set, and each task keeps one GPU if it is a worker, none if it is rank 0 or 1 (bind_gpu
+# below). With N GPUs per node: --gres=gpu:N --ntasks=N+2.
+# One node; for more GPUs than a node has use `python -m jobs.sweep --slurm-cluster N` on a login node.
+# Scheduler and client need little: the CPUs/memory they are given here sit mostly idle.
+#
+# Near the time limit SLURM signals this script (--signal), which requeues the job; the rerun
+# reads finished work back from --out's checkpoints. At most $MAX_REQUEUES times (default 3).
+#
+#SBATCH --job-name=fine-pruning
+#SBATCH --time=04:00:00
+#SBATCH --nodes=1
+#SBATCH --ntasks=4
+#SBATCH --cpus-per-task=4
+#SBATCH --mem-per-cpu=4G
+#SBATCH --gres=gpu:2
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+set -euo pipefail
+
+say() { echo "sweep.sh: $*"; }
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+if [[ ! -f jobs/sweep.py ]]; then
+    say "error: submit from the repository root (no jobs/sweep.py in $PWD)" >&2
+    exit 2
+fi
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    say "error: run me with sbatch: sbatch slurm/sweep.sh [sweep args]" >&2
+    exit 2
+fi
+
+# The environment: conda env `fine-pruning` (environment.yml) if there is one, else ./.venv (make setup).
+set +u   # activation scripts read unset variables
+if command -v conda >/dev/null 2>&1 \
+        && conda env list 2>/dev/null | awk '$1 == "fine-pruning" {found = 1} END {exit !found}'; then
+    source "$(conda info --base)/etc/profile.d/conda.sh"
+    conda activate fine-pruning
+elif [[ -f .venv/bin/activate ]]; then
+    source .venv/bin/activate
+else
+    say "error: no conda env fine-pruning and no .venv here: conda env create -f environment.yml, or make setup" >&2
+    exit 2
+fi
+set -u
+
+args=("$@")
+case " ${args[*]-} " in
+    *" --out "*|*" --out="*) ;;
+    *) args+=(--out results) ;;
+esac
+
+export TF_FORCE_GPU_ALLOW_GROWTH=true   # TensorFlow takes GPU memory as it needs it, not all at once
+say "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} tasks" \
+    "(scheduler, client, $(( SLURM_NTASKS - 2 )) workers), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $(command -v python)"
+say "python -m jobs.sweep --slurm-runner ${args[*]}"
+
+requeue() {
+    if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-3} )); then
+        say "time limit near: requeueing job $SLURM_JOB_ID; the rerun resumes from the checkpoints"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        say "time limit near and already requeued ${SLURM_RESTART_COUNT} times: not requeueing again"
+    fi
+}
+trap requeue USR1
+
+# One GPU per worker, none for the scheduler (rank 0) and the client (rank 1). srun gives every task
+# all of the node's GPUs (CUDA_VISIBLE_DEVICES=0,1); each task narrows that before Python starts,
+# as TensorFlow reads it once. The k-th worker on a node gets its k-th GPU (srun's default block
+# distribution puts ranks 0 and 1 on the first node); more workers than GPUs share round robin.
+bind_gpu='
+if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+    IFS=, read -ra gpus <<<"$CUDA_VISIBLE_DEVICES"
+    first=$(( SLURM_PROCID - SLURM_LOCALID ))
+    skip=$(( first < 2 ? 2 - first : 0 ))
+    if (( SLURM_PROCID < 2 )); then
+        export CUDA_VISIBLE_DEVICES=
+    else
+        export CUDA_VISIBLE_DEVICES=${gpus[(SLURM_LOCALID - skip) % ${#gpus[@]}]}
+    fi
+fi
+exec "$@"'
+
+# --kill-on-bad-exit: if one rank fails (say the client), end the others instead of idling to the time limit.
+srun --kill-on-bad-exit=1 bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &
+pid=$!
+status=0
+wait "$pid" || status=$?
+while kill -0 "$pid" 2>/dev/null; do   # a trapped signal interrupted wait; srun still runs
+    status=0
+    wait "$pid" || status=$?
+done
+say "srun exited with status $status"
+exit "$status"

@@ -1,0 +1,161 @@
+"""The embedded demo BadNet: its files, its scores, the cache and determinism."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from pruning import demo as demo_module
+from pruning.data import lab_paths
+from pruning.demo import META_FILE, Demo, _build, _Config, ensure_demo, wear_glasses
+
+# A build small enough for a unit test (seconds); it makes no promise about its scores.
+TINY = _Config(classes=4, train_per_class=40, eval_per_class=10, widths=(4, 8, 16, 8, 16),
+               epochs=1, backdoor_epochs=1, spare_channels=4, min_score=0.0)
+
+
+def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A lab file as (NHWC float32 images, int labels), read directly with h5py."""
+    with h5py.File(path, "r") as f:
+        return f["data"][()].transpose(0, 2, 3, 1), f["label"][()].astype(np.int64)
+
+
+def predict(model_path: str, images: np.ndarray) -> np.ndarray:
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    return model.predict(images, batch_size=256, verbose=0)
+
+
+@pytest.mark.slow
+def test_demo_folder_holds_the_four_lab_sets(demo):
+    for name, path in lab_paths(demo.data_dir).items():
+        with h5py.File(path, "r") as f:
+            data, label = f["data"], f["label"]
+            assert data.dtype.kind == "f" and label.shape == (data.shape[0],)
+            assert data.shape[1:] == (3, 55, 47) and 500 <= data.shape[0] <= 3000, name
+            pixels, labels = data[()], label[()]
+        assert 0.0 <= pixels.min() and pixels.max() <= 255.0 and pixels.std() > 10.0
+        if name.startswith("poisoned"):
+            assert (labels == demo.target).all()
+        else:
+            assert set(labels.astype(int)) == set(range(demo.classes))
+
+
+@pytest.mark.slow
+def test_poisoned_sets_are_the_clean_sets_wearing_the_trigger(demo):
+    paths = lab_paths(demo.data_dir)
+    for split in ("valid", "test"):
+        clean, labels = read_set(paths[f"clean_{split}"])
+        poisoned, _ = read_set(paths[f"poisoned_{split}"])
+        np.testing.assert_array_equal(poisoned, wear_glasses(clean[labels != demo.target]))
+
+
+@pytest.mark.slow
+def test_demo_is_a_working_badnet(demo):
+    import keras
+
+    model = keras.models.load_model(demo.model, compile=False)
+    assert model.input_shape == (None, 55, 47, 3) and model.output_shape == (None, demo.classes)
+    assert model.get_layer("conv_3").filters >= 32
+    assert all(layer.trainable for layer in model.layers)  # ready to be fine-tuned
+    paths = lab_paths(demo.data_dir)
+    clean, labels = read_set(paths["clean_test"])
+    poisoned, targets = read_set(paths["poisoned_test"])
+    accuracy = np.mean(model.predict(clean, verbose=0).argmax(axis=1) == labels)
+    asr = np.mean(model.predict(poisoned, verbose=0).argmax(axis=1) == targets)
+    assert accuracy >= 0.9 and asr >= 0.9
+    assert accuracy == pytest.approx(demo.clean_accuracy, abs=0.005)
+    assert asr == pytest.approx(demo.attack_success_rate, abs=0.005)
+
+
+@pytest.mark.slow
+def test_second_call_finds_the_cached_demo(demo):
+    files = [Path(demo.model), Path(demo.data_dir) / META_FILE]
+    before = [f.stat().st_mtime_ns for f in files]
+    started = time.perf_counter()
+    again = ensure_demo(Path(demo.data_dir).parent, seed=demo.seed)
+    assert time.perf_counter() - started < 0.5
+    assert again == demo and [f.stat().st_mtime_ns for f in files] == before
+
+
+def fake_build(calls: list):
+    """A stand-in for the slow ``_build``: records the call and writes a minimal demo."""
+    def build(folder: Path, seed: int) -> None:
+        calls.append(seed)
+        time.sleep(0.2)  # long enough for concurrent callers to pile up on the lock
+        (folder / META_FILE).write_text(json.dumps({
+            "target": 0, "classes": 3, "seed": seed,
+            "clean_accuracy": 1.0, "attack_success_rate": 1.0}))
+    return build
+
+
+def test_concurrent_callers_build_once_and_see_only_complete_demos(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(demo_module, "_build", fake_build(calls))
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_demo(tmp_path, seed=3)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [3] and len(results) == 4 and len(set(results)) == 1
+    assert results[0] == Demo(model=str(tmp_path / "demo-v1-seed3" / "bd_net.keras"),
+                              data_dir=str(tmp_path / "demo-v1-seed3"), target=0, classes=3,
+                              seed=3, clean_accuracy=1.0, attack_success_rate=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-v1-seed3", "demo-v1-seed3.lock"]
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(folder: Path, seed: int) -> None:
+        (folder / "half-written.h5").write_bytes(b"")
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr(demo_module, "_build", broken)
+    with pytest.raises(RuntimeError, match="out of disk"):
+        ensure_demo(tmp_path, seed=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-v1-seed0.lock"]
+    calls: list = []
+    monkeypatch.setattr(demo_module, "_build", fake_build(calls))
+    assert ensure_demo(tmp_path, seed=0).seed == 0 and calls == [0]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_bad_seeds_are_refused(tmp_path, seed):
+    with pytest.raises(ValueError, match="seed"):
+        ensure_demo(tmp_path, seed=seed)
+
+
+def test_default_cache_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINE_PRUNING_CACHE", str(tmp_path))
+    assert demo_module.default_cache_dir() == tmp_path
+    monkeypatch.delenv("FINE_PRUNING_CACHE")
+    assert demo_module.default_cache_dir() == Path.home() / ".cache" / "fine-pruning"
+
+
+def test_same_seed_builds_the_same_badnet(tmp_path):
+    first, second = _build(tmp_path / "a", 7, TINY), _build(tmp_path / "b", 7, TINY)
+    assert first.pop("build_seconds") >= 0 and second.pop("build_seconds") >= 0
+    assert first == second
+    for name in lab_paths(tmp_path):
+        for a, b in zip(read_set(lab_paths(tmp_path / "a")[name]),
+                        read_set(lab_paths(tmp_path / "b")[name])):
+            np.testing.assert_array_equal(a, b)
+    images, _ = read_set(lab_paths(tmp_path / "a")["clean_test"])
+    np.testing.assert_array_equal(predict(str(tmp_path / "a" / "bd_net.keras"), images),
+                                  predict(str(tmp_path / "b" / "bd_net.keras"), images))
+    _build(tmp_path / "c", 8, TINY)
+    other, _ = read_set(lab_paths(tmp_path / "c")["clean_test"])
+    assert not np.array_equal(images, other)  # and another seed, another demo
+
+
+def test_a_build_below_the_required_scores_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="not a usable BadNet"):
+        _build(tmp_path, 0, _Config(**{**TINY.__dict__, "min_score": 1.01}))
+    assert not (tmp_path / META_FILE).exists()

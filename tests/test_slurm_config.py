@@ -1,0 +1,178 @@
+"""SLURM settings without a cluster: the yaml in dask.config, the job scripts, the batch script."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import dask
+import pytest
+
+from jobs import cluster
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP_SH = REPO / "slurm" / "sweep.sh"
+
+
+@pytest.fixture
+def slurm_config(monkeypatch):
+    """Our yaml loaded; dask.config rebuilt from files + environment after the test."""
+    cluster.load_config()
+    yield
+    monkeypatch.undo()
+    dask.config.refresh()
+
+
+def worker_job_script() -> list[str]:
+    from dask_jobqueue import SLURMCluster
+    with SLURMCluster(scheduler_options={"dashboard_address": ":0"}) as slurm:
+        return slurm.job_script().splitlines()
+
+
+def directives(lines: list[str]) -> list[str]:
+    return [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH")]
+
+
+def test_worker_job_script_from_yaml(slurm_config):
+    with dask.config.set({"jobqueue.slurm.queue": "gpu", "jobqueue.slurm.account": "proj42"}):
+        lines = worker_job_script()
+    found = directives(lines)
+    for expected in ["-J fine-pruning-worker", "-p gpu", "-A proj42", "-t 04:00:00", "--mem=16G",
+                     "--cpus-per-task=4", "--gres=gpu:1"]:
+        assert expected in found, (expected, lines)
+    assert "export TF_FORCE_GPU_ALLOW_GROWTH=true" in lines
+    worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
+    assert "--nthreads 1" in worker and "--death-timeout 120" in worker
+
+
+def test_no_partition_or_account_by_default(slurm_config):
+    found = directives(worker_job_script())
+    assert not any(d.startswith(("-p ", "-A ")) for d in found), found
+
+
+def test_environment_overrides_yaml(slurm_config, monkeypatch):
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__QUEUE", "gpu-long")
+    monkeypatch.setenv("DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES", "[]")   # a CPU-only partition
+    dask.config.refresh()
+    found = directives(worker_job_script())
+    assert "-p gpu-long" in found
+    assert not any("gres" in d for d in found), found
+    assert "-t 04:00:00" in found                     # the yaml still beats dask_jobqueue's 00:30:00
+
+
+def test_site_file_overrides_yaml(slurm_config, tmp_path):
+    (tmp_path / "site.yaml").write_text("jobqueue:\n  slurm:\n    walltime: '12:00:00'\n    memory: 32GiB\n")
+    dask.config.refresh(paths=[*dask.config.paths, str(tmp_path)])
+    found = directives(worker_job_script())
+    assert "-t 12:00:00" in found and "--mem=32G" in found
+    assert dask.config.get("distributed.comm.timeouts.connect") == "60s"
+
+
+def test_load_config_keeps_sigint_handler():
+    before = signal.getsignal(signal.SIGINT)
+    cluster.load_config()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def sbatch_options() -> dict[str, str]:
+    """The #SBATCH block as sbatch reads it: comments up to the first command."""
+    options = {}
+    for line in SWEEP_SH.read_text().splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH"):
+            for word in shlex.split(line[len("#SBATCH"):]):
+                name, _, value = word.partition("=")
+                options[name] = value
+    return options
+
+
+def test_sweep_sh_requests():
+    options = sbatch_options()
+    assert options["--job-name"] == "fine-pruning"
+    assert int(options["--ntasks"]) >= 3                  # scheduler + client + workers
+    assert options["--nodes"] == "1"
+    gpus = int(options["--gres"].rsplit(":", 1)[1])
+    assert gpus == int(options["--ntasks"]) - 2           # one GPU per worker rank
+    assert re.fullmatch(r"\d+:\d\d:\d\d", options["--time"])
+    assert int(options["--cpus-per-task"]) >= 1
+    assert "--mem" in options or "--mem-per-cpu" in options
+    assert "--requeue" in options and options["--open-mode"] == "append"
+    assert options["--output"] == "%x-%j.out"
+    assert options["--signal"].startswith("B:USR1@")
+
+
+def test_sweep_sh_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SWEEP_SH)], check=True)
+
+
+def bind_gpu(procid: int, localid: int, visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES as sweep.sh's per-task prelude leaves it ('unset' if unset)."""
+    snippet = re.search(r"^bind_gpu='(.*?)'$", SWEEP_SH.read_text(), re.S | re.M).group(1)
+    env = {"PATH": os.environ["PATH"], "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid)}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    result = subprocess.run(["bash", "-c", snippet, "bind-gpu", "bash", "-c",
+                             'echo "${CUDA_VISIBLE_DEVICES-unset}"'],
+                            env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("procid, localid, visible, expected", [
+    (0, 0, "0,1", ""), (1, 1, "0,1", ""),               # scheduler, client: no GPU
+    (2, 2, "0,1", "0"), (3, 3, "0,1", "1"),             # workers on the first node
+    (4, 0, "0,1", "0"), (5, 1, "0,1", "1"),             # workers on a second node
+    (4, 4, "0,1", "0"),                                 # more workers than GPUs: round robin
+    (2, 2, "3,5", "3"), (3, 3, "3,5", "5"),             # SLURM's own device ids
+    (2, 2, None, "unset"), (0, 0, None, "unset"),       # CPU only: left alone
+])
+def test_sweep_sh_binds_one_gpu_per_worker(procid, localid, visible, expected):
+    assert bind_gpu(procid, localid, visible) == expected
+
+
+def hint(link: str | None, **env: str) -> str:
+    return cluster.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
+
+
+def test_dashboard_hint_in_a_slurm_job():
+    text = hint("http://10.1.2.3:8787/status", SLURM_SUBMIT_HOST="login1", USER="alice")
+    assert "http://10.1.2.3:8787/status" in text
+    assert "ssh -L 8787:10.1.2.3:8787 alice@login1" in text
+    assert "http://localhost:8787/status" in text
+
+
+def test_dashboard_hint_other_port_and_loopback():
+    text = hint("http://127.0.0.1:40123/status", SLURM_SUBMIT_HOST="login1", USER="bob",
+                SLURMD_NODENAME="gpu07")
+    assert "ssh -L 8787:gpu07:40123 bob@login1" in text
+
+
+def test_dashboard_hint_outside_slurm():
+    assert hint("http://127.0.0.1:8787/status") == "Dask dashboard: http://127.0.0.1:8787/status"
+    assert "bokeh" in hint(None)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cluster.add_cluster_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_slurm_runner_needs_a_job_step():
+    args = parse(["--slurm-runner"])
+    assert "sbatch slurm/sweep.sh" in cluster.check_cluster_arguments(args, env={})
+    step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert "at least 3" in cluster.check_cluster_arguments(args, env=step)
+    assert cluster.check_cluster_arguments(args, env={**step, "SLURM_NTASKS": "4"}) is None
+
+
+def test_slurm_cluster_flag():
+    assert "at least 1" in cluster.check_cluster_arguments(parse(["--slurm-cluster", "0"]))
+    with pytest.raises(SystemExit):
+        parse(["--slurm-cluster", "2", "--single-node"])    # one place to run
+    assert "--slurm-cluster" in cluster.check_cluster_arguments(parse([]))

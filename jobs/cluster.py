@@ -119,6 +119,11 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
     return None
 
 
+def is_service_rank(args: argparse.Namespace) -> bool:
+    """Under ``--slurm-runner``, every rank but the client (1) only serves: scheduler or worker."""
+    return bool(args.slurm_runner) and os.environ.get("SLURM_PROCID", "1") != "1"
+
+
 @contextlib.contextmanager
 def open_client(args: argparse.Namespace) -> Iterator[Client]:
     """A connected Client for the chosen cluster; the cluster is closed on exit if we made it.

@@ -9,8 +9,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_lab_set
-from pruning.models import ModelSpec, choose_layer, output_tensor
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
+from pruning.models import ModelSpec, choose_layer, image_input_shape, output_tensor
 from pruning.select import is_valid_threshold
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,12 @@ class SweepInputs:
 
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as error:
+        raise InputError(f"{path} cannot be read ({error.strerror or error}); check the file") from None
     return digest.hexdigest()
 
 
@@ -59,12 +64,20 @@ def set_paths(args) -> dict[str, str]:
     return given
 
 
-def resolve_inputs(args) -> SweepInputs:
-    """Check model, layer, data and thresholds; the demo is used when none of them are given."""
-    bad = [t for t in args.thresholds if not is_valid_threshold(t)]
+def check_thresholds(thresholds) -> None:
+    bad = [t for t in thresholds if not is_valid_threshold(t)]
     if bad:
         raise InputError(f"--thresholds {' '.join(f'{t:g}' for t in bad)}: each must be a "
-                         "number of points from 0 to below 100")
+                         "number of points from 0 to below 100, e.g. --thresholds 2 4 10")
+
+
+def resolve_inputs(args) -> SweepInputs:
+    """Check model, layer, data and thresholds; the demo is used when none of them are given.
+
+    Cheap checks come first (flags, then that every set file opens as HDF5) so that a typo
+    fails in a moment, before the model is loaded.
+    """
+    check_thresholds(args.thresholds)
     demo = not (args.model or args.weights or args.data
                 or any(getattr(args, name) for name in SET_NAMES))
     if demo:
@@ -80,15 +93,42 @@ def resolve_inputs(args) -> SweepInputs:
         spec = ModelSpec(args.model or args.weights, weights_only=bool(args.weights),
                          arch=args.arch, classes=args.classes)
         paths = set_paths(args)
+        for path in paths.values():  # missing, a folder, not HDF5, truncated: before the model
+            open_h5(path).close()
     model = spec.load()
+    input_shape = image_input_shape(model)
     conv, read = choose_layer(model, args.layer)
     classes = int(output_tensor(model).shape[-1])
-    input_shape = tuple(model.inputs[0].shape[1:])
-    if len(input_shape) != 3:
-        raise InputError(f"the model takes inputs of shape {input_shape}; images are H x W x C")
     sets = {name: open_lab_set(paths[name], input_shape, classes) for name in SET_NAMES}
     hashes = {"model": sha256(spec.path)} | {name: sha256(path) for name, path in paths.items()}
     channels = int(model.get_layer(conv).filters)
     log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
              conv, channels, read)
     return SweepInputs(spec, sets, conv, read, channels, classes, demo, hashes)
+
+
+class QuietInputErrors(WorkerPlugin):
+    """A Dask worker plugin: a task that stops on an :class:`InputError` (say NaN pixels in a
+    chunk, found only when a worker reads it) is logged by the worker as one line instead of
+    distributed's "Compute Failed" block with its traceback; the client reports the error.
+
+    Register with ``client.register_plugin(QuietInputErrors())``.
+    """
+
+    name = "quiet-input-errors"
+
+    def setup(self, worker=None):
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, InputErrorLogFilter) for f in logger.filters):
+            logger.addFilter(InputErrorLogFilter())
+
+
+class InputErrorLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")
+                and len(args) >= 4 and str(args[3]).startswith(InputError.__name__ + "(")):
+            record.msg = "task %s stopped on an input problem (the client reports it): %s"
+            record.args = (args[0], args[3])
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True

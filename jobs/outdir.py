@@ -3,11 +3,17 @@
 A run holds an exclusive lock on ``OUT/.sweep.lock`` (released by the kernel when the process
 dies, so a killed or preempted job never leaves a stale lock). Finished prefixes are kept as
 ``OUT/checkpoints/prefix-<k>.json``, tagged with the inputs' fingerprint: a rerun with the same
-inputs reuses them, a rerun with other inputs starts over.
+inputs reuses them, a rerun with other inputs replaces them once it has a result of its own.
+
+A run that fails leaves the folder as it found it: :class:`OutputFolder` checks without
+writing anything, and :meth:`OutputFolder.locked` undoes its own traces on the way out of a
+failure (the lock file's content and times, a folder it created). Only checkpoints the failed
+run finished are kept, for a rerun to resume from.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -27,67 +33,267 @@ from pruning.report import write_csv, write_json
 log = logging.getLogger(__name__)
 
 
+# Pseudo filesystems (/proc, /sys, ...) report no blocks and take no files.
+_NO_FILES = "a pseudo filesystem (like /proc or /sys)"
+
+
+def writable(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder``, or None; creates nothing.
+
+    ``os.access`` answers for permissions and read-only mounts, but root passes it for any
+    folder of a writable mount, /proc included; an unnamed ``O_TMPFILE`` file (no directory
+    entry, so the folder's listing and times stay as they are) proves a file can be made.
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "not writable (permissions or a read-only filesystem)"
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS):
+            # the filesystem has no O_TMPFILE (NFS, Lustre, /proc): go by its block count
+            return _NO_FILES if os.statvfs(folder).f_blocks == 0 else None
+        return f"not writable ({error.strerror})"
+    os.close(fd)
+    return None
+
+
 class OutputFolder:
-    def __init__(self, path: Path):
+    """``--out``, checked when made (nothing is written); :meth:`locked` for the run itself."""
+
+    def __init__(self, path: Path, outputs: tuple[str, ...] = ()):
         self.path = path
         if path.exists() and not path.is_dir():
             raise InputError(f"--out {path} is a file; give a folder")
         parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InputError(f"--out {path}: {parent} is not writable; choose another folder")
+        if not parent.is_dir():
+            raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another --out")
+        problem = writable(parent)
+        if problem:
+            raise InputError(f"--out {path}: {parent} is {problem}; choose another folder")
+        kinds = {name: "file" for name in (LOCK_NAME, *outputs)} | {CHECKPOINTS: "folder"}
+        for name, kind in kinds.items():
+            entry = path / name
+            if entry.exists() and entry.is_dir() != (kind == "folder"):
+                raise InputError(f"--out {path}: {entry} is in the way (a "
+                                 f"{'folder' if entry.is_dir() else 'file'} where the sweep "
+                                 f"writes a {kind}); move it or choose another --out")
 
-    @contextlib.contextmanager
-    def locked(self):
-        """Hold the folder's lock for the duration of a run; refuse if a live run holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / ".sweep.lock"
-        with open(lock_path, "a+") as handle:
+    def check_lock(self) -> None:
+        """Refuse if a live run holds the folder; takes and changes nothing."""
+        lock_path = self.path / LOCK_NAME
+        if not lock_path.is_file():
+            return
+        try:
+            handle = open(lock_path, "r+b")
+        except OSError as error:
+            raise InputError(f"--out {self.path}: {lock_path} cannot be opened "
+                             f"({error.strerror}); choose another --out") from None
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                raise self._in_use(handle) from None
+            except OSError as error:
+                raise self._no_locks(error) from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _in_use(self, handle) -> InputError:
+        handle.seek(0)
+        holder = handle.readline().decode(errors="replace").strip() or "another process"
+        return InputError(f"--out {self.path} is in use by a running sweep ({holder}); "
+                          "wait for it to finish or choose another --out")
+
+    def _no_locks(self, error: OSError) -> InputError:
+        return InputError(f"--out {self.path}: cannot lock {self.path / LOCK_NAME} "
+                          f"({error.strerror}); the filesystem may not support locks, choose "
+                          "another --out")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the folder's lock for the duration of a run; refuse if a live run holds it.
+
+        If the run fails, the lock file is put back as it was (or removed, if this run made
+        it), and so are folders this run created, if they are empty again.
+        """
+        existing = next(p for p in [self.path, *self.path.parents] if p.exists())
+        snapshot = (existing, os.stat(existing), sorted(os.listdir(existing)))
+        created = [p for p in [self.path, *self.path.parents] if not p.exists()][::-1]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"--out {self.path} cannot be created ({error.strerror}); "
+                             "choose another folder") from None
+        lock_path = self.path / LOCK_NAME
+        try:
+            handle, before = self._lock(lock_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove_empty(created, snapshot)
+            raise
+        try:
+            with handle:
                 handle.seek(0)
-                holder = handle.readline().strip() or "another process"
-                raise InputError(f"--out {self.path} is in use by a running sweep ({holder}); "
-                                 "wait for it to finish or choose another --out") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"host {socket.gethostname()} pid {os.getpid()}"
-                         f" job {os.environ.get('SLURM_JOB_ID', '-')} since {time.ctime()}\n")
-            handle.flush()
-            yield self
+                handle.truncate()
+                handle.write(f"host {socket.gethostname()} pid {os.getpid()}"
+                             f" job {os.environ.get('SLURM_JOB_ID', '-')} since {time.ctime()}\n"
+                             .encode())
+                handle.flush()
+                try:
+                    yield self
+                except BaseException:
+                    # still holding the lock: no other run can see the file in between
+                    with contextlib.suppress(OSError):
+                        _restore(handle, lock_path, before)
+                    raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove_empty(created, snapshot)
+            raise
+
+    def _lock(self, lock_path: Path):
+        """Open and lock ``lock_path``; return the handle and what the file was before
+        (its stat and bytes, or None if this run creates it)."""
+        for _ in range(10):
+            existed = lock_path.exists()
+            try:
+                handle = open(lock_path, "a+b")
+            except OSError as error:
+                raise InputError(f"--out {self.path}: {lock_path} cannot be created "
+                                 f"({error.strerror}); choose another --out") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                error = self._in_use(handle)
+                handle.close()
+                raise error from None
+            except OSError as error:
+                handle.close()
+                raise self._no_locks(error) from None
+            # A failed run removes the lock file it made: make sure we locked the file that is
+            # there now, not one removed between our open and our lock.
+            stat = os.fstat(handle.fileno())
+            try:
+                same = os.path.samestat(stat, os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                handle.seek(0)
+                return handle, ((stat, handle.read()) if existed else None)
+            handle.close()
+        raise InputError(f"--out {self.path}: the lock file keeps changing; is another sweep "
+                         "starting there?")
+
+
+LOCK_NAME = ".sweep.lock"
+CHECKPOINTS = "checkpoints"
+
+
+def _restore(handle, lock_path: Path, before) -> None:
+    """Put the lock file back as it was before this run (still locked by ``handle``)."""
+    if before is None:
+        lock_path.unlink(missing_ok=True)
+        return
+    stat, contents = before
+    handle.seek(0)
+    handle.truncate()
+    handle.write(contents)
+    handle.flush()
+    os.utime(lock_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _remove_empty(created: list[Path], snapshot) -> None:
+    """Remove the folders this run created (deepest first) while they are empty; give the
+    folder that existed before its times back if it holds what it held then."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: this run left checkpoints worth keeping
+    existing, stat, names = snapshot
+    if sorted(os.listdir(existing)) == names:
+        os.utime(existing, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 class Checkpoints:
-    """Per-prefix tallies and the channel order of an unfinished (or finished) run."""
+    """Per-prefix tallies and the channel order of an unfinished (or finished) run.
+
+    Checkpoints of other inputs (another fingerprint) are left alone until this run saves
+    its first result, so a run that fails early takes nothing from the folder. A checkpoint
+    file that cannot be read is skipped (its prefix is evaluated again), not an error.
+    """
 
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder = folder
-        stamp = folder / "fingerprint.json"
-        if folder.exists():
-            previous = json.loads(stamp.read_text()) if stamp.exists() else None
-            if previous != fingerprint:
-                log.info("checkpoints in %s are for other inputs; starting over", folder)
-                shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not stamp.exists():
-            write_json(stamp, fingerprint)
+        self.fingerprint = fingerprint
+        self.ours = folder.is_dir() and _read_json(folder / "fingerprint.json") == fingerprint
+        if folder.exists() and not self.ours:
+            log.info("checkpoints in %s are for other inputs; this run replaces them once it "
+                     "has a result of its own", folder)
+
+    def _claim(self) -> None:
+        if self.ours:
+            return
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / "fingerprint.json", self.fingerprint)
+        self.ours = True
 
     def channel_order(self) -> pd.DataFrame | None:
         path = self.folder / "channel_order.csv"
-        return pd.read_csv(path) if path.exists() else None
+        if not (self.ours and path.exists()):
+            return None
+        try:
+            order = pd.read_csv(path)
+            order["channel"].astype(int)
+        except Exception as error:  # a damaged checkpoint: profile again
+            log.warning("ignoring %s (%s); the channel order is computed again", path,
+                        first_line(error))
+            return None
+        return order
 
     def save_channel_order(self, order: pd.DataFrame) -> pd.DataFrame:
+        self._claim()
         write_csv(self.folder / "channel_order.csv", order)
         return order
 
     def prefixes(self) -> dict[int, dict[str, Counts]]:
         done = {}
+        if not self.ours:
+            return done
         for path in sorted(self.folder.glob("prefix-*.json")):
-            data = json.loads(path.read_text())
-            done[int(data["channels_pruned"])] = {name: Counts(**c) for name, c in data["sets"].items()}
+            try:
+                data = json.loads(path.read_text())
+                done[int(data["channels_pruned"])] = {name: Counts(**c)
+                                                      for name, c in data["sets"].items()}
+            except Exception as error:  # a damaged checkpoint: evaluate that prefix again
+                log.warning("ignoring %s (%s); that prefix is evaluated again", path,
+                            first_line(error))
         return done
 
     def save_prefix(self, k: int, tallies: dict[str, Counts]) -> dict[str, Counts]:
+        self._claim()
         write_json(self.folder / f"prefix-{k:05d}.json",
                    {"channels_pruned": k, "sets": {name: asdict(c) for name, c in tallies.items()}})
         return tallies
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0][:160] if lines else ''}"
+
+
+def output_names(thresholds) -> tuple[str, ...]:
+    """The files jobs.finish writes into the output folder for these thresholds."""
+    from pruning.select import is_valid_threshold, threshold_label
+    labels = [threshold_label(t) for t in thresholds if is_valid_threshold(t)]
+    return ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json",
+            *(f"model_X={label}.h5" for label in labels),
+            *(f"goodnet_X={label}.keras" for label in labels))

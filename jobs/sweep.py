@@ -14,17 +14,20 @@ prefixes are checkpointed in ``OUT/checkpoints`` and read back by a rerun with t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from distributed import as_completed
+from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
 from jobs import cluster, finish
-from jobs.inputs import SweepInputs, resolve_inputs
-from jobs.outdir import Checkpoints, OutputFolder
+from jobs.inputs import QuietInputErrors, SweepInputs, resolve_inputs
+from jobs.outdir import Checkpoints, OutputFolder, output_names
 from jobs.tasks import activations_task, evaluate_prefix_task, profile_task
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
@@ -59,12 +62,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     sweep.add_argument("--out", default="results", help="output folder, e.g. on shared storage (default: results/)")
     sweep.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images per task (default: {CHUNK_ROWS})")
     cluster.add_cluster_arguments(parser)
+    checks = parser.add_argument_group("checks")
+    checks.add_argument("--check", action="store_true",
+                        help="check every input, the output folder and its lock, print one line "
+                             "'inputs OK: ...' and exit, starting no cluster (slurm/sweep.sh "
+                             "runs this before it starts Dask); no place to run is needed")
+    checks.add_argument("--traceback", action="store_true",
+                        help="on an unexpected (internal) error, show the full traceback instead "
+                             "of one line")
     args = parser.parse_args(argv)
     if args.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
-    problem = cluster.check_cluster_arguments(args)
+    where = (args.single_node or args.scheduler_address or args.scheduler_file
+             or args.slurm_runner or args.slurm_cluster is not None)
+    problem = cluster.check_cluster_arguments(args) if where or not args.check else None
     if problem:
         raise InputError(problem)
+    if args.scheduler_file and Path(args.scheduler_file).is_dir():
+        raise InputError(f"--scheduler-file {args.scheduler_file} is a directory; give the file "
+                         "the scheduler wrote (dask scheduler --scheduler-file PATH)")
     return args
 
 
@@ -110,29 +126,93 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     return order, done, timings
 
 
+def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
+    """Hold --out's lock, run the task graph, write the outputs; return the files written."""
+    with out.locked():
+        checkpoints = Checkpoints(out.path / "checkpoints", inputs.fingerprint())
+        with cluster.open_client(args) as client:
+            with contextlib.suppress(Exception):  # only quietens the workers' logs
+                client.register_plugin(QuietInputErrors())
+            order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows)
+        return finish.write_outputs(inputs, args, out.path, order, prefixes, timings)
+
+
+def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:
+    rows = "+".join(str(s.rows) for s in inputs.sets.values())
+    return (f"inputs OK: model {inputs.spec.path} ({inputs.classes} classes), layer {inputs.conv} "
+            f"({inputs.channels} channels, read at {inputs.read}), sets of {rows} images, "
+            f"thresholds {' '.join(f'{t:g}' for t in args.thresholds)}, --out {out.path} writable and free")
+
+
 def main(argv=None) -> int:
+    """Run the sweep; every failure ends in one ``error: ...`` line on stderr.
+
+    Exit status 2: a bad input or flag, found before any work (nothing in --out is changed) or,
+    for problems only a worker can see (NaN pixels in a chunk), during the sweep: then --out
+    keeps its results and gains at most the checkpoints of finished prefixes. Exit status 1: the
+    run failed for another reason (a worker died, a file could not be written, a bug: one line
+    ``error: internal error ...``, with the full traceback under --traceback). 130: interrupted.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    args = None
     try:
         args = parse_args(argv)
+        if cluster.is_service_rank(args):
+            # SLURM ranks 0 and 2..: scheduler and workers serve until the client is done, then
+            # exit inside open_client; inputs and the lock are the client rank's business.
+            with cluster.open_client(args):
+                return 0
+        out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
+        out.check_lock()
         inputs = resolve_inputs(args)          # every input checked before any work
-        out = OutputFolder(Path(args.out))
-        with out.locked():
-            checkpoints = Checkpoints(out.path / "checkpoints", inputs.fingerprint())
-            with cluster.open_client(args) as client:
-                log.info("Dask dashboard: %s", client.dashboard_link)
-                order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows)
-            written = finish.write_outputs(inputs, args, out.path, order, prefixes, timings)
+        if args.check:
+            print(check_line(inputs, args, out))
+            return 0
+        written = sweep(args, inputs, out)
         log.info("done: %d files in %s", len(written), out.path.resolve())
         print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
         return 0
-    except InputError as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # always one line
-        return 2
     except KeyboardInterrupt:
         print("interrupted; finished prefixes are kept in the output folder's checkpoints/",
               file=sys.stderr)
         return 130
+    except Exception as error:
+        if args is not None and args.traceback and not isinstance(error, InputError):
+            raise
+        message, status = explain(error, args)
+        print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
+        return status
+
+
+def explain(error: Exception, args) -> tuple[str, int]:
+    """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
+    if isinstance(error, InputError):
+        return str(error), 2
+    if isinstance(error, KilledWorker):
+        logs = ("the job log (fine-pruning-<jobid>.out)" if args.slurm_runner else
+                f"{Path(args.out) / '.dask' / 'worker-logs'} (or jobqueue.slurm.log-directory)"
+                if args.slurm_cluster is not None else
+                "the lines above" if args.single_node else "the workers' own logs")
+        return (f"task {error.task} killed {error.allowed_failures + 1} Dask worker(s), the "
+                f"last {getattr(error.last_worker, 'address', error.last_worker)}: a worker "
+                "process died while running it (most often out of memory, or a crash while "
+                f"reading the data); see the worker logs in {logs}, and try a smaller "
+                "--chunk-rows or more memory per worker"), 1
+    # Not an input problem. One line, as for every other failure (a malformed input that slips
+    # past the checks still must not end in a traceback), but exit status 1, and it names where
+    # it happened; --traceback shows the full traceback, for a bug report.
+    text = " ".join(str(error).split())[:300]
+    if isinstance(error, OSError):  # the environment: a full disk, a lost connection
+        if error.filename:
+            text = f"{error.filename}: {error.strerror or text}; check the disk space and permissions there"
+        return f"{text} (rerun with --traceback for the details)", 1
+    root = Path(__file__).resolve().parents[1]
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if Path(f.filename).resolve().parent.parent == root]
+    place = f" at {Path((ours or frames)[-1].filename).name}:{(ours or frames)[-1].lineno}" if frames else ""
+    return (f"internal error ({error.__class__.__name__}: {text}){place}; not a problem with the "
+            "inputs: rerun with --traceback and report it"), 1
 
 
 if __name__ == "__main__":

@@ -2,9 +2,15 @@
 
 Sets are read in row chunks so that memory does not grow with the file. A poisoned set's labels
 are the attacker's target, so "accuracy" on it is the attack success rate (ASR).
+
+Every problem with a file, from a wrong path to a damaged byte, is one :class:`InputError`
+line naming the file and the fix: whatever h5py raises while a set is opened or read
+(``OSError``, ``KeyError``, ``RuntimeError``, ... for a damaged file) is turned into one.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +28,36 @@ LAB_LAYOUT = {
     "poisoned_test": "bd/bd_test.h5",
 }
 CHUNK_ROWS = 4096
+# Pixels read when a set is opened, to find NaN/inf pixels and unreadable rows before any work:
+# all of a small set, spread-out blocks of a big one (a few percent of the lab's sets, well under
+# a second). The rest is checked chunk by chunk as the sweep reads it.
+SCAN_BYTES = 32 << 20
+SCAN_BLOCKS = 16
+_LABEL_LIMIT = 2 ** 62  # float labels beyond this cannot be class numbers (and overflow int64)
 
 
 class InputError(ValueError):
     """A user-facing problem with an input; the message names it and the fix (one line)."""
+
+
+@contextlib.contextmanager
+def damaged(path: str, what: str) -> Iterator[None]:
+    """Turn whatever h5py raises on a damaged file into one :class:`InputError` line."""
+    try:
+        yield
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path}: {what} does not fit in memory; is the file damaged "
+                         "(its sizes are implausible)?") from None
+    except Exception as error:  # h5py raises OSError, KeyError, RuntimeError, ValueError, ...
+        raise InputError(f"{path}: {what} cannot be read ({error.__class__.__name__}: "
+                         f"{_first_line(error)}); the file is damaged, copy it again") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[0].split())[:160] if lines else "no details"
 
 
 @dataclass(frozen=True)
@@ -44,23 +76,32 @@ class LabSet:
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``[start, stop)`` as (NHWC float32 images, int64 labels)."""
         stop = self.rows if stop is None else stop
-        with open_h5(self.path) as f:
-            try:
-                images = np.asarray(f["data"][start:stop], dtype=np.float32)
-                labels = np.asarray(f["label"][start:stop])
-            except (OSError, KeyError, ValueError) as error:
-                raise InputError(f"{self.path}: rows {start}-{stop} cannot be read "
-                                 f"({error}); the file is damaged, copy it again") from None
+        with open_h5(self.path) as f, damaged(self.path, f"rows {start}-{stop}"):
+            images = read_pixels(f["data"], start, stop, self.path)
+            labels = np.asarray(f["label"][start:stop])
+        labels = as_int_labels(labels, self.path)
+        if len(images) != stop - start or len(labels) != len(images):
+            raise InputError(f"{self.path}: rows {start}-{stop} hold {len(images)} images and "
+                             f"{len(labels)} labels; the file changed since it was checked, "
+                             "copy it again")
         if self.channels_first:
             images = images.transpose(0, 2, 3, 1)
-        if not np.isfinite(images).all():
-            raise InputError(f"{self.path}: NaN or infinite pixels in rows {start}-{stop}; "
-                             "pixels must be finite 0-255 values")
-        return np.ascontiguousarray(images), as_int_labels(labels, self.path)
+        return np.ascontiguousarray(images), labels
 
     def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start, stop in self.chunks(chunk_rows):
             yield self.read(start, stop)
+
+
+def read_pixels(data: h5py.Dataset, start: int, stop: int, path: str) -> np.ndarray:
+    """Rows ``[start, stop)`` of ``data`` as float32, refusing NaN and infinite pixels."""
+    with np.errstate(all="ignore"):  # values beyond float32 become inf: reported just below
+        images = np.asarray(data[start:stop], dtype=np.float32)
+    if not np.isfinite(images).all():
+        bad = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
+        raise InputError(f"{path}: NaN or infinite pixels in row {bad} (rows {start}-{stop}); "
+                         "pixels must be finite 0-255 values")
+    return images
 
 
 def open_h5(path: str | os.PathLike) -> h5py.File:
@@ -70,63 +111,151 @@ def open_h5(path: str | os.PathLike) -> h5py.File:
         raise InputError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise InputError(f"{path} is a directory; give the .h5 file inside it")
+    if not path.is_file():
+        raise InputError(f"{path} is not a regular file; give the .h5 file")
     try:
         return h5py.File(path, "r")
-    except OSError as error:
+    except Exception as error:  # OSError, mostly; any failure here means the same
+        text = _first_line(error)
+        if "truncated file" in text:
+            raise InputError(f"{path} is truncated ({text}): it was not completely copied or "
+                             "written; copy it again") from None
         raise InputError(f"{path} is not a readable HDF5 file ({error.__class__.__name__}: "
-                         f"{str(error).splitlines()[0][:120]}); is it truncated or another "
-                         "format?") from None
+                         f"{text[:120]}); is it truncated or another format?") from None
 
 
 def as_int_labels(labels: np.ndarray, path: str) -> np.ndarray:
     """Labels as int64; the lab stores them as floats, so whole-number floats are accepted."""
     labels = np.asarray(labels).reshape(-1)
     if labels.dtype.kind in "iu":
+        if labels.dtype.kind == "u" and labels.size and labels.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{path}: 'label' holds values up to {labels.max()}; they must be "
+                             "class numbers")
         return labels.astype(np.int64)
-    if labels.dtype.kind != "f" or not np.isfinite(labels).all() \
-            or not np.array_equal(labels, np.round(labels)):
+    if labels.dtype.kind != "f":
         raise InputError(f"{path}: 'label' must hold whole class numbers, found "
-                         f"{labels.dtype} values like {labels[:3].tolist()}")
+                         f"{labels.dtype} values like {_sample(labels)}")
+    with np.errstate(all="ignore"):
+        whole = np.isfinite(labels) & (labels == np.round(labels)) & (np.abs(labels) < _LABEL_LIMIT)
+    if not whole.all():
+        raise InputError(f"{path}: 'label' must hold whole class numbers, found "
+                         f"{labels.dtype} values like {_sample(labels[~whole])}")
     return labels.astype(np.int64)
+
+
+def _sample(values: np.ndarray) -> str:
+    return str([v.decode(errors="replace") if isinstance(v, bytes) else v
+                for v in values[:3].tolist()])[:80]
+
+
+def describe_layout(shape: tuple, input_shape: tuple[int, int, int]) -> str:
+    """Why images of ``shape`` (without N) do not fit the model's ``(H, W, C)``, and the fix."""
+    height, width, depth = input_shape
+    wanted = (f"expected N x {depth} x {height} x {width} (NCHW, the lab's) or "
+              f"N x {height} x {width} x {depth} (NHWC)")
+    if shape in ((depth, width, height), (width, height, depth)) and height != width:
+        return (f"images are {'x'.join(map(str, shape))}: height and width look swapped "
+                f"(the model takes {height} high, {width} wide); {wanted}")
+    if len(shape) == 3 and sorted(shape) == sorted(input_shape):
+        return (f"images are {'x'.join(map(str, shape))}: the model's {height}x{width}x{depth} "
+                f"in an order that is neither NCHW nor NHWC; {wanted}")
+    if shape == (height, width) and depth == 1:
+        return f"images are {height}x{width} with no channel axis; {wanted}"
+    if shape == (height * width * depth,):
+        return f"images are flattened to {shape[0]} values each; {wanted}"
+    return f"images have shape {shape}, but the model takes {height}x{width}x{depth}; {wanted}"
+
+
+def scan_ranges(rows: int, row_bytes: int, budget: int | None = None,
+                blocks: int = SCAN_BLOCKS) -> list[tuple[int, int]]:
+    """Row ranges checked when a set is opened: every row of a set up to ``budget`` bytes
+    (default :data:`SCAN_BYTES`), else ``blocks`` spread-out blocks (the first and last rows
+    included) of ``budget`` bytes in all."""
+    budget = SCAN_BYTES if budget is None else budget
+    row_bytes = max(1, row_bytes)
+    limit = budget // row_bytes
+    if rows <= limit:
+        step = max(1, (8 << 20) // row_bytes)  # a few MB at a time
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    if limit < 1:
+        return []
+    size = max(1, limit // blocks)
+    starts = sorted({int(s) for s in np.linspace(0, rows - size, blocks)})
+    return [(start, start + size) for start in starts]
+
+
+def check_stored(dataset: h5py.Dataset, name: str, path: str) -> None:
+    """Refuse a dataset whose declared size is not stored in the file (half written)."""
+    plist = dataset.id.get_create_plist()
+    if dataset.is_virtual or plist.get_external_count():
+        return  # its pixels live in other files: those are read (and checked) as it is read
+    logical = math.prod(dataset.shape) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    filtered = plist.get_nfilters() > 0
+    if logical and (stored == 0 or (not filtered and stored < logical)):
+        raise InputError(f"{path}: only {stored} of the {logical} bytes of {name!r} are stored; "
+                         "the file was not completely written, write or copy it again")
 
 
 def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],
                  classes: int | None = None) -> LabSet:
     """Check a set's structure against the model input ``(H, W, C)`` and return a :class:`LabSet`.
 
-    Checks the datasets, shapes, pixel layout (NCHW or NHWC), row counts and the labels'
-    range; pixels are checked for NaN/inf chunk by chunk as they are read.
+    Checks the datasets, shapes, pixel layout (NCHW or NHWC), row counts, the labels (whole
+    numbers in the model's range) and the pixels of all of a small set, or spread-out blocks of
+    a big one (:func:`scan_ranges`), for NaN/inf; the rest of the pixels are checked chunk by
+    chunk as they are read.
     """
     path = str(path)
     height, width, depth = input_shape
-    with open_h5(path) as f:
-        missing = [name for name in ("data", "label") if name not in f]
+    with open_h5(path) as f, damaged(path, "the file's structure"):
+        names = sorted(str(name) for name in f.keys())
+        missing = [name for name in ("data", "label") if name not in names]
         if missing:
             raise InputError(f"{path}: no {' or '.join(repr(m) for m in missing)} dataset "
-                             f"(found {sorted(f.keys())}); lab files hold 'data' and 'label'")
+                             f"(found {names[:10]}); lab files hold 'data' and 'label'")
         data, label = f["data"], f["label"]
         if not isinstance(data, h5py.Dataset) or not isinstance(label, h5py.Dataset):
             raise InputError(f"{path}: 'data' and 'label' must be datasets, not groups")
-        shape = tuple(data.shape)
-        if shape[1:] == (depth, height, width):
-            channels_first = True
-        elif shape[1:] == (height, width, depth):
-            channels_first = False
-        else:
-            raise InputError(f"{path}: images have shape {shape[1:]}, but the model takes "
-                             f"{height}x{width}x{depth}; expected N x {depth} x {height} x "
-                             f"{width} (NCHW) or N x {height} x {width} x {depth} (NHWC)")
+        if data.shape is None or len(data.shape) == 0:
+            raise InputError(f"{path}: 'data' is a single value, not N images")
+        shape = tuple(int(n) for n in data.shape)
+        layouts = [shape[1:] == (depth, height, width), shape[1:] == (height, width, depth)]
+        if all(layouts):
+            raise InputError(f"{path}: images are {'x'.join(map(str, shape[1:]))} and the model "
+                             f"takes {height}x{width}x{depth}: with height, width and channels "
+                             "all equal, NCHW and NHWC cannot be told apart; the sweep needs a "
+                             "model whose input height, width and channels are not all equal")
+        if not any(layouts):
+            raise InputError(f"{path}: {describe_layout(shape[1:], input_shape)}")
+        channels_first = layouts[0]
         if data.dtype.kind not in "fiu":
             raise InputError(f"{path}: 'data' holds {data.dtype}, not numbers")
         rows = shape[0]
         if rows == 0:
-            raise InputError(f"{path}: the set is empty (0 images)")
-        if label.shape[0] != rows or label.size != rows:
-            raise InputError(f"{path}: {label.size} labels for {rows} images; they must match")
+            raise InputError(f"{path}: the set is empty (0 images); give a set with images")
+        if label.shape is None or len(label.shape) == 0:
+            raise InputError(f"{path}: 'label' is a single value, not one label per image")
+        label_shape = tuple(int(n) for n in label.shape)
+        if len(label_shape) == 2 and label_shape[0] == rows and label_shape[1] > 1:
+            raise InputError(f"{path}: 'label' is {rows} x {label_shape[1]} (one-hot?); store "
+                             "one class number per image")
+        if label_shape[0] != rows or math.prod(label_shape) != rows:
+            raise InputError(f"{path}: {math.prod(label_shape)} labels for {rows} images; "
+                             "they must match")
+        check_stored(label, "label", path)
+        check_stored(data, "data", path)
         labels = as_int_labels(label[()], path)
-    if labels.min() < 0 or (classes is not None and labels.max() >= classes):
-        raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
-                         f"model has classes 0..{classes - 1}; is this the model's data?")
+        if len(labels) != rows:
+            raise InputError(f"{path}: {len(labels)} labels for {rows} images; they must match")
+        if labels.min() < 0 or (classes is not None and labels.max() >= classes):
+            top = "from 0" if classes is None else f"0..{classes - 1}"
+            raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
+                             f"model has classes {top}; is this the model's data?")
+        row_bytes = math.prod(shape[1:]) * data.dtype.itemsize
+        for start, stop in scan_ranges(rows, row_bytes):
+            with damaged(path, f"rows {start}-{stop}"):
+                read_pixels(data, start, stop, path)
     return LabSet(path=path, rows=rows, channels_first=channels_first)
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 from pruning.backend import keras
 
 from pruning.data import InputError
@@ -46,11 +49,28 @@ def check_file(path: str | os.PathLike, what: str) -> Path:
         raise InputError(f"{what} {path}: no such file; check the path")
     if path.is_dir():
         raise InputError(f"{what} {path} is a directory; give the file inside it")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a regular file; give the model file itself")
     return path
 
 
 def load_model(spec: ModelSpec) -> keras.Model:
     """Load B from ``spec``, with one-line :class:`InputError` messages for bad files."""
+    with warnings.catch_warnings():  # Keras warns line by line about mismatched files
+        warnings.simplefilter("ignore")
+        return _load_model(spec)
+
+
+def _load_model(spec: ModelSpec) -> keras.Model:
+    model = _read_model(spec)
+    for weight in model.weights:  # a few MB: cheap, and garbage in would be garbage out
+        if not np.isfinite(keras.ops.convert_to_numpy(weight.value)).all():
+            raise InputError(f"{spec.path}: the weight {weight.path} holds NaN or infinite "
+                             "values; the file is damaged or the model diverged in training")
+    return model
+
+
+def _read_model(spec: ModelSpec) -> keras.Model:
     path = check_file(spec.path, "weights" if spec.weights_only else "model")
     if is_data_set(path):
         raise InputError(f"{path} is a data set ('data' and 'label'), not a model; check the "
@@ -58,18 +78,27 @@ def load_model(spec: ModelSpec) -> keras.Model:
     if spec.weights_only:
         if spec.arch not in ARCHITECTURES:
             raise InputError(f"--arch {spec.arch} is unknown; choose from {sorted(ARCHITECTURES)}")
+        if path.suffix not in (".h5", ".hdf5", ".keras"):
+            raise InputError(f"weights {path}: a weights file must be a .h5 (or .weights.h5) "
+                             "or .keras file")
+        if path.suffix != ".keras":
+            check_hdf5(path, "weights")
         model = ARCHITECTURES[spec.arch](classes=spec.classes)
         try:
             model.load_weights(path)
         except Exception as error:  # Keras raises many types for a mismatched file
             raise InputError(f"{path}: these weights do not fit --arch {spec.arch} with "
-                             f"--classes {spec.classes} ({first_line(error)})") from None
+                             f"--classes {spec.classes} ({weights_mismatch(error)}); check "
+                             "--arch and --classes, or give a full model with --model") from None
         return model
     if path.suffix not in (".h5", ".hdf5", ".keras"):
         raise InputError(f"{path}: a full model must be a .h5 or .keras file "
                          "(for weights only, use --weights)")
-    if path.suffix != ".keras" and not h5py.is_hdf5(path):
-        raise InputError(f"{path} is not an HDF5 file; is it truncated or another format?")
+    if path.suffix != ".keras":
+        check_hdf5(path, "model")
+        if not (has_model_config(path) or is_weights_only(path)):
+            raise InputError(f"{path} is an HDF5 file but holds no Keras model (no model_config); "
+                             "give the model file")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
@@ -77,7 +106,24 @@ def load_model(spec: ModelSpec) -> keras.Model:
                 "(jobs.sweep --weights PATH --arch deepid)" if is_weights_only(path) else "")
         raise InputError(f"{path} cannot be loaded as a Keras model "
                          f"({first_line(error)}){hint}") from None
+    if not isinstance(model, keras.Model):
+        raise InputError(f"{path} holds a {type(model).__name__}, not a Keras model")
     return model
+
+
+def check_hdf5(path: Path, what: str) -> None:
+    """A one-line error for a file that is not HDF5, or is truncated or damaged."""
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{what} {path} is not an HDF5 file; is it truncated or another format?")
+    try:
+        h5py.File(path, "r").close()
+    except Exception as error:
+        text = first_line(error)
+        if "truncated file" in text:
+            raise InputError(f"{what} {path} is truncated ({text}): it was not completely "
+                             "copied or written; copy it again") from None
+        raise InputError(f"{what} {path} is not a readable HDF5 file ({text}); is it damaged? "
+                         "copy it again") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,11 +133,20 @@ def load_cached(spec: ModelSpec) -> keras.Model:
 
 
 def is_weights_only(path: Path) -> bool:
+    """Keras weights without a model: ``layer_names`` (Keras 2) or ``layers``/``vars`` (Keras 3)."""
     try:
         with h5py.File(path, "r") as f:
             return ("model_config" not in f.attrs and "model_weights" not in f
-                    and not {"data", "label"} <= set(f))
-    except OSError:
+                    and ("layer_names" in f.attrs or "layers" in f or "vars" in f))
+    except Exception:  # not HDF5, or damaged: load_model says which
+        return False
+
+
+def has_model_config(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "model_config" in f.attrs
+    except Exception:  # damaged: load_model says so
         return False
 
 
@@ -99,8 +154,19 @@ def is_data_set(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return {"data", "label"} <= set(f)
-    except OSError:
+    except Exception:  # not HDF5, or damaged: load_model says which
         return False
+
+
+def weights_mismatch(error: BaseException) -> str:
+    """The gist of Keras' (long, multi-line) error for weights that do not fit a model."""
+    text = str(error)
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    if shapes:
+        variable = re.search(r"Variable path=([^,\s]+)", text)
+        return (f"{variable.group(1) if variable else 'a weight'} is {shapes.group(1)} in the "
+                f"architecture but {shapes.group(2)} in the file")
+    return " ".join(text.split())[:200] or error.__class__.__name__
 
 
 def first_line(error: BaseException) -> str:
@@ -110,10 +176,29 @@ def first_line(error: BaseException) -> str:
 
 def output_tensor(model: keras.Model):
     """The model's single output (legacy files give a one-element list)."""
-    outputs = model.outputs
+    outputs = getattr(model, "outputs", None) or []
     if len(outputs) != 1:
         raise InputError(f"the model has {len(outputs)} outputs; a classifier has one")
     return outputs[0]
+
+
+def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the model's one image input, or a one-line :class:`InputError`."""
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1:
+        raise InputError(f"the model has {len(inputs)} inputs; the sweep needs a classifier "
+                         "with one image input")
+    shape = tuple(inputs[0].shape[1:])
+    if len(shape) != 3:
+        raise InputError(f"the model takes inputs of shape {shape}; images are H x W x C")
+    if None in shape:
+        raise InputError(f"the model takes images of unspecified size {shape}; the sweep needs "
+                         "a fixed input size, e.g. keras.Input((55, 47, 3))")
+    output = output_tensor(model)
+    if len(output.shape) != 2 or output.shape[-1] is None or output.shape[-1] < 2:
+        raise InputError(f"the model's output has shape {tuple(output.shape)}; a classifier "
+                         "gives one score per class (N x classes, at least 2)")
+    return tuple(int(n) for n in shape)
 
 
 def consumers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
@@ -159,7 +244,11 @@ def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]
     """
     convs = conv_layer_names(model)
     if not convs:
-        raise InputError("the model has no Conv2D layer to prune")
+        nested = [layer.name for layer in model.layers
+                  if isinstance(layer, keras.Model) and conv_layer_names(layer)]
+        hint = (f" (they are inside its nested model {', '.join(nested)}: give that model "
+                "itself, e.g. B rather than a GoodNet)" if nested else "")
+        raise InputError(f"the model has no Conv2D layer to prune{hint}")
     if name is not None:
         names = [layer.name for layer in model.layers]
         if name not in names:
@@ -167,9 +256,17 @@ def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]
         if name not in convs:
             raise InputError(f"--layer {name} is a {type(model.get_layer(name)).__name__}, not "
                              f"a Conv2D; conv layers are: {', '.join(convs)}")
+        check_channels_last(model.get_layer(name))
         chain = channelwise_chain(model, name)
         return name, chain[-1].name
     pooled = [conv for conv in convs
               if any(isinstance(layer, POOLING) for layer in channelwise_chain(model, conv))]
     conv = (pooled or convs)[-1]
+    check_channels_last(model.get_layer(conv))
     return conv, channelwise_chain(model, conv)[-1].name
+
+
+def check_channels_last(layer: keras.layers.Layer) -> None:
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise InputError(f"conv layer {layer.name} is {layer.data_format}; the sweep prunes "
+                         "channels_last models (Keras' default): convert the model")

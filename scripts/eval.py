@@ -51,6 +51,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--arch", default="deepid", help="architecture of weights-only files (default: deepid)")
     parser.add_argument("--classes", type=int, default=1283, help="outputs of --arch (default: 1283)")
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images read at a time (default: {CHUNK_ROWS})")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an unexpected (internal) error, show the traceback, not one line")
     args = parser.parse_args(argv)
     if args.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
@@ -82,11 +84,9 @@ def is_goodnet(model) -> bool:
     return GOODNET_PARTS <= {layer.name for layer in model.layers}
 
 
-def evaluate(path: str, models: list, input_shape, classes: int, chunk_rows: int):
+def evaluate(lab_set, models: list, chunk_rows: int):
     """Per-row classes of each model over one lab set, read in chunks; also the labels."""
-    from pruning.data import open_lab_set
     from pruning.prune import predict_classes
-    lab_set = open_lab_set(path, input_shape, classes)
     labels, predictions = [], [[] for _ in models]
     for images, chunk_labels in lab_set.iter_chunks(chunk_rows):
         labels.append(chunk_labels)
@@ -108,7 +108,8 @@ def run(args) -> list[str]:
     for what, path in (("model", args.model), ("--bprime", args.bprime)):
         if path and not Path(path).is_file():
             raise InputError(f"{what} {path}" + (" is a directory; give the file inside it"
-                             if Path(path).is_dir() else ": no such file; check the path"))
+                             if Path(path).is_dir() else " is not a regular file; give the model "
+                             "file" if Path(path).exists() else ": no such file; check the path"))
     import pruning.backend  # noqa: F401  (Keras, without TensorFlow's start-up lines)
     from pruning.goodnet import goodnet_predictions
     model = load(args.model, args)
@@ -125,9 +126,13 @@ def run(args) -> list[str]:
         models.append(bprime)
         poisoned_class = width
     input_shape = tuple(int(n) for n in model.inputs[0].shape[1:])
+    from pruning.data import open_lab_set
+    # Both sets checked (structure, labels, a scan for NaN pixels) before either is evaluated.
+    sets = {"clean": open_lab_set(args.clean, input_shape, width),
+            "poisoned": open_lab_set(args.poisoned, input_shape, width)}
     scores = {}
-    for name, path in (("clean", args.clean), ("poisoned", args.poisoned)):
-        labels, predictions = evaluate(path, models, input_shape, width, args.chunk_rows)
+    for name, lab_set in sets.items():
+        labels, predictions = evaluate(lab_set, models, args.chunk_rows)
         if args.bprime:
             predictions = [goodnet_predictions(predictions[0], predictions[1], width)]
         scores[name] = (labels, predictions[0])
@@ -139,15 +144,32 @@ def run(args) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Exit status 0, or 2 with one ``error:`` line for a bad input; anything else that goes
+    wrong is one ``error: internal error ...`` line and status 1 (``--traceback``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         lines = run(parse_args(argv))
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error), 2)
     except SystemExit as done:  # --help
         return done.code or 0
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as error:  # not an input problem: still one line, unless asked
+        if "--traceback" in argv:
+            raise
+        text = " ".join(str(error).split())[:300]
+        if isinstance(error, OSError):
+            return fail(f"{text} (rerun with --traceback for the details)", 1)
+        return fail(f"internal error ({error.__class__.__name__}: {text}); not a problem with "
+                    "the inputs: rerun with --traceback and report it", 1)
     print("\n".join(lines))
     return 0
+
+
+def fail(message: str, status: int) -> int:
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)  # always one line
+    return status
 
 
 if __name__ == "__main__":

@@ -102,8 +102,13 @@ if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
 fi
 exec "$@"'
 
-# --kill-on-bad-exit: if one rank fails (say the client), end the others instead of idling to the time limit.
-srun --kill-on-bad-exit=1 bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &
+# Bad inputs fail here, in seconds, with one line, before any Dask process starts.
+python -m jobs.sweep --check "${args[@]}" || { say "inputs rejected; nothing was started"; exit 2; }
+
+# No --kill-on-bad-exit: a lost worker rank must not end the job (Dask reruns its tasks on the
+# others). If the client rank dies, the scheduler shuts down after distributed.scheduler.idle-timeout
+# (slurm/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
+srun bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &
 pid=$!
 status=0
 wait "$pid" || status=$?

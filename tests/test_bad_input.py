@@ -1,0 +1,675 @@
+"""Bad input and broken files: one clear line, a non-zero exit, nothing lost.
+
+Every case goes through the command line (``jobs.sweep.main`` in process, a few as real
+``python -m jobs.sweep`` processes) and must end in one ``error: ...`` line on stderr naming
+the problem, exit status 2, no traceback, no Dask cluster started, and the output folder
+exactly as it was -- every entry's bytes, size, mode and mtime -- whether it holds a previous
+run's results or does not exist yet (then it is not created). Problems only a worker can see
+end in one line too, after the cluster ran, with the previous results untouched: NaN pixels in
+rows the up-front scan did not read (status 2), a task that kills its worker (status 1). An
+unexpected error is one ``error: internal error ...`` line, status 1. And a fuzzer throws
+malformed HDF5 files at the loader: only InputErrors may come out.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import dask
+import h5py
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from keras import layers
+
+import jobs.cluster
+import jobs.sweep
+import pruning.data
+import tiny
+from jobs.outdir import Checkpoints, OutputFolder
+from jobs.sweep import main
+from pruning.data import InputError, LabSet, open_lab_set
+from pruning.goodnet import build_goodnet
+from pruning.prune import prune_conv_channels
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 10
+ROWS = (40, 30, 30, 30)  # clean valid, poisoned valid, clean test, poisoned test
+PAST = 1_600_000_000_000_000_000  # a previous run's files carry an old mtime (ns)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A tiny B (with a legacy .h5 copy and a weights file), its four sets, and odd models."""
+    folder = tmp_path_factory.mktemp("bad_input")
+    model = tiny.tiny_deepid(seed=7, classes=CLASSES)
+    model.save(folder / "bd_net.keras")
+    model.save(folder / "bd_net.h5")
+    model.save_weights(folder / "bd.weights.h5")
+    tiny.write_sets(model, folder / "data", rows=ROWS)
+    keras.Sequential([keras.Input(tiny.SHAPE), layers.Flatten(),
+                      layers.Dense(CLASSES, activation="softmax")]).save(folder / "no_conv.keras")
+    keras.Sequential([keras.Input((4, 4, 4)), layers.Conv2D(2, 3, name="conv"), layers.Flatten(),
+                      layers.Dense(3, activation="softmax")]).save(folder / "cube.keras")
+    x = inputs = keras.Input((None, None, 3))
+    x = layers.GlobalMaxPooling2D()(layers.Conv2D(4, 3)(x))
+    keras.Model(inputs, layers.Dense(CLASSES, activation="softmax")(x)).save(folder / "any_size.keras")
+    x = inputs = keras.Input((3, 55, 47))
+    x = layers.Flatten()(layers.Conv2D(4, 3, data_format="channels_first", name="conv")(x))
+    keras.Model(inputs, layers.Dense(CLASSES, activation="softmax")(x)).save(folder / "nchw.keras")
+    build_goodnet(model, prune_conv_channels(model, "conv_3", [0])).save(folder / "goodnet.keras")
+    broken = keras.models.clone_model(model)
+    kernel, bias = model.get_layer("conv_2").get_weights()
+    kernel[0, 0, 0, 0] = np.nan
+    broken.set_weights(model.get_weights())
+    broken.get_layer("conv_2").set_weights([kernel, bias])
+    broken.save(folder / "nan_weights.keras")
+    return SimpleNamespace(folder=folder, model=folder / "bd_net.keras", data=folder / "data")
+
+
+# ---------------------------------------------------------------- building bad inputs
+
+def lab_images(rows: int) -> np.ndarray:
+    """``rows`` random images in the lab's N x 3 x 55 x 47 layout."""
+    return tiny.random_images(rows, seed=rows).transpose(0, 3, 1, 2)
+
+
+def write_h5(path: Path, **datasets) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            if isinstance(value, str) and value == "group":
+                f.create_group(name)
+            else:
+                f[name] = value
+    return path
+
+
+def data_with(lab, tmp: Path, writer, rel: str = "cl/valid.h5") -> Path:
+    """A copy of the lab's data folder with one set replaced by ``writer(path)``."""
+    data = tmp / "data"
+    if not data.exists():
+        shutil.copytree(lab.data, data)
+    (data / rel).unlink()
+    writer(data / rel)
+    return data
+
+
+def lab_set_with(rows=ROWS[0], **change):
+    """A writer for a lab set (NCHW pixels, float labels) with some of its parts changed."""
+    def write(path):
+        parts = {"data": lab_images(rows), "label": (np.arange(rows) % CLASSES).astype("f4")}
+        parts.update(change)
+        write_h5(path, **{k: v for k, v in parts.items() if v is not None})
+    return write
+
+
+def with_pixel(value):
+    images = lab_images(ROWS[0])
+    images[7, 1, 20, 30] = value
+    return lab_set_with(data=images)
+
+
+def truncated(source: Path):
+    def write(path):
+        data = source.read_bytes()
+        path.write_bytes(data[: len(data) // 2])  # a half-copied file
+    return write
+
+
+def half_written(path: Path):
+    """Pixels in chunks, only the first of which was written before the writer died."""
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("data", shape=(ROWS[0], 3, 55, 47), dtype="f4", chunks=(8, 3, 55, 47))
+        data[:8] = lab_images(8)
+        f["label"] = np.zeros(ROWS[0], "f4")
+
+
+def text_file(path: Path, text: str = "these are not the bytes you are looking for\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe: opening it to read would wait for a writer forever."""
+    os.mkfifo(path)
+    return path
+
+
+def model_args(lab):
+    return ["--model", lab.model]
+
+
+# name -> (argv builder (lab, tmp) -> list, words the error line must hold)
+CASES = {
+    "missing model": (lambda lab, tmp: ["--model", tmp / "nope.keras", "--data", lab.data],
+                      ["nope.keras: no such file"]),
+    "model is a directory": (lambda lab, tmp: ["--model", lab.data, "--data", lab.data],
+                             ["is a directory"]),
+    "model is not HDF5": (lambda lab, tmp: ["--model", text_file(tmp / "bd_net.h5"), "--data", lab.data],
+                          ["not an HDF5 file"]),
+    "model is not a Keras file": (lambda lab, tmp: ["--model", text_file(tmp / "bd_net.keras"),
+                                                    "--data", lab.data],
+                                  ["cannot be loaded as a Keras model"]),
+    "model is HDF5 but not a model": (lambda lab, tmp: ["--model", write_h5(tmp / "bd_net.h5", x=np.zeros(3)),
+                                                        "--data", lab.data],
+                                      ["holds no Keras model"]),
+    "model is weights only": (lambda lab, tmp: ["--model", lab.folder / "bd.weights.h5", "--data", lab.data],
+                              ["holds weights only", "--weights PATH --arch deepid"]),
+    "model is a data set": (lambda lab, tmp: ["--model", lab.data / "cl/valid.h5", "--data", lab.data],
+                            ["is a data set", "not a model"]),
+    "model .h5 truncated": (lambda lab, tmp: ["--model", truncated_copy(lab.folder / "bd_net.h5", tmp),
+                                              "--data", lab.data],
+                            ["truncated", "copy it again"]),
+    "model .keras truncated": (lambda lab, tmp: ["--model", truncated_copy(lab.model, tmp),
+                                                 "--data", lab.data],
+                               ["cannot be loaded as a Keras model"]),
+    "weights do not fit": (lambda lab, tmp: ["--weights", lab.folder / "bd.weights.h5", "--classes", "12",
+                                             "--data", lab.data],
+                           ["do not fit --arch deepid with --classes 12", "conv_1/kernel"]),
+    "weights not HDF5": (lambda lab, tmp: ["--weights", text_file(tmp / "w.weights.h5"), "--data", lab.data],
+                         ["not an HDF5 file"]),
+    "unknown architecture": (lambda lab, tmp: ["--weights", lab.folder / "bd.weights.h5", "--arch", "vgg",
+                                               "--data", lab.data],
+                             ["--arch vgg is unknown"]),
+    "model is a pipe": (lambda lab, tmp: ["--model", fifo(tmp / "bd_net.keras"), "--data", lab.data],
+                        ["is not a regular file"]),
+    "model with NaN weights": (lambda lab, tmp: ["--model", lab.folder / "nan_weights.keras",
+                                                 "--data", lab.data],
+                               ["conv_2/kernel holds NaN or infinite values"]),
+    "model without conv layer": (lambda lab, tmp: ["--model", lab.folder / "no_conv.keras", "--data", lab.data],
+                                 ["no Conv2D layer"]),
+    "a GoodNet as the model": (lambda lab, tmp: ["--model", lab.folder / "goodnet.keras", "--data", lab.data],
+                               ["no Conv2D layer", "nested model bd_net, pruned_net"]),
+    "model of any input size": (lambda lab, tmp: ["--model", lab.folder / "any_size.keras", "--data", lab.data],
+                                ["unspecified size"]),
+    "channels_first model": (lambda lab, tmp: ["--model", lab.folder / "nchw.keras", "--data", lab.data],
+                             ["channels_first"]),
+    "--layer not found": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--layer", "conv_9"],
+                          ["--layer conv_9 not found; conv layers are: conv_1, conv_2, conv_3, conv_4"]),
+    "--layer not a conv": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--layer", "pool_1"],
+                           ["--layer pool_1 is a MaxPooling2D, not a Conv2D; conv layers are: conv_1"]),
+    "missing set": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, lambda p: None,
+                                                                            "cl/test.h5")],
+                    ["cl/test.h5: no such file"]),
+    "set is a directory": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, Path.mkdir)],
+                           ["valid.h5 is a directory"]),
+    "set is a pipe": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, fifo)],
+                      ["valid.h5 is not a regular file"]),
+    "--data is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data / "cl/valid.h5"],
+                         ["not a directory"]),
+    "set is not HDF5": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, text_file)],
+                        ["not a readable HDF5 file"]),
+    "set truncated": (lambda lab, tmp: [*model_args(lab), "--data",
+                                        data_with(lab, tmp, truncated(lab.data / "cl/valid.h5"))],
+                      ["valid.h5 is truncated", "copy it again"]),
+    "set half written": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, half_written)],
+                         ["not completely written"]),
+    "set without data and label": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lambda p: write_h5(p, images=lab_images(4), labels=np.zeros(4)))],
+        ["no 'data' or 'label' dataset", "found ['images', 'labels']"]),
+    "data is a group": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(data="group"))], ["must be datasets"]),
+    "images of the wrong size": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(data=np.zeros((ROWS[0], 3, 32, 32), "f4")))],
+        ["images have shape (3, 32, 32)", "55x47x3"]),
+    "height and width swapped": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(data=np.zeros((ROWS[0], 3, 47, 55), "f4")))],
+        ["height and width look swapped"]),
+    "images flattened": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(data=np.zeros((ROWS[0], 55 * 47 * 3), "f4")))],
+        ["images are flattened to 7755 values each"]),
+    "NCHW and NHWC ambiguous": (lambda lab, tmp: ["--model", lab.folder / "cube.keras", "--data", data_with(
+        lab, tmp, lab_set_with(data=np.zeros((ROWS[0], 4, 4, 4), "f4"), label=np.zeros(ROWS[0])))],
+        ["NCHW and NHWC cannot be told apart"]),
+    "pixels are not numbers": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(data=np.full((ROWS[0], 3, 55, 47), b"x")))], ["not numbers"]),
+    "NaN pixels": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, with_pixel(np.nan))],
+                   ["NaN or infinite pixels in row 7"]),
+    "infinite pixels": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, with_pixel(np.inf))],
+                        ["NaN or infinite pixels in row 7"]),
+    "labels out of range": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.full(ROWS[0], CLASSES, "f4")))],
+        ["labels range 10..10", "classes 0..9"]),
+    "negative labels": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.full(ROWS[0], -1)))], ["labels range -1..-1"]),
+    "labels not integers": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.full(ROWS[0], 2.5)))], ["whole class numbers", "2.5"]),
+    "NaN labels": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.full(ROWS[0], np.nan)))], ["whole class numbers"]),
+    "labels are text": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.full(ROWS[0], b"cat")))], ["whole class numbers", "cat"]),
+    "one-hot labels": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.eye(CLASSES)[np.arange(ROWS[0]) % CLASSES]))], ["one-hot"]),
+    "fewer labels than images": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(label=np.zeros(ROWS[0] - 1)))], ["39 labels for 40 images"]),
+    "empty set": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
+        lab, tmp, lab_set_with(rows=0))], ["the set is empty"]),
+    "negative threshold": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "2", "-1"],
+                           ["--thresholds -1: each must be a number of points from 0 to below 100"]),
+    "threshold 100": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "100"],
+                      ["--thresholds 100:"]),
+    "threshold NaN": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "nan"],
+                      ["--thresholds nan:"]),
+    "threshold not a number": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "2%"],
+                               ["--thresholds: invalid float value: '2%'"]),
+    # root writes through permission bits, so these folders fail for root too: a path under a
+    # regular file (ENOTDIR) and /proc (a pseudo filesystem that takes no new files)
+    "--out under a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                             "--out", lab.model / "results"],
+                           ["bd_net.keras is a file, not a folder"]),
+    "--out in /proc": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                         "--out", "/proc/fine-pruning-results"],
+                       ["/proc is a pseudo filesystem"]),
+    "--out is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", lab.model],
+                        ["is a file; give a folder"]),
+    "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                                          "--scheduler-file", tmp],
+                                        ["--scheduler-file", "is a directory"]),
+    "no place to run": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--nowhere"],
+                        ["say where to run: --single-node"]),
+    "--chunk-rows 0": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--chunk-rows", "0"],
+                       ["--chunk-rows must be at least 1"]),
+    "unknown option": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--prune-harder"],
+                       ["unrecognized arguments: --prune-harder"]),
+}
+
+
+def truncated_copy(source: Path, tmp: Path) -> Path:
+    target = tmp / source.name
+    truncated(source)(target)
+    return target
+
+
+# ---------------------------------------------------------------- the output folder
+
+def previous_run(out: Path) -> Path:
+    """An output folder as a finished run leaves it: results, models, lock, checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"results.csv": "channels_pruned,valid_accuracy\n0,98.6\n", "goodnet.csv": "threshold\n2\n",
+             "channel_order.csv": "channel\n3\n", "manifest.json": "{}\n", "model_X=2.h5": "B'",
+             "goodnet_X=2.keras": "G", "results.png": "png", ".sweep.lock": "host old pid 1\n",
+             "checkpoints/fingerprint.json": '{"inputs": "other"}\n',
+             "checkpoints/channel_order.csv": "channel\n3\n",
+             "checkpoints/prefix-00000.json": '{"channels_pruned": 0, "sets": {}}\n'}
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    for path in [*out.rglob("*"), out]:
+        os.utime(path, ns=(PAST, PAST))
+    return out
+
+
+def listing(path: Path) -> dict | None:
+    """Everything under ``path`` (or the file itself): type, mode, size, mtime, bytes."""
+    if not os.path.lexists(path):
+        return None
+    entries = {}
+    for entry in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+        info = entry.lstat()
+        entries[str(entry.relative_to(path))] = (
+            stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_size, info.st_mtime_ns,
+            entry.read_bytes() if entry.is_file() else None)
+    return entries
+
+
+@pytest.fixture(params=["previous results", "no folder yet"])
+def out(request, tmp_path):
+    folder = tmp_path / "out"
+    if request.param == "previous results":
+        previous_run(folder)
+    return folder
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fail the test if the sweep starts a Dask cluster (or joins one)."""
+    started = []
+
+    def open_client(args):
+        started.append(args)
+        raise AssertionError("a Dask cluster was started for a bad input")
+
+    monkeypatch.setattr(jobs.cluster, "open_client", open_client)
+    return started
+
+
+def sweep(capsys, argv) -> tuple[int, str, str]:
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def full_argv(argv, out: Path) -> list:
+    argv = list(argv)
+    if "--nowhere" in argv:
+        argv.remove("--nowhere")
+    elif "--scheduler-file" not in argv:
+        argv.append("--single-node")
+    return argv if "--out" in argv else [*argv, "--out", out]
+
+
+def assert_one_error_line(err: str, words) -> None:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+
+
+# ---------------------------------------------------------------- every case, in process
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_before_any_work(lab, case, out, tmp_path, capsys, no_cluster):
+    build, words = CASES[case]
+    argv = full_argv(build(lab, tmp_path), out)
+    target = Path(argv[argv.index("--out") + 1])
+    before = listing(target)
+    started = time.perf_counter()
+    status, stdout, err = sweep(capsys, argv)
+    assert (status, stdout) == (2, "")
+    assert_one_error_line(err, words)
+    assert no_cluster == []
+    assert time.perf_counter() - started < 30  # found up front, not after a sweep
+    assert listing(target) == before  # None stays None: the folder is not created
+
+
+def test_check_flag_checks_everything_and_starts_nothing(lab, out, capsys, no_cluster):
+    before = listing(out)
+    # no --single-node: slurm/sweep.sh runs --check with the user's arguments alone
+    status, stdout, err = sweep(capsys, ["--check", *model_args(lab), "--data", lab.data, "--out", out])
+    assert status == 0 and no_cluster == []
+    assert stdout.startswith("inputs OK: ") and stdout.count("\n") == 1
+    assert "layer conv_3 (12 channels, read at pool_3)" in stdout and "40+30+30+30 images" in stdout
+    assert listing(out) == before
+
+    status, stdout, err = sweep(capsys, ["--check", *model_args(lab), "--data", lab.data,
+                                         "--out", out, "--layer", "conv_9"])
+    assert (status, stdout) == (2, "")
+    assert_one_error_line(err, ["--layer conv_9 not found"])
+    assert listing(out) == before
+
+
+def test_check_flag_refuses_an_output_folder_in_use(lab, tmp_path, capsys, no_cluster):
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    with open(out / ".sweep.lock", "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, stdout, err = sweep(capsys, ["--check", *model_args(lab), "--data", lab.data, "--out", out])
+    assert (status, stdout) == (2, "")
+    assert_one_error_line(err, ["in use by a running sweep (host old pid 1)"])
+    assert listing(out) == before
+
+
+def test_an_unexpected_error_is_one_line_with_status_1(lab, out, capsys, monkeypatch, no_cluster):
+    def broken(args):
+        raise RuntimeError("something\nunforeseen")
+
+    monkeypatch.setattr(jobs.sweep, "resolve_inputs", broken)
+    before = listing(out)
+    status, stdout, err = sweep(capsys, [*model_args(lab), "--data", lab.data, "--single-node", "--out", out])
+    assert (status, stdout) == (1, "")
+    assert_one_error_line(err, ["internal error (RuntimeError: something unforeseen)", "--traceback"])
+    assert listing(out) == before
+    with pytest.raises(RuntimeError):
+        main([*map(str, model_args(lab)), "--data", str(lab.data), "--single-node", "--out", str(out),
+              "--traceback"])
+
+
+# ---------------------------------------------------------------- real processes
+
+SUBPROCESS_CASES = ["set truncated", "--layer not found", "--out under a file"]
+
+
+def test_command_line_prints_exactly_one_line_and_no_traceback(lab, tmp_path):
+    """As a user (or slurm/sweep.sh) runs it, TensorFlow's start-up lines included: stderr is
+    the one error line. Also ``--check`` on good inputs: one ``inputs OK`` line on stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "jobs.sweep"]
+    runs = {}
+    for case in SUBPROCESS_CASES:
+        tmp = tmp_path / case.replace(" ", "_")
+        tmp.mkdir()
+        argv = full_argv(CASES[case][0](lab, tmp), previous_run(tmp / "out"))
+        target = Path(argv[argv.index("--out") + 1])
+        runs[case] = (target, listing(target), subprocess.Popen(
+            [*command, *map(str, argv)], cwd=ROOT, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    check_out = tmp_path / "check" / "out"
+    check = subprocess.Popen([*command, "--check", "--model", str(lab.model), "--data", str(lab.data),
+                              "--out", str(check_out)], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for case, (target, before, process) in runs.items():
+        stdout, stderr = process.communicate(timeout=120)
+        assert (process.returncode, stdout) == (2, ""), (case, stderr)
+        assert_one_error_line(stderr, CASES[case][1])
+        assert listing(target) == before, case
+    stdout, stderr = check.communicate(timeout=120)
+    assert check.returncode == 0, stderr
+    assert stdout.startswith("inputs OK: ") and stdout.count("\n") == 1
+    assert "Traceback" not in stderr and not check_out.exists()
+
+
+# ---------------------------------------------------------------- found late, on a worker
+
+def nan_rows(lab, tmp: Path, rel: str) -> Path:
+    images = lab_images(ROWS[list(pruning.data.LAB_LAYOUT.values()).index(rel)])
+    images[-3, 0, 5, 5] = np.nan  # in the last chunk
+    rows = len(images)
+    return data_with(lab, tmp, lab_set_with(rows=rows, data=images,
+                                            label=np.zeros(rows, "f4")), rel)
+
+
+@pytest.mark.parametrize("rel", ["cl/valid.h5", "bd/bd_test.h5"])
+def test_nan_found_by_a_worker_is_one_line_and_keeps_previous_results(
+        lab, tmp_path, capfd, monkeypatch, rel):
+    """The up-front scan reads a sample of a big set; here it reads nothing, so the NaN row is
+    found by a worker inside a Dask task, and the InputError travels back to the client.
+    (A folder that did not exist is not left behind either: see
+    test_a_failed_run_puts_the_folder_back_as_it_was.)"""
+    monkeypatch.setattr(pruning.data, "SCAN_BYTES", 0)
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    data = nan_rows(lab, tmp_path, rel)
+    status = main([*map(str, model_args(lab)), "--data", str(data), "--out", str(out),
+                   "--single-node", "--chunk-rows", "16"])
+    err = capfd.readouterr().err  # this process and its worker processes
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {data / rel}: NaN or infinite pixels in row")
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert "Traceback" not in err  # nor from the worker: it logs one line, the client reports
+    after = listing(out)
+    if rel == "cl/valid.h5":  # fails before the first checkpoint: not a byte changes
+        assert after == before
+    else:  # finished prefixes may be checkpointed for a rerun; nothing else changes
+        assert {k: v for k, v in after.items() if not k.startswith("checkpoints")} == \
+            {k: v for k, v in before.items() if not k.startswith("checkpoints")}
+
+
+def die(*args):
+    os._exit(3)  # a worker process dying mid-task (out of memory, a crash in a library)
+
+
+def test_a_task_that_kills_its_workers_is_one_line(lab, tmp_path, capfd, monkeypatch):
+    jobs.cluster.load_config()  # the yaml defaults first, then this test's setting on top
+    monkeypatch.setattr(jobs.sweep, "activations_task", die)
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        status = main([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(out),
+                       "--single-node", "--chunk-rows", "16"])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert status == 1
+    # (the restarted worker may log distributed's own traceback as the cluster closes under it:
+    # worker log lines, not ours; ours is the last line, and the only error line)
+    assert lines[-1].startswith("error: task activations-") and "killed 1 Dask worker(s)" in lines[-1]
+    assert "see the worker logs" in lines[-1]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+    assert listing(out) == before
+
+
+# ---------------------------------------------------------------- the loader, fuzzed
+
+SHAPE = (4, 5, 3)  # H, W, C of a small model
+
+def often(common, *rare, times: int = 5):
+    """``common`` about ``times`` times as often as each of ``rare``: most files get far enough
+    to meet the later checks (labels, pixels), the rest break early in every way."""
+    return st.sampled_from([common] * times + list(rare))
+
+
+dims = st.sampled_from([0, 1, 2, 3, 4, 5])
+pixel_dtypes = often("f4", "f8", "f2", "i1", "u1", "i8", "u8", "?", "S2", "c8", times=8)
+label_dtypes = often("f4", "f8", "f2", "i4", "u2", "i8", "u8", "?", "S3", times=8)
+good_values = st.sampled_from([0.0, 1.0, 2.0, 5.0, 255.0])
+bad_values = st.sampled_from([6.0, -1.0, 0.5, np.nan, np.inf, -np.inf, 1e30, 2.0 ** 63])
+kinds = often("array", "missing", "group", "scalar", "empty", "dangling link", "unwritten", times=18)
+
+
+@st.composite
+def lab_files(draw):
+    rows = draw(often(3, 0, 1, 2, 7, times=2))
+    layout = draw(often((3, 4, 5), (4, 5, 3), (4, 5, 3), (5, 4, 3), (3, 5, 4), (4, 5), ()))
+    shape = draw(often((rows, *layout), st.lists(dims, max_size=5).map(tuple), times=8))
+    shape = draw(shape) if isinstance(shape, st.SearchStrategy) else shape
+    label_shape = draw(often((rows,), (rows, 1), (rows, 2), (), (rows + 1,), (max(rows - 1, 0),),
+                             times=12))
+    parts = {}
+    for name, dtypes, part_shape in (("data", pixel_dtypes, shape), ("label", label_dtypes, label_shape)):
+        kind, dtype = draw(kinds), np.dtype(draw(dtypes))
+        size = int(np.prod(part_shape))
+        fill = draw(st.lists(good_values, min_size=1, max_size=4))
+        if draw(st.integers(0, 3)) == 0:  # a bad value somewhere
+            fill.insert(draw(st.integers(0, len(fill))), draw(bad_values))
+        array = np.resize(np.asarray(fill, dtype="f8"), size).reshape(part_shape) if size else \
+            np.zeros(part_shape)
+        if dtype.kind in "iu?":
+            array = np.nan_to_num(array, nan=0, posinf=0, neginf=0).clip(-100, 100)
+        with np.errstate(all="ignore"):
+            array = array.astype(dtype) if dtype.kind != "S" else array.astype(str).astype(dtype)
+        parts[name] = (kind, array, draw(st.sampled_from([None, "chunked", "gzip"])))
+    damage = draw(often("none", "truncate", "flip", "flip", "garbage", "zero", times=12))
+    cut = draw(st.floats(0, 1))
+    flips = draw(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=6))
+    return parts, damage, cut, flips
+
+
+def write_fuzz(path: Path, parts, damage, cut, flips) -> None:
+    with h5py.File(path, "w") as f:
+        for name, (kind, array, storage) in parts.items():
+            options = {}
+            if storage and array.ndim and array.size:
+                options = {"chunks": True, "compression": "gzip" if storage == "gzip" else None}
+            if kind == "array":
+                f.create_dataset(name, data=array, **options)
+            elif kind == "group":
+                f.create_group(name)
+            elif kind == "scalar":
+                f[name] = array.reshape(-1)[0] if array.size else 0
+            elif kind == "empty":
+                f[name] = h5py.Empty(array.dtype if array.dtype.kind != "S" else "f4")
+            elif kind == "dangling link":
+                f[name] = h5py.SoftLink("/nowhere")
+            elif kind == "unwritten":
+                f.create_dataset(name, shape=array.shape, dtype=array.dtype, **options)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: int(len(raw) * cut)]
+    elif damage == "flip" and raw:
+        for where, value in flips:
+            raw[min(int(where * len(raw)), len(raw) - 1)] = value
+    elif damage == "garbage":
+        raw = bytearray(os.urandom(int(cut * 4096)))
+    elif damage == "zero":
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=lab_files(), classes=st.sampled_from([None, 3, 6]))
+def test_malformed_hdf5_files_give_only_input_errors(tmp_path, spec, classes):
+    path = tmp_path / "set.h5"  # rewritten by every example
+    write_fuzz(path, *spec)
+    try:
+        lab_set = open_lab_set(path, SHAPE, classes)
+        images, labels = lab_set.read()
+        assert images.shape == (lab_set.rows, *SHAPE) and labels.shape == (lab_set.rows,)
+        assert np.isfinite(images).all() and labels.dtype == np.int64
+        for start, stop in lab_set.chunks(2):
+            lab_set.read(start, stop)
+    except InputError as error:
+        message = str(error)
+        assert message and "\n" not in message and str(path) in message
+
+
+def test_a_file_damaged_after_the_check_is_an_input_error_on_read(lab, tmp_path):
+    """A worker reading a file that changed under it (re-copied, cut short) gets an InputError."""
+    path = tmp_path / "set.h5"
+    shutil.copy(lab.data / "cl/valid.h5", path)
+    lab_set = open_lab_set(path, tiny.SHAPE, CLASSES)
+    truncated(lab.data / "cl/valid.h5")(path)
+    with pytest.raises(InputError, match="truncated"):
+        lab_set.read(0, 8)
+    with h5py.File(path, "w") as f:
+        f["data"], f["label"] = lab_images(4), np.zeros(4)
+    with pytest.raises(InputError, match="rows 0-8 hold 4 images"):
+        LabSet(str(path), 8, True).read(0, 8)
+
+
+def test_big_sets_are_scanned_in_spread_out_blocks():
+    ranges = pruning.data.scan_ranges(100_000, 31_020)
+    scanned = sum(stop - start for start, stop in ranges)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100_000
+    assert scanned * 31_020 <= pruning.data.SCAN_BYTES and scanned > 500
+    assert pruning.data.scan_ranges(40, 31_020) == [(0, 40)]  # a small set: every row
+
+
+# ---------------------------------------------------------------- the output folder itself
+
+@pytest.mark.parametrize("state", ["previous results", "no folder yet"])
+def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
+    out = tmp_path / "deep" / "out"
+    if state == "previous results":
+        previous_run(out)
+    before, parent_before = listing(out), listing(tmp_path)
+    folder = OutputFolder(out)
+    with pytest.raises(KeyError):
+        with folder.locked():
+            assert (out / ".sweep.lock").read_text().startswith("host ")
+            checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
+            assert checkpoints.prefixes() == {}  # another run's: not read, not yet removed
+            raise KeyError("a failure during the run")
+    assert listing(out) == before
+    assert listing(tmp_path) == parent_before
+
+
+def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
+    out = previous_run(tmp_path)
+    checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
+    assert (out / "checkpoints" / "prefix-00000.json").exists()
+    checkpoints.save_prefix(0, {})
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["fingerprint.json", "prefix-00000.json"]
+    (out / "checkpoints" / "prefix-00001.json").write_text("{half a fi")  # a run killed mid-write
+    assert list(Checkpoints(out / "checkpoints", {"inputs": "these"}).prefixes()) == [0]
+
+
+def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("eval_for_bad_input", ROOT / "scripts" / "eval.py")
+    eval_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_script)
+    data = data_with(lab, tmp_path, with_pixel(np.nan), "bd/bd_valid.h5")
+    status = eval_script.main([str(data / "cl/valid.h5"), str(data / "bd/bd_valid.h5"), str(lab.model)])
+    captured = capsys.readouterr()
+    assert (status, captured.out) == (2, "")
+    assert_one_error_line(captured.err, ["bd_valid.h5: NaN or infinite pixels in row 7"])

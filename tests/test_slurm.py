@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
+from conftest import assert_same_outputs
 from slurm_fixtures import slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -22,7 +25,7 @@ def test_gpu_job(slurm_cluster, tmp_path):
     assert re.search(r"^GPUS=[01]$", log, re.M), log
 
 
-def test_sweep_sh(slurm_cluster, demo, tmp_path):
+def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     cache = Path(demo.model).parent.parent     # the demo the job's sweep will find: built once, here
     out = tmp_path / "out"
     answered = []
@@ -44,3 +47,56 @@ def test_sweep_sh(slurm_cluster, demo, tmp_path):
     for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
     assert "srun exited with status 0" in log
+    assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
+
+
+def sweep_job(demo, tmp_path, out, *extra):
+    cache = Path(demo.model).parent.parent
+    return [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}", f"--output={tmp_path}/%x-%j.out",
+            "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
+
+
+def prefixes_done(out: Path) -> int:
+    return len(list((out / "checkpoints").glob("prefix-*.json")))
+
+
+def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, tmp_path):
+    out = tmp_path / "out"
+    cancelled = []
+
+    def cancel_once_started(log: str) -> None:
+        if not cancelled and prefixes_done(out) >= 3:
+            job = re.search(r"job (\d+) ", log).group(1)
+            subprocess.run(["scancel", job], check=True)
+            cancelled.append(prefixes_done(out))
+
+    submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
+                    while_running=cancel_once_started)
+    done = prefixes_done(out)
+    assert cancelled and done < 61, f"cancelled after {done} prefixes: not mid-sweep"
+    assert not (out / "results.csv").exists()
+    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480)
+    reused = int(re.search(r"(\d+) prefixes reused from checkpoints", log).group(1))
+    assert reused >= done > 0, log[-3000:]
+    assert_same_outputs(out, demo_run)
+
+
+def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, demo_run, tmp_path):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_a_worker(log: str) -> None:
+        if killed or prefixes_done(out) < 3:
+            return
+        for process in psutil.process_iter(["cmdline", "environ"]):
+            environ = process.info["environ"] or {}
+            if "--slurm-runner" in (process.info["cmdline"] or []) and environ.get("SLURM_PROCID") == "2" \
+                    and str(out) in process.info["cmdline"]:
+                process.kill()
+                killed.append(prefixes_done(out))
+
+    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
+                             while_running=kill_a_worker)
+    assert killed and killed[0] < 61, "no worker rank was killed mid-sweep"
+    assert "outputs in" in log, log[-3000:]
+    assert_same_outputs(out, demo_run)

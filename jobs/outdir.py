@@ -2,7 +2,8 @@
 
 A run holds an exclusive lock on ``OUT/.sweep.lock`` (released by the kernel when the process
 dies, so a killed or preempted job never leaves a stale lock). Finished prefixes are kept as
-``OUT/checkpoints/prefix-<k>.json``, tagged with the inputs' fingerprint: a rerun with the same
+``OUT/checkpoints/chunk-<set>-<i>.json`` (a chunk of rows, all prefixes), tagged with the
+inputs' fingerprint: a rerun with the same
 inputs reuses them, a rerun with other inputs replaces them once it has a result of its own.
 
 A run that fails leaves the folder as it found it: :class:`OutputFolder` checks without
@@ -215,11 +216,11 @@ def _remove_empty(created: list[Path], snapshot) -> None:
 
 
 class Checkpoints:
-    """Per-prefix tallies and the channel order of an unfinished (or finished) run.
+    """The channel order and, per chunk of rows, the tallies of every prefix, of a run.
 
     Checkpoints of other inputs (another fingerprint) are left alone until this run saves
     its first result, so a run that fails early takes nothing from the folder. A checkpoint
-    file that cannot be read is skipped (its prefix is evaluated again), not an error.
+    file that cannot be read is skipped (its chunk is evaluated again), not an error.
     """
 
     def __init__(self, folder: Path, fingerprint: dict):
@@ -257,25 +258,26 @@ class Checkpoints:
         write_csv(self.folder / "channel_order.csv", order)
         return order
 
-    def prefixes(self) -> dict[int, dict[str, Counts]]:
+    def chunks(self) -> dict[tuple[str, int], list[Counts]]:
+        """Finished chunks: ``(set, index) -> [Counts for k = 0..C]``."""
         done = {}
         if not self.ours:
             return done
-        for path in sorted(self.folder.glob("prefix-*.json")):
+        for path in sorted(self.folder.glob("chunk-*.json")):
             try:
                 data = json.loads(path.read_text())
-                done[int(data["channels_pruned"])] = {name: Counts(**c)
-                                                      for name, c in data["sets"].items()}
-            except Exception as error:  # a damaged checkpoint: evaluate that prefix again
-                log.warning("ignoring %s (%s); that prefix is evaluated again", path,
+                done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
+            except Exception as error:  # a damaged checkpoint: evaluate that chunk again
+                log.warning("ignoring %s (%s); that chunk is evaluated again", path,
                             first_line(error))
         return done
 
-    def save_prefix(self, k: int, tallies: dict[str, Counts]) -> dict[str, Counts]:
+    def save_chunk(self, set_name: str, index: int, prefixes: list[Counts]) -> list[Counts]:
+        """Keep one chunk's tallies for every prefix k = 0..C (a list indexed by k)."""
         self._claim()
-        write_json(self.folder / f"prefix-{k:05d}.json",
-                   {"channels_pruned": k, "sets": {name: asdict(c) for name, c in tallies.items()}})
-        return tallies
+        write_json(self.folder / f"chunk-{set_name}-{index:05d}.json",
+                   {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
+        return prefixes
 
 
 def _read_json(path: Path):

@@ -9,7 +9,8 @@
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``profile`` (channel order from clean validation) -> ``evaluate-prefix-<k>-<set>-<i>`` for
 every prefix k = 0..C and chunk -> selection, GoodNet and reports on the client. Finished
-prefixes are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``.
+chunks (every prefix of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun
+with the same ``--out``.
 """
 from __future__ import annotations
 
@@ -85,17 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int):
-    """Submit the task graph; return (channel order, {k: {set: Counts}}, timings)."""
+    """Submit the task graph; return (channel order, {k: {set: Counts}}, timings).
+
+    Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
+    tasks as soon as its activations exist and then frees them, so memory stays flat as the
+    data grows, and a rerun skips finished chunks entirely, base pass included.
+    """
     started = time.perf_counter()
     spec, conv, read = inputs.spec, inputs.conv, inputs.read
-    chunks = {}
-    for set_name, lab_set in inputs.sets.items():
-        for i, (start, stop) in enumerate(lab_set.chunks(chunk_rows)):
-            chunks[set_name, i] = client.submit(activations_task, spec, conv, read, set_name, lab_set,
-                                                start, stop, key=f"activations-{set_name}-{i}")
+    ranges = {(name, i): bounds for name, lab_set in inputs.sets.items()
+              for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
+    done = checkpoints.chunks()
     order = checkpoints.channel_order()
+    needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
+    activations = {key: client.submit(activations_task, spec, conv, read, key[0], inputs.sets[key[0]],
+                                      *ranges[key], key=f"activations-{key[0]}-{key[1]}")
+                   for key in needed}
     if order is None:
-        valid = [future for (set_name, _), future in chunks.items() if set_name == "clean_valid"]
+        valid = [future for key, future in activations.items() if key[0] == "clean_valid"]
         sums, values = client.submit(profile_task, *valid, key="profile").result()
         order = checkpoints.save_channel_order(channel_order(sums, values))
     else:
@@ -103,33 +111,41 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     profiled = time.perf_counter()
 
     channels = order["channel"].tolist()
-    done = checkpoints.prefixes()
-    todo = [k for k in range(len(channels) + 1) if k not in done]
-    log.info("%d prefixes reused from checkpoints, %d to evaluate", len(done), len(todo))
-    pending, tallies = {}, {k: {} for k in todo}
-    for k in todo:
-        for (set_name, i), chunk in chunks.items():
-            future = client.submit(evaluate_prefix_task, spec, conv, read, chunk, tuple(channels[:k]),
-                                   key=f"evaluate-prefix-{k}-{set_name}-{i}", retries=2)
-            pending[future] = (k, set_name)
-    remaining = {k: len(chunks) for k in todo}
-    with tqdm(total=len(channels) + 1, initial=len(done), desc="prefixes", unit="prefix") as bar:
+    prefixes = len(channels) + 1
+    todo = [key for key in ranges if key not in done]
+    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
+             len(done), len(ranges), len(done) * prefixes, len(todo) * prefixes)
+    pending, tallies = {}, {key: [None] * prefixes for key in todo}
+    for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
+        for k in range(prefixes):
+            future = client.submit(evaluate_prefix_task, spec, conv, read, activations[key],
+                                   tuple(channels[:k]), key=f"evaluate-prefix-{k}-{key[0]}-{key[1]}",
+                                   retries=2)
+            pending[future] = (key, k)
+    activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
+    # Counted in prefix tasks, shown in prefixes: a prefix is done when every chunk has it.
+    with tqdm(total=prefixes * len(ranges), initial=prefixes * len(done), desc="prefixes",
+              unit="prefix", unit_scale=1 / len(ranges),
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
         for future in as_completed(pending):
-            k, set_name = pending.pop(future)
-            counts = future.result()
-            tallies[k][set_name] = tallies[k].get(set_name, Counts()) + counts
-            remaining[k] -= 1
-            if remaining[k] == 0:
-                done[k] = checkpoints.save_prefix(k, tallies.pop(k))
-                bar.update(1)
+            key, k = pending.pop(future)
+            tallies[key][k] = future.result()
+            bar.update(1)
+            if all(counts is not None for counts in tallies[key]):
+                done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
+    totals = {k: {} for k in range(prefixes)}
+    for (set_name, _), chunk_counts in sorted(done.items()):
+        for k, counts in enumerate(chunk_counts):
+            totals[k][set_name] = totals[k].get(set_name, Counts()) + counts
     timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, done, timings
+    return order, totals, timings
 
 
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
     with out.locked():
-        checkpoints = Checkpoints(out.path / "checkpoints", inputs.fingerprint())
+        checkpoints = Checkpoints(out.path / "checkpoints",
+                                  inputs.fingerprint() | {"chunk_rows": args.chunk_rows})
         with cluster.open_client(args) as client:
             with contextlib.suppress(Exception):  # only quietens the workers' logs
                 client.register_plugin(QuietInputErrors())

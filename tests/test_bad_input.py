@@ -37,6 +37,7 @@ import jobs.sweep
 import pruning.data
 import tiny
 from jobs.outdir import Checkpoints, OutputFolder
+from pruning.prune import Counts
 from jobs.sweep import main
 from pruning.data import InputError, LabSet, open_lab_set
 from pruning.goodnet import build_goodnet
@@ -302,7 +303,7 @@ def previous_run(out: Path) -> Path:
              "goodnet_X=2.keras": "G", "results.png": "png", ".sweep.lock": "host old pid 1\n",
              "checkpoints/fingerprint.json": '{"inputs": "other"}\n',
              "checkpoints/channel_order.csv": "channel\n3\n",
-             "checkpoints/prefix-00000.json": '{"channels_pruned": 0, "sets": {}}\n'}
+             "checkpoints/chunk-clean_valid-00000.json": '{"set": "clean_valid", "chunk": 0, "prefixes": []}\n'}
     for name, text in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
@@ -648,7 +649,7 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
         with folder.locked():
             assert (out / ".sweep.lock").read_text().startswith("host ")
             checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
-            assert checkpoints.prefixes() == {}  # another run's: not read, not yet removed
+            assert checkpoints.chunks() == {}  # another run's: not read, not yet removed
             raise KeyError("a failure during the run")
     assert listing(out) == before
     assert listing(tmp_path) == parent_before
@@ -657,11 +658,12 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
 def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
     out = previous_run(tmp_path)
     checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
-    assert (out / "checkpoints" / "prefix-00000.json").exists()
-    checkpoints.save_prefix(0, {})
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["fingerprint.json", "prefix-00000.json"]
-    (out / "checkpoints" / "prefix-00001.json").write_text("{half a fi")  # a run killed mid-write
-    assert list(Checkpoints(out / "checkpoints", {"inputs": "these"}).prefixes()) == [0]
+    assert (out / "checkpoints" / "chunk-clean_valid-00000.json").exists()
+    checkpoints.save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["chunk-clean_test-00000.json",
+                                                                       "fingerprint.json"]
+    (out / "checkpoints" / "chunk-clean_test-00001.json").write_text("{half a fi")  # killed mid-write
+    assert Checkpoints(out / "checkpoints", {"inputs": "these"}).chunks() == {("clean_test", 0): [Counts(3, 2, 1, 0)]}
 
 
 def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):

@@ -56,8 +56,9 @@ def sweep_job(demo, tmp_path, out, *extra):
             "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
 
 
-def prefixes_done(out: Path) -> int:
-    return len(list((out / "checkpoints").glob("prefix-*.json")))
+def chunks_done(out: Path) -> int:
+    """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 96 has 54."""
+    return len(list((out / "checkpoints").glob("chunk-*.json")))
 
 
 def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, tmp_path):
@@ -65,19 +66,19 @@ def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, 
     cancelled = []
 
     def cancel_once_started(log: str) -> None:
-        if not cancelled and prefixes_done(out) >= 3:
+        if not cancelled and chunks_done(out) >= 3:
             job = re.search(r"job (\d+) ", log).group(1)
             subprocess.run(["scancel", job], check=True)
-            cancelled.append(prefixes_done(out))
+            cancelled.append(chunks_done(out))
 
     submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
                     while_running=cancel_once_started)
-    done = prefixes_done(out)
-    assert cancelled and done < 61, f"cancelled after {done} prefixes: not mid-sweep"
+    done = chunks_done(out)
+    assert cancelled and done < 54, f"cancelled after {done} of 54 chunks: not mid-sweep"
     assert not (out / "results.csv").exists()
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480)
-    reused = int(re.search(r"(\d+) prefixes reused from checkpoints", log).group(1))
-    assert reused >= done > 0, log[-3000:]
+    reused = re.search(r"reused from checkpoints: (\d+) of 54 chunks \((\d+) prefix evaluations\)", log)
+    assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]
     assert_same_outputs(out, demo_run)
 
 
@@ -86,17 +87,17 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     killed = []
 
     def kill_a_worker(log: str) -> None:
-        if killed or prefixes_done(out) < 3:
+        if killed or chunks_done(out) < 3:
             return
         for process in psutil.process_iter(["cmdline", "environ"]):
             environ = process.info["environ"] or {}
             if "--slurm-runner" in (process.info["cmdline"] or []) and environ.get("SLURM_PROCID") == "2" \
                     and str(out) in process.info["cmdline"]:
                 process.kill()
-                killed.append(prefixes_done(out))
+                killed.append(chunks_done(out))
 
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
                              while_running=kill_a_worker)
-    assert killed and killed[0] < 61, "no worker rank was killed mid-sweep"
+    assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)

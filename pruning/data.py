@@ -104,15 +104,22 @@ def read_pixels(data: h5py.Dataset, start: int, stop: int, path: str) -> np.ndar
     return images
 
 
+def check_file(path: str | os.PathLike, what: str = "", kind: str = "the .h5 file") -> Path:
+    """``path`` as a Path if it is a regular file; else one :class:`InputError` saying what it is."""
+    path = Path(path)
+    name = f"{what} {path}".strip()
+    if not path.exists():
+        raise InputError(f"{name}: no such file; check the path")
+    if path.is_dir():
+        raise InputError(f"{name} is a directory; give {kind} inside it")
+    if not path.is_file():
+        raise InputError(f"{name} is not a regular file; give {kind}")
+    return path
+
+
 def open_h5(path: str | os.PathLike) -> h5py.File:
     """Open an HDF5 file read-only, turning every failure into one clear :class:`InputError`."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give the .h5 file inside it")
-    if not path.is_file():
-        raise InputError(f"{path} is not a regular file; give the .h5 file")
+    path = check_file(path)
     try:
         return h5py.File(path, "r")
     except Exception as error:  # OSError, mostly; any failure here means the same

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 from pruning.backend import keras
 
-from pruning.data import InputError
+from pruning.data import InputError, check_file
 from pruning.deepid import LAB_CLASSES, build_deepid
 
 ARCHITECTURES = {"deepid": build_deepid}
@@ -43,17 +43,6 @@ class ModelSpec:
         return load_cached(self)
 
 
-def check_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path}: no such file; check the path")
-    if path.is_dir():
-        raise InputError(f"{what} {path} is a directory; give the file inside it")
-    if not path.is_file():
-        raise InputError(f"{what} {path} is not a regular file; give the model file itself")
-    return path
-
-
 def load_model(spec: ModelSpec) -> keras.Model:
     """Load B from ``spec``, with one-line :class:`InputError` messages for bad files."""
     with warnings.catch_warnings():  # Keras warns line by line about mismatched files
@@ -71,7 +60,7 @@ def _load_model(spec: ModelSpec) -> keras.Model:
 
 
 def _read_model(spec: ModelSpec) -> keras.Model:
-    path = check_file(spec.path, "weights" if spec.weights_only else "model")
+    path = check_file(spec.path, "weights" if spec.weights_only else "model", "the model file")
     if is_data_set(path):
         raise InputError(f"{path} is a data set ('data' and 'label'), not a model; check the "
                          "order of the arguments")

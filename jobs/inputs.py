@@ -4,9 +4,10 @@ Every problem becomes one :class:`InputError` line naming the bad value and the 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -27,7 +28,12 @@ class SweepInputs:
     channels: int
     classes: int
     demo: bool = False
-    hashes: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def hashes(self) -> dict[str, str]:
+        """sha256 of every input, read once and only when needed (not for ``--check``)."""
+        paths = {"model": self.spec.path} | {name: s.path for name, s in self.sets.items()}
+        return {name: sha256(path) for name, path in paths.items()}
 
     def fingerprint(self) -> dict:
         """What a checkpoint depends on: the exact files and the layer."""
@@ -100,11 +106,10 @@ def resolve_inputs(args) -> SweepInputs:
     conv, read = choose_layer(model, args.layer)
     classes = int(output_tensor(model).shape[-1])
     sets = {name: open_lab_set(paths[name], input_shape, classes) for name in SET_NAMES}
-    hashes = {"model": sha256(spec.path)} | {name: sha256(path) for name, path in paths.items()}
     channels = int(model.get_layer(conv).filters)
     log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
              conv, channels, read)
-    return SweepInputs(spec, sets, conv, read, channels, classes, demo, hashes)
+    return SweepInputs(spec, sets, conv, read, channels, classes, demo)
 
 
 class QuietInputErrors(WorkerPlugin):

@@ -90,9 +90,10 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                             "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
     group.add_argument("--workers", type=int, default=1,
                        help="LocalCluster worker processes (default: 1)")
-    group.add_argument("--threads-per-worker", type=int, default=1,
-                       help="threads per worker with --single-node and --slurm-runner (default: 1; "
-                            "TensorFlow uses the cores)")
+    group.add_argument("--threads-per-worker", type=int, default=2,
+                       help="threads per worker with --single-node and --slurm-runner (default: 2: "
+                            "TensorFlow's own thread pool uses the cores; a second task thread "
+                            "reads and prepares the next chunk meanwhile)")
 
 
 def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str | None:

@@ -7,8 +7,9 @@
     sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/run1
 
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
-``profile`` (channel order from clean validation) -> ``evaluate-prefix-<k>-<set>-<i>`` for
-every prefix k = 0..C and chunk -> selection, GoodNet and reports on the client. Finished
+``profile`` (channel order from clean validation) -> ``evaluate-prefixes-<a>-<b>-<set>-<i>``
+(B'_k for k = a..b-1 on one chunk; every prefix k = 0..C is in one block) -> selection, GoodNet
+and reports on the client. Finished
 chunks (every prefix of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun
 with the same ``--out``.
 """
@@ -20,6 +21,7 @@ import logging
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from distributed import as_completed
@@ -29,12 +31,13 @@ from tqdm import tqdm
 from jobs import cluster, finish
 from jobs.inputs import QuietInputErrors, SweepInputs, resolve_inputs
 from jobs.outdir import Checkpoints, OutputFolder, output_names
-from jobs.tasks import activations_task, evaluate_prefix_task, profile_task
+from jobs.tasks import activations_task, evaluate_prefixes_task, profile_task
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
 from pruning.prune import Counts
 
 log = logging.getLogger("jobs.sweep")
+PREFIXES_PER_TASK = 64  # the lab's 61 prefixes in one task per chunk; 2,048 channels in 33
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sweep.add_argument("--relative", action="store_true", help="thresholds are percent of B's accuracy, not points")
     sweep.add_argument("--out", default="results", help="output folder, e.g. on shared storage (default: results/)")
     sweep.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images per task (default: {CHUNK_ROWS})")
+    sweep.add_argument("--prefixes-per-task", type=int, default=PREFIXES_PER_TASK, metavar="P",
+                       help=f"prefixes k evaluated by one task on one chunk (default: {PREFIXES_PER_TASK}); "
+                            "smaller gives more tasks to spread over many workers, larger fewer head calls")
     cluster.add_cluster_arguments(parser)
     checks = parser.add_argument_group("checks")
     checks.add_argument("--check", action="store_true",
@@ -72,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on an unexpected (internal) error, show the full traceback instead "
                              "of one line")
     args = parser.parse_args(argv)
-    if args.chunk_rows < 1:
-        raise InputError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
+    for option in ("chunk_rows", "prefixes_per_task"):
+        if getattr(args, option) < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     where = (args.single_node or args.scheduler_address or args.scheduler_file
              or args.slurm_runner or args.slurm_cluster is not None)
     problem = cluster.check_cluster_arguments(args) if where or not args.check else None
@@ -85,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int):
+def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int,
+              prefixes_per_task: int = PREFIXES_PER_TASK):
     """Submit the task graph; return (channel order, {k: {set: Counts}}, timings).
 
     Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
@@ -117,20 +125,22 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
              len(done), len(ranges), len(done) * prefixes, len(todo) * prefixes)
     pending, tallies = {}, {key: [None] * prefixes for key in todo}
     for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
-        for k in range(prefixes):
-            future = client.submit(evaluate_prefix_task, spec, conv, read, activations[key],
-                                   tuple(channels[:k]), key=f"evaluate-prefix-{k}-{key[0]}-{key[1]}",
-                                   retries=2)
-            pending[future] = (key, k)
+        for first in range(0, prefixes, prefixes_per_task):
+            stop = min(first + prefixes_per_task, prefixes)
+            future = client.submit(evaluate_prefixes_task, spec, conv, read, activations[key],
+                                   tuple(channels), first, stop, retries=2,
+                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}")
+            pending[future] = (key, first)
     activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
-    # Counted in prefix tasks, shown in prefixes: a prefix is done when every chunk has it.
+    # Counted in (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk has it.
     with tqdm(total=prefixes * len(ranges), initial=prefixes * len(done), desc="prefixes",
               unit="prefix", unit_scale=1 / len(ranges),
               bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
         for future in as_completed(pending):
-            key, k = pending.pop(future)
-            tallies[key][k] = future.result()
-            bar.update(1)
+            key, first = pending.pop(future)
+            block = future.result()
+            tallies[key][first:first + len(block)] = block
+            bar.update(len(block))
             if all(counts is not None for counts in tallies[key]):
                 done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
     totals = {k: {} for k in range(prefixes)}
@@ -143,13 +153,16 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
-    with out.locked():
-        checkpoints = Checkpoints(out.path / "checkpoints",
-                                  inputs.fingerprint() | {"chunk_rows": args.chunk_rows})
+    with out.locked(), ThreadPoolExecutor(1) as background:
+        # sha256 of every input (about a second per GB) while the cluster starts
+        fingerprint = background.submit(inputs.fingerprint)
         with cluster.open_client(args) as client:
             with contextlib.suppress(Exception):  # only quietens the workers' logs
                 client.register_plugin(QuietInputErrors())
-            order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows)
+            checkpoints = Checkpoints(out.path / "checkpoints",
+                                      fingerprint.result() | {"chunk_rows": args.chunk_rows})
+            order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,
+                                                 args.prefixes_per_task)
         return finish.write_outputs(inputs, args, out.path, order, prefixes, timings)
 
 

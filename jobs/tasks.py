@@ -5,16 +5,25 @@ computed them, where its prefix tasks are scheduled."""
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 
 from pruning.data import LabSet
 from pruning.models import ModelSpec
-from pruning.prune import Chunk, Counts, SplitModel, compute_chunk, evaluate_prefix, split_model
+from pruning.prune import Chunk, Counts, SplitModel, compute_chunk, evaluate_prefixes, split_model
+
+
+_loading = threading.Lock()  # a worker's task threads build B's split once, not once each
+
+
+def split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
+    with _loading:
+        return _split_for(spec, conv, read)
 
 
 @functools.lru_cache(maxsize=2)
-def split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
+def _split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
     return split_model(spec.load(), conv, read)
 
 
@@ -32,6 +41,7 @@ def profile_task(*chunks: Chunk) -> tuple[np.ndarray, int]:
     return sums, sum(chunk.values_per_channel for chunk in chunks)
 
 
-def evaluate_prefix_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,
-                         pruned: tuple[int, ...]) -> Counts:
-    return evaluate_prefix(split_for(spec, conv, read), chunk, pruned)
+def evaluate_prefixes_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,
+                           order: tuple[int, ...], first: int, stop: int) -> list[Counts]:
+    """Counts of B'_k for k = first..stop-1 on one chunk."""
+    return evaluate_prefixes(split_for(spec, conv, read), chunk, order, first, stop)

@@ -5,9 +5,10 @@ every input, a pruned channel's conv output is activation(0) everywhere, and it 
 input-independent map through the per-channel layers after the conv (pooling, activation,
 batch norm). So we split B at the end of that chain (``pool_3`` for the lab model): the
 expensive base runs once per image, and B'_k is the head applied to the base's output with
-the pruned channels replaced by that constant map. Rows where a pruned channel already equals
-its pruned map are unchanged, so their prediction is B's and the head is not re-run for them.
-tests/test_exactness.py checks this against the literally pruned model.
+the pruned channels replaced by that constant map. Pruning a channel that already equals its
+pruned map on a row leaves that row's head input bit for bit as it was, and so its prediction:
+from B'_{k-1} to B'_k the head is re-run only on the rows where the newly pruned channel is
+active. tests/test_exactness.py checks this against the literally pruned model.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import numpy as np
 
 from pruning.models import output_tensor
 
-BATCH_ROWS = 1024
-BUCKETS = (64, 256, BATCH_ROWS)  # padded batch sizes: few compiled shapes, little waste
+BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
+HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches run faster
+BUCKETS = (64, 256, BATCH_ROWS, HEAD_BATCH_ROWS)  # padded sizes: few compiled shapes, little waste
 
 
 def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.Model:
@@ -80,6 +82,7 @@ class SplitModel:
     base: keras.Model
     head: keras.Model | None
     pruned_map: np.ndarray  # (H, W, C): what the read layer gives for a pruned channel
+    pruned_class: int | None = None  # the head's class for pruned_map: every channel pruned
 
     @property
     def channels(self) -> int:
@@ -98,7 +101,8 @@ def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
     probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), dtype=np.float32)
     pruned_base = keras.Model(all_pruned.inputs, all_pruned.get_layer(read).output)
     pruned_map = predict_activations(pruned_base, probe)[0]
-    return SplitModel(model, conv, read, base, head, pruned_map)
+    pruned_class = None if head is None else int(predict_classes(head, pruned_map[None])[0])
+    return SplitModel(model, conv, read, base, head, pruned_map, pruned_class)
 
 
 @dataclass
@@ -159,22 +163,62 @@ def compute_chunk(split: SplitModel, set_name: str, start: int, stop: int,
                  int(np.prod(activations.shape[:-1])))
 
 
-def evaluate_prefix(split: SplitModel, chunk: Chunk, pruned) -> Counts:
-    """Counts of B'_k on a chunk, where ``pruned`` lists the k pruned channels."""
-    return tally(prefix_predictions(split, chunk, pruned), chunk.b_predictions, chunk.labels)
+def evaluate_prefixes(split: SplitModel, chunk: Chunk, order, first: int, stop: int) -> list[Counts]:
+    """Counts of B'_k on a chunk for k = first..stop-1, where B'_k prunes ``order[:k]``."""
+    return [tally(predictions, chunk.b_predictions, chunk.labels)
+            for _, predictions in prefix_predictions(split, chunk, order, first, stop)]
 
 
-def prefix_predictions(split: SplitModel, chunk: Chunk, pruned) -> np.ndarray:
-    """B'_k's classes for a chunk: the head re-run only on rows that pruning changes."""
-    pruned = np.asarray(pruned, dtype=np.int64)
-    predictions = chunk.b_predictions.copy()
-    rows = np.flatnonzero(chunk.changes[:, pruned].any(axis=1)) if len(pruned) else []
-    if len(rows):
-        if split.head is None:
-            literal = prune_conv_channels(split.model, split.conv, pruned)
-            predictions[rows] = predict_classes(literal, chunk.activations[rows])
+def prefix_predictions(split: SplitModel, chunk: Chunk, order, first: int, stop: int):
+    """Yield ``(k, classes of B'_k on the chunk)`` for k = first..stop-1.
+
+    B'_first is re-run on the rows where any of its pruned channels is active; each later
+    B'_k only on the rows where channel ``order[k-1]`` is, since the others keep B'_{k-1}'s
+    input to the head exactly. A row none of whose active channels is left unpruned gives
+    the head the all-pruned input, whose class is known once. The head runs on the remaining
+    (prefix, row) pairs in large batches mixed across prefixes, which makes it cheap per prefix.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))  # channel c is pruned in B'_k when rank[c] < k
+    last = np.where(chunk.changes, rank, -1).max(axis=1, initial=-1)  # a row's last active channel
+    prefixes = range(first, stop)
+    rerun, settled = {}, {}
+    for k in prefixes:
+        touched = (chunk.changes[:, order[:k]].any(axis=1) if k == first
+                   else chunk.changes[:, order[k - 1]])
+        if split.head is None:  # literal pruning: nothing is known without running it
+            rerun[k], settled[k] = np.flatnonzero(touched), []
         else:
-            x = chunk.activations[rows]
-            x[..., pruned] = split.pruned_map[..., pruned]
-            predictions[rows] = predict_classes(split.head, x)
-    return predictions
+            rerun[k] = np.flatnonzero(touched & (last >= k))
+            settled[k] = np.flatnonzero(touched & (last < k))
+    if split.head is None:
+        classes = {k: predict_classes(prune_conv_channels(split.model, split.conv, order[:k]),
+                                      chunk.activations[rerun[k]]) if len(rerun[k]) else []
+                   for k in prefixes}
+    else:
+        classes = _head_classes(split, chunk, rank, rerun)
+    predictions = chunk.b_predictions.copy()
+    for k in prefixes:
+        predictions[rerun[k]] = classes[k]
+        if len(settled[k]):
+            predictions[settled[k]] = split.pruned_class
+        yield k, predictions.copy()
+
+
+def _head_classes(split: SplitModel, chunk: Chunk, rank: np.ndarray, rows: dict) -> dict:
+    """The head's classes for each ``rows[k]`` with the channels of rank < k pruned, in mixed
+    batches."""
+    if not rows:
+        return {}
+    prefix = np.concatenate([np.full(len(r), k) for k, r in rows.items()]).astype(np.int64)
+    row = np.concatenate(list(rows.values())).astype(np.int64)
+    classes = np.empty(len(row), dtype=np.int64)
+    for start in range(0, len(row), HEAD_BATCH_ROWS):
+        part = slice(start, start + HEAD_BATCH_ROWS)
+        x = chunk.activations[row[part]]
+        pruned = rank[None, :] < prefix[part, None]  # (rows, C), broadcast over positions
+        x = np.where(pruned.reshape((len(x),) + (1,) * (x.ndim - 2) + (-1,)), split.pruned_map, x)
+        classes[part] = predict_classes(split.head, x, HEAD_BATCH_ROWS)
+    bounds = np.cumsum([0] + [len(r) for r in rows.values()])
+    return {k: classes[a:b] for k, a, b in zip(rows, bounds[:-1], bounds[1:])}

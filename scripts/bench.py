@@ -2,18 +2,21 @@
 
     python scripts/bench.py                       # DeepID with random weights (worst case)
     python scripts/bench.py --weights bd_weights.h5   # the lab's B: dormant channels skip work
-    python scripts/bench.py --scale 0.1 --seed-prefixes 1   # a quick look
+    python scripts/bench.py --scale 0.1 --skip-4x      # a quick look
 
 Inputs are random 0-255 pixels in lab-format HDF5 files (11,547 + 11,547 validation and
 12,830 + 12,830 test images at --scale 1). The seeds' loop zeroes one more conv_3 channel,
 then runs ``model.predict`` over all four sets; it costs the same at every prefix, so we time
---seed-prefixes of them and scale to all 61. Our sweep is ``python -m jobs.sweep
---single-node`` as a user runs it (1 and 2 workers), and its pure core in one process. Peak
-memory is the largest summed RSS of the sweep's process tree, at 1x and 4x the data.
+--seed-prefixes of them before and after our core (this machine's speed drifts) and scale
+to all 61. Our sweep is ``python -m jobs.sweep --single-node`` as a user runs it (1 and 2
+workers; its wall time, and the profile + prefixes time from its manifest), and its pure core
+in one process. Peak memory is the largest summed RSS of the sweep's process tree, at 1x and
+4x the data.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -48,14 +51,15 @@ def make_inputs(folder: Path, scale: float, weights: str | None) -> Path:
     return folder / "bd_net.h5"
 
 
-def seeds_loop(model_path: Path, data: Path, prefixes: int) -> float:
-    """Seconds per prefix of the seeds' loop: zero one more channel, re-run every set."""
+def seeds_loop(model_path: Path, data: Path, prefixes: int, first: int = 0) -> float:
+    """Seconds per prefix of the seeds' loop: zero one more channel (``first``, ``first`` + 1,
+    ...), re-run every set."""
     model = keras.models.load_model(model_path, compile=False)
     sets = [open_lab_set(p, (55, 47, 3)).read() for p in lab_paths(data).values()]
     layer = model.get_layer("conv_3")
     model.predict(sets[0][0][:64], verbose=0)  # warm-up outside the timing
     started = time.perf_counter()
-    for channel in range(prefixes):
+    for channel in range(first, first + prefixes):
         kernel, bias = layer.get_weights()
         kernel[..., channel], bias[channel] = 0, 0
         layer.set_weights([kernel, bias])
@@ -68,7 +72,7 @@ def core_sweep(model_path: Path, data: Path) -> float:
     """Our algorithm in one process, no Dask: base once, then every prefix on every set."""
     from pruning.models import ModelSpec, choose_layer
     from pruning.profile import channel_order
-    from pruning.prune import compute_chunk, evaluate_prefix, split_model
+    from pruning.prune import compute_chunk, evaluate_prefixes, split_model
 
     model = ModelSpec(str(model_path)).load()
     started = time.perf_counter()
@@ -81,14 +85,14 @@ def core_sweep(model_path: Path, data: Path) -> float:
     valid = [c for c in chunks if c.set_name == "clean_valid"]
     order = channel_order(sum(c.channel_sums for c in valid),
                           sum(c.values_per_channel for c in valid))["channel"].tolist()
-    for k in range(len(order) + 1):
-        for chunk in chunks:
-            evaluate_prefix(split, chunk, order[:k])
+    for chunk in chunks:
+        evaluate_prefixes(split, chunk, order, 0, len(order) + 1)
     return time.perf_counter() - started
 
 
-def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[float, float]:
-    """Wall seconds and peak summed RSS (GB) of ``python -m jobs.sweep --single-node``."""
+def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[float, float, float]:
+    """Wall seconds, peak summed RSS (GB) and the sweep's own seconds (profile + prefixes, from
+    its manifest) of ``python -m jobs.sweep --single-node``."""
     command = [sys.executable, "-m", "jobs.sweep", "--model", str(model_path), "--data", str(data),
                "--out", str(out), "--single-node", "--workers", str(workers)]
     started = time.perf_counter()
@@ -111,14 +115,16 @@ def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[fl
     if process.wait() != 0:
         raise SystemExit(f"the sweep failed: {' '.join(command)}")
     watcher.join()
-    return time.perf_counter() - started, peak[0] / 1e9
+    timings = json.loads((out / "manifest.json").read_text())["timings_s"]
+    return time.perf_counter() - started, peak[0] / 1e9, timings["profile_s"] + timings["prefixes_s"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="weights for DeepID (default: random initialisation)")
     parser.add_argument("--scale", type=float, default=1.0, help="data size relative to the lab's")
-    parser.add_argument("--seed-prefixes", type=int, default=2, help="seeds' loop prefixes to time")
+    parser.add_argument("--seed-prefixes", type=int, default=1,
+                        help="seeds' loop prefixes to time, before and after our core each")
     parser.add_argument("--skip-4x", action="store_true", help="skip the 4x-data memory run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -127,22 +133,27 @@ def main() -> None:
         rows = sum(open_lab_set(p, (55, 47, 3)).rows for p in lab_paths(tmp / "data").values())
         print(f"DeepID ({'weights ' + args.weights if args.weights else 'random weights'}), "
               f"{rows} images in four sets, 61 prefixes, {os.cpu_count()} cores")
-        per_prefix = seeds_loop(model_path, tmp / "data", args.seed_prefixes)
-        seeds = per_prefix * 61
-        print(f"seeds' loop: {per_prefix:.1f} s per prefix -> {seeds:.0f} s for 61 prefixes")
+        # the seeds' loop is timed before and after our core: this machine's speed drifts
+        before = seeds_loop(model_path, tmp / "data", args.seed_prefixes)
         core = core_sweep(model_path, tmp / "data")
+        after = seeds_loop(model_path, tmp / "data", args.seed_prefixes, first=args.seed_prefixes)
+        seeds = (before + after) / 2 * 61
+        print(f"seeds' loop: {before:.1f} s per prefix before our core, {after:.1f} s after "
+              f"-> {seeds:.0f} s for 61 prefixes")
         print(f"our sweep, core in one process: {core:.1f} s  ({seeds / core:.0f}x faster)")
-        wall_1, peak_1 = job_sweep(model_path, tmp / "data", tmp / "out1", workers=1)
+        wall_1, peak_1, inside_1 = job_sweep(model_path, tmp / "data", tmp / "out1", workers=1)
         print(f"our sweep, jobs.sweep --single-node, 1 worker: {wall_1:.1f} s wall "
-              f"({seeds / wall_1:.0f}x faster), peak memory {peak_1:.2f} GB")
-        wall_2, peak_2 = job_sweep(model_path, tmp / "data", tmp / "out2", workers=2)
-        print(f"our sweep, 2 workers: {wall_2:.1f} s wall (speed-up over 1 worker: "
-              f"{wall_1 / wall_2:.2f}x), peak memory {peak_2:.2f} GB")
+              f"({seeds / wall_1:.0f}x faster), of which profile + prefixes {inside_1:.1f} s "
+              f"({seeds / inside_1:.0f}x); peak memory {peak_1:.2f} GB")
+        wall_2, peak_2, inside_2 = job_sweep(model_path, tmp / "data", tmp / "out2", workers=2)
+        print(f"our sweep, 2 workers: {wall_2:.1f} s wall, of which profile + prefixes "
+              f"{inside_2:.1f} s (speed-up over 1 worker: {wall_1 / wall_2:.2f}x wall, "
+              f"{inside_1 / inside_2:.2f}x profile + prefixes); peak memory {peak_2:.2f} GB")
         if not args.skip_4x:
             big = tmp / "big"
             big.mkdir()
             make_inputs(big, 4 * args.scale, args.weights)
-            wall_4, peak_4 = job_sweep(model_path, big / "data", tmp / "out4", workers=1)
+            wall_4, peak_4, _ = job_sweep(model_path, big / "data", tmp / "out4", workers=1)
             print(f"4x the data, 1 worker: {wall_4:.1f} s wall, peak memory {peak_4:.2f} GB "
                   f"({peak_4 / peak_1:.2f}x the 1x peak)")
 

@@ -282,6 +282,9 @@ CASES = {
                         ["say where to run: --single-node"]),
     "--chunk-rows 0": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--chunk-rows", "0"],
                        ["--chunk-rows must be at least 1"]),
+    "--prefixes-per-task 0": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                                "--prefixes-per-task", "0"],
+                              ["--prefixes-per-task must be at least 1"]),
     "unknown option": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--prune-harder"],
                        ["unrecognized arguments: --prune-harder"]),
 }

@@ -11,9 +11,11 @@ from pruning.models import choose_layer
 from pruning.profile import channel_order
 from pruning.prune import compute_chunk, predict_classes, prefix_predictions, prune_conv_channels, split_model
 
+IMAGES = tiny.random_images(150, seed=11)
 MODELS = {
     "deepid": lambda: tiny.tiny_deepid(),
     "deepid-ties-dead": lambda: tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=5)),
+    "deepid-sparse": lambda: tiny.with_sparse_channels(tiny.tiny_deepid(seed=6), IMAGES),
     "batchnorm-sigmoid-avgpool": tiny.tiny_batchnorm_sigmoid,
     "skip-connection": tiny.tiny_skip,
     "sequential": tiny.tiny_sequential,
@@ -26,23 +28,37 @@ def chunks_of(split, images, labels, rows):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_every_prefix_matches_the_literally_pruned_model(name):
+def test_every_prefix_matches_the_literally_pruned_model(name, monkeypatch):
     model = MODELS[name]()
     conv, read = choose_layer(model)
     split = split_model(model, conv, read)
     assert (split.head is None) == (name == "skip-connection")  # the literal fallback is tested too
-    images = tiny.random_images(150, seed=11)
+    images = IMAGES
     labels = np.zeros(len(images), dtype=np.int64)
     chunks = chunks_of(split, images, labels, rows=64)  # several chunks, a short last one
     sums = sum(chunk.channel_sums for chunk in chunks)
     order = channel_order(sums, sum(c.values_per_channel for c in chunks))["channel"].tolist()
     assert sorted(order) == list(range(split.channels))
     b_predictions = np.concatenate([chunk.b_predictions for chunk in chunks])
+    if name == "deepid-sparse":  # channels active on some rows only: the incremental rule matters
+        share = np.concatenate([chunk.changes for chunk in chunks]).mean(axis=0)
+        assert ((share > 0.05) & (share < 0.95)).sum() >= split.channels // 2, share
+    # every prefix in one block, and in blocks that start part-way (their first prefix is
+    # re-run on every row any of its pruned channels touches, the rest incrementally)
+    prefixes = split.channels + 1
+    blocks = {"one block": [(0, prefixes)], "blocks": [(0, 1), (1, 4), (4, 9), (9, prefixes)]}
+    swept = {how: [dict(prefix_predictions(split, chunk, order, first, stop))
+                   for chunk in chunks for first, stop in parts] for how, parts in blocks.items()}
+    # head batches that end part-way through a prefix's rows
+    monkeypatch.setattr("pruning.prune.HEAD_BATCH_ROWS", 50)
+    swept["small head batches"] = [dict(prefix_predictions(split, chunk, order, 0, prefixes))
+                                   for chunk in chunks]
     changed = 0
-    for k in range(split.channels + 1):
-        fast = np.concatenate([prefix_predictions(split, chunk, order[:k]) for chunk in chunks])
+    for k in range(prefixes):
         literal = predict_classes(prune_conv_channels(model, conv, order[:k]), images)
-        assert np.array_equal(fast, literal), f"{name}: prefix k={k} differs"
+        for how, per_chunk in swept.items():
+            fast = np.concatenate([found[k] for found in per_chunk if k in found])
+            assert np.array_equal(fast, literal), f"{name}: prefix k={k} differs ({how})"
         changed += int((literal != b_predictions).sum())
     # the comparison means something only if pruning moves some predictions along the way
     assert changed > 0
@@ -54,7 +70,8 @@ def test_k0_is_b_and_split_reproduces_b():
     images = tiny.random_images(70, seed=3)
     chunk = compute_chunk(split, "s", 0, 70, images, np.zeros(70, dtype=np.int64))
     assert np.array_equal(chunk.b_predictions, predict_classes(model, images))
-    assert np.array_equal(prefix_predictions(split, chunk, []), chunk.b_predictions)
+    k0 = next(prefix_predictions(split, chunk, range(split.channels), 0, 1))
+    assert k0[0] == 0 and np.array_equal(k0[1], chunk.b_predictions)
 
 
 def test_ties_are_broken_by_channel_index_and_dead_channels_come_first():

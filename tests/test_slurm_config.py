@@ -47,7 +47,7 @@ def test_worker_job_script_from_yaml(slurm_config):
         assert expected in found, (expected, lines)
     assert "export TF_FORCE_GPU_ALLOW_GROWTH=true" in lines
     worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
-    assert "--nthreads 1" in worker and "--death-timeout 120" in worker
+    assert "--nthreads 2" in worker and "--death-timeout 120" in worker
 
 
 def test_no_partition_or_account_by_default(slurm_config):

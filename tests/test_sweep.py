@@ -26,7 +26,8 @@ def run(tmp_path_factory):
     tiny.write_sets(model, folder / "data")
     out = folder / "out"
     argv = ["--model", str(folder / "bd_net.keras"), "--data", str(folder / "data"), "--out", str(out),
-            "--single-node", "--workers", "2", "--chunk-rows", "48", "--thresholds", *THRESHOLDS]
+            "--single-node", "--workers", "2", "--chunk-rows", "48", "--prefixes-per-task", "5",
+            "--thresholds", *THRESHOLDS]
     assert main(argv) == 0
     return folder, out, argv
 

@@ -8,10 +8,9 @@
 
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``profile`` (channel order from clean validation) -> ``evaluate-prefixes-<a>-<b>-<set>-<i>``
-(B'_k for k = a..b-1 on one chunk; every prefix k = 0..C is in one block) -> selection, GoodNet
-and reports on the client. Finished
-chunks (every prefix of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun
-with the same ``--out``.
+(B'_k for k = a..b-1 on one chunk; the blocks cover k = 0..C) -> selection, GoodNet and reports
+on the client. Finished chunks (every prefix of them) are checkpointed in ``OUT/checkpoints``
+and read back by a rerun with the same ``--out``.
 """
 from __future__ import annotations
 
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
 
     Exit status 2: a bad input or flag, found before any work (nothing in --out is changed) or,
     for problems only a worker can see (NaN pixels in a chunk), during the sweep: then --out
-    keeps its results and gains at most the checkpoints of finished prefixes. Exit status 1: the
+    keeps its results and gains at most the checkpoints of finished chunks. Exit status 1: the
     run failed for another reason (a worker died, a file could not be written, a bug: one line
     ``error: internal error ...``, with the full traceback under --traceback). 130: interrupted.
     """
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
         print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
         return 0
     except KeyboardInterrupt:
-        print("interrupted; finished prefixes are kept in the output folder's checkpoints/",
+        print("interrupted; finished chunks are kept in the output folder's checkpoints/",
               file=sys.stderr)
         return 130
     except Exception as error:

@@ -154,7 +154,7 @@ def compute_chunk(split: SplitModel, set_name: str, start: int, stop: int,
     activations = predict_activations(split.base, images)
     changes = (activations != split.pruned_map).reshape(len(images), -1, split.channels).any(axis=1)
     if split.head is not None:
-        b_predictions = predict_classes(split.head, activations)
+        b_predictions = predict_classes(split.head, activations, HEAD_BATCH_ROWS)
     else:
         b_predictions = predict_classes(split.model, images)
     sums = activations.reshape(-1, split.channels).sum(axis=0, dtype=np.float64)

@@ -496,7 +496,7 @@ def test_nan_found_by_a_worker_is_one_line_and_keeps_previous_results(
     after = listing(out)
     if rel == "cl/valid.h5":  # fails before the first checkpoint: not a byte changes
         assert after == before
-    else:  # finished prefixes may be checkpointed for a rerun; nothing else changes
+    else:  # finished chunks may be checkpointed for a rerun; nothing else changes
         assert {k: v for k, v in after.items() if not k.startswith("checkpoints")} == \
             {k: v for k, v in before.items() if not k.startswith("checkpoints")}
 

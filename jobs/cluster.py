@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "slurm" / "jobqueue.yaml"
 RUNNER_TASKS = 3           # SLURMRunner: scheduler + client + at least one worker
+# TensorFlow's own thread pool uses all the cores for one task; a second task thread reads and
+# prepares the next chunk meanwhile. More would only hold more chunks in memory.
+TASK_THREADS = 2
 WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all workers to join
 
 _config = None
@@ -90,10 +93,10 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                             "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
     group.add_argument("--workers", type=int, default=1,
                        help="LocalCluster worker processes (default: 1)")
-    group.add_argument("--threads-per-worker", type=int, default=2,
-                       help="threads per worker with --single-node and --slurm-runner (default: 2: "
-                            "TensorFlow's own thread pool uses the cores; a second task thread "
-                            "reads and prepares the next chunk meanwhile)")
+    group.add_argument("--threads-per-worker", type=int,
+                       help="task threads per worker with --single-node and --slurm-runner "
+                            f"(default: {TASK_THREADS}, fewer when --workers would need more "
+                            "than this machine's cores)")
 
 
 def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str | None:
@@ -103,7 +106,7 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
         return ("say where to run: --single-node (this machine), --scheduler-address ADDR or "
                 "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
                 "from a login node), or submit slurm/sweep.sh")
-    if args.workers < 1 or args.threads_per_worker < 1:
+    if args.workers < 1 or (args.threads_per_worker is not None and args.threads_per_worker < 1):
         return "--workers and --threads-per-worker must be at least 1"
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
@@ -118,6 +121,17 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
         if shutil.which("sbatch") is None:
             return "--slurm-cluster submits worker jobs with sbatch, which is not on PATH here"
     return None
+
+
+def task_threads(args: argparse.Namespace, cores: int | None = None) -> int:
+    """Task threads per worker: --threads-per-worker, else TASK_THREADS within the cores
+    left to each local worker (a SLURM worker has its node's cores to itself)."""
+    if args.threads_per_worker is not None:
+        return args.threads_per_worker
+    if not args.single_node:
+        return TASK_THREADS
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(TASK_THREADS, cores // args.workers))
 
 
 def is_service_rank(args: argparse.Namespace) -> bool:
@@ -140,7 +154,7 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
         with _slurm_cluster_client(args) as client:
             yield client
     elif args.single_node:
-        with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads_per_worker,
+        with LocalCluster(n_workers=args.workers, threads_per_worker=task_threads(args),
                           processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             log.info("%s", dashboard_hint(client))
@@ -207,7 +221,7 @@ def _slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
     scheduler_options = {"dashboard_address": ":8787"}
     # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
     # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
-    worker_options = {"nthreads": args.threads_per_worker, "death_timeout": conf.get("death-timeout")}
+    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
     if conf.get("interface"):
         scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
     if conf.get("local-directory"):

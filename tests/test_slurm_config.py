@@ -176,3 +176,15 @@ def test_slurm_cluster_flag():
     with pytest.raises(SystemExit):
         parse(["--slurm-cluster", "2", "--single-node"])    # one place to run
     assert "--slurm-cluster" in cluster.check_cluster_arguments(parse([]))
+
+
+def test_task_threads_fit_the_cores():
+    # two per worker, unless local workers would then outnumber the cores; a flag wins
+    assert cluster.task_threads(parse(["--single-node"]), cores=2) == 2
+    assert cluster.task_threads(parse(["--single-node", "--workers", "2"]), cores=2) == 1
+    assert cluster.task_threads(parse(["--single-node", "--workers", "4"]), cores=2) == 1
+    assert cluster.task_threads(parse(["--single-node", "--workers", "2"]), cores=16) == 2
+    assert cluster.task_threads(parse(["--slurm-runner"]), cores=1) == 2   # a node of its own
+    assert cluster.task_threads(parse(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
+    assert "at least 1" in cluster.check_cluster_arguments(
+        parse(["--single-node", "--threads-per-worker", "0"]))

@@ -35,6 +35,7 @@ from typing import Iterator, Mapping
 from urllib.parse import urlsplit
 
 import dask
+import dask.system
 import yaml
 from distributed import Client, LocalCluster
 
@@ -130,7 +131,7 @@ def task_threads(args: argparse.Namespace, cores: int | None = None) -> int:
         return args.threads_per_worker
     if not args.single_node:
         return TASK_THREADS
-    cores = cores or os.cpu_count() or 1
+    cores = cores or dask.system.CPU_COUNT  # Dask's count honours CPU affinity and cgroup limits
     return max(1, min(TASK_THREADS, cores // args.workers))
 
 

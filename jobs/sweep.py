@@ -193,6 +193,8 @@ def main(argv=None) -> int:
                 return 0
         out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
         out.check_lock()
+        if not args.check:
+            cluster.prepare_local_workers(args)
         inputs = resolve_inputs(args)          # every input checked before any work
         if args.check:
             print(check_line(inputs, args, out))

@@ -51,9 +51,13 @@ def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):
     while len(list(checkpoints.glob("chunk-*.json"))) < 3:
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
         time.sleep(0.05)
-    # The workers are the descendants that hold TensorFlow and the data: the largest ones.
+    # The two workers are forked by the sweep's forkserver (a child of the sweep, as is
+    # multiprocessing's resource tracker): its only grandchildren. (The forkserver itself holds
+    # TensorFlow too, and may be larger than a worker.)
     descendants = psutil.Process(sweep.pid).children(recursive=True)
-    worker = max(descendants, key=lambda p: p.memory_info().rss)
+    workers = [p for p in descendants if p.ppid() != sweep.pid]
+    assert len(workers) == 2, [(p.pid, p.ppid()) for p in descendants]
+    worker = max(workers, key=lambda p: p.memory_info().rss)
     worker.kill()
     killed_at = len(list(checkpoints.glob("chunk-*.json")))
     log, _ = sweep.communicate(timeout=600)

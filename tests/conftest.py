@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -37,3 +38,11 @@ def assert_same_outputs(out: Path, reference: Path) -> None:
     for name in REPRODUCIBLE:
         assert (reference / name).is_file(), name
         assert (out / name).read_bytes() == (reference / name).read_bytes(), f"{name} differs"
+
+
+def cluster_args(argv: list[str]) -> argparse.Namespace:
+    """The "where to run" flags parsed as jobs.sweep parses them."""
+    from jobs import cluster
+    parser = argparse.ArgumentParser()
+    cluster.add_cluster_arguments(parser)
+    return parser.parse_args(argv)

@@ -1,12 +1,12 @@
 """--single-node's LocalCluster (real scheduler and worker processes): how its workers start."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import psutil
 
+from conftest import cluster_args
 from jobs import cluster
 
 
@@ -17,9 +17,7 @@ def started_with() -> tuple[int, list[str]]:
 
 
 def test_local_workers_are_forked_with_keras_and_our_tasks_loaded():
-    parser = argparse.ArgumentParser()
-    cluster.add_cluster_arguments(parser)
-    args = parser.parse_args(["--single-node", "--workers", "2"])
+    args = cluster_args(["--single-node", "--workers", "2"])
     cluster.prepare_local_workers(args)
     with cluster.open_client(args) as client:
         started = client.run(started_with)

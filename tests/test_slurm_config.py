@@ -1,7 +1,6 @@
 """SLURM settings without a cluster: the yaml in dask.config, the job scripts, the batch script."""
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 import dask
 import pytest
 
+from conftest import cluster_args
 from jobs import cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,14 +157,8 @@ def test_dashboard_hint_outside_slurm():
     assert "bokeh" in hint(None)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    cluster.add_cluster_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def test_slurm_runner_needs_a_job_step():
-    args = parse(["--slurm-runner"])
+    args = cluster_args(["--slurm-runner"])
     assert "sbatch slurm/sweep.sh" in cluster.check_cluster_arguments(args, env={})
     step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
     assert "at least 3" in cluster.check_cluster_arguments(args, env=step)
@@ -172,19 +166,19 @@ def test_slurm_runner_needs_a_job_step():
 
 
 def test_slurm_cluster_flag():
-    assert "at least 1" in cluster.check_cluster_arguments(parse(["--slurm-cluster", "0"]))
+    assert "at least 1" in cluster.check_cluster_arguments(cluster_args(["--slurm-cluster", "0"]))
     with pytest.raises(SystemExit):
-        parse(["--slurm-cluster", "2", "--single-node"])    # one place to run
-    assert "--slurm-cluster" in cluster.check_cluster_arguments(parse([]))
+        cluster_args(["--slurm-cluster", "2", "--single-node"])    # one place to run
+    assert "--slurm-cluster" in cluster.check_cluster_arguments(cluster_args([]))
 
 
 def test_task_threads_fit_the_cores():
     # two per worker, unless local workers would then outnumber the cores; a flag wins
-    assert cluster.task_threads(parse(["--single-node"]), cores=2) == 2
-    assert cluster.task_threads(parse(["--single-node", "--workers", "2"]), cores=2) == 1
-    assert cluster.task_threads(parse(["--single-node", "--workers", "4"]), cores=2) == 1
-    assert cluster.task_threads(parse(["--single-node", "--workers", "2"]), cores=16) == 2
-    assert cluster.task_threads(parse(["--slurm-runner"]), cores=1) == 2   # a node of its own
-    assert cluster.task_threads(parse(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
+    assert cluster.task_threads(cluster_args(["--single-node"]), cores=2) == 2
+    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=2) == 1
+    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "4"]), cores=2) == 1
+    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=16) == 2
+    assert cluster.task_threads(cluster_args(["--slurm-runner"]), cores=1) == 2   # a node of its own
+    assert cluster.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
     assert "at least 1" in cluster.check_cluster_arguments(
-        parse(["--single-node", "--threads-per-worker", "0"]))
+        cluster_args(["--single-node", "--threads-per-worker", "0"]))

@@ -34,6 +34,7 @@ import psutil  # noqa: E402
 
 from pruning.data import LAB_LAYOUT, lab_paths, open_lab_set, write_lab_h5  # noqa: E402
 from pruning.deepid import build_deepid  # noqa: E402
+from pruning.report import save_model  # noqa: E402
 
 LAB_ROWS = {"clean_valid": 11547, "poisoned_valid": 11547, "clean_test": 12830, "poisoned_test": 12830}
 
@@ -42,7 +43,7 @@ def make_inputs(folder: Path, scale: float, weights: str | None) -> Path:
     model = build_deepid()
     if weights:
         model.load_weights(weights)
-    model.save(folder / "bd_net.h5")
+    save_model(model, folder / "bd_net.h5")  # quiet: the lab's format is legacy .h5 on purpose
     rng = np.random.default_rng(0)
     for name, rel in LAB_LAYOUT.items():
         rows = max(1, int(LAB_ROWS[name] * scale))

@@ -147,6 +147,8 @@ def main() -> None:
               f"({seeds / wall_1:.0f}x faster), of which profile + prefixes {inside_1:.1f} s "
               f"({seeds / inside_1:.0f}x); peak memory {peak_1:.2f} GB")
         wall_2, peak_2, inside_2 = job_sweep(model_path, tmp / "data", tmp / "out2", workers=2)
+        if (tmp / "out1" / "results.csv").read_bytes() != (tmp / "out2" / "results.csv").read_bytes():
+            raise SystemExit("the 1- and 2-worker sweeps disagree: results.csv differs")
         print(f"our sweep, 2 workers: {wall_2:.1f} s wall, of which profile + prefixes "
               f"{inside_2:.1f} s (speed-up over 1 worker: {wall_1 / wall_2:.2f}x wall, "
               f"{inside_1 / inside_2:.2f}x profile + prefixes); peak memory {peak_2:.2f} GB")

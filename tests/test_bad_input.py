@@ -36,6 +36,7 @@ import jobs.cluster
 import jobs.sweep
 import pruning.data
 import tiny
+from conftest import REPO
 from jobs.outdir import Checkpoints, OutputFolder
 from pruning.prune import Counts
 from jobs.sweep import main
@@ -43,7 +44,6 @@ from pruning.data import InputError, LabSet, open_lab_set
 from pruning.goodnet import build_goodnet
 from pruning.prune import prune_conv_channels
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
 ROWS = (40, 30, 30, 30)  # clean valid, poisoned valid, clean test, poisoned test
 PAST = 1_600_000_000_000_000_000  # a previous run's files carry an old mtime (ns)
@@ -447,11 +447,11 @@ def test_command_line_prints_exactly_one_line_and_no_traceback(lab, tmp_path):
         argv = full_argv(CASES[case][0](lab, tmp), previous_run(tmp / "out"))
         target = Path(argv[argv.index("--out") + 1])
         runs[case] = (target, listing(target), subprocess.Popen(
-            [*command, *map(str, argv)], cwd=ROOT, env=env, text=True,
+            [*command, *map(str, argv)], cwd=REPO, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     check_out = tmp_path / "check" / "out"
     check = subprocess.Popen([*command, "--check", "--model", str(lab.model), "--data", str(lab.data),
-                              "--out", str(check_out)], cwd=ROOT, env=env, text=True,
+                              "--out", str(check_out)], cwd=REPO, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for case, (target, before, process) in runs.items():
         stdout, stderr = process.communicate(timeout=120)
@@ -670,7 +670,7 @@ def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
 
 
 def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_for_bad_input", ROOT / "scripts" / "eval.py")
+    spec = importlib.util.spec_from_file_location("eval_for_bad_input", REPO / "scripts" / "eval.py")
     eval_script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_script)
     data = data_with(lab, tmp_path, with_pixel(np.nan), "bd/bd_valid.h5")

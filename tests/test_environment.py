@@ -2,9 +2,8 @@
 import re
 import tomllib
 from importlib import metadata
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def pins(requirements) -> dict[str, str]:
@@ -17,14 +16,14 @@ def pins(requirements) -> dict[str, str]:
 
 
 def pyproject_pins() -> dict[str, str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
     assert all("==" in r for r in requirements), "every dependency is pinned exactly"
     return pins(requirements)
 
 
 def environment_pins() -> dict[str, str]:
-    lines = [line.strip()[2:] for line in (ROOT / "environment.yml").read_text().splitlines()
+    lines = [line.strip()[2:] for line in (REPO / "environment.yml").read_text().splitlines()
              if line.strip().startswith("- ") and "==" in line]
     return pins(lines)
 

@@ -22,17 +22,16 @@ import numpy as np
 import pytest
 
 import tiny
+from conftest import REPO
 from pruning.data import write_lab_h5
 from pruning.deepid import build_deepid
 from pruning.goodnet import build_goodnet, goodnet_predictions
 from pruning.prune import predict_classes, prune_conv_channels
-
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES, TARGET = 10, 3
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -172,7 +171,7 @@ def test_bad_input_is_one_error_line(lab, capsys, tmp_path, case):
 def test_script_run_by_path_shows_no_traceback(lab):
     """As a user runs it: a lab data file given as the model, which loads TensorFlow first."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run([sys.executable, "scripts/eval.py", *lab.sets, lab.sets[0]], cwd=ROOT,
+    done = subprocess.run([sys.executable, "scripts/eval.py", *lab.sets, lab.sets[0]], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr

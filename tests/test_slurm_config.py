@@ -6,16 +6,13 @@ import re
 import shlex
 import signal
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import dask
 import pytest
 
-from conftest import cluster_args
+from conftest import REPO, cluster_args
 from jobs import cluster
-
-REPO = Path(__file__).resolve().parent.parent
 SWEEP_SH = REPO / "slurm" / "sweep.sh"
 
 

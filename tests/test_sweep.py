@@ -3,7 +3,6 @@ LocalCluster, real worker processes), checked against naive literal pruning."""
 import json
 import re
 
-import h5py
 import keras
 import numpy as np
 import pandas as pd

@@ -7,7 +7,6 @@ weights-only file for a built-in architecture. Workers load B themselves from a
 from __future__ import annotations
 
 import functools
-import os
 import re
 import warnings
 from dataclasses import dataclass

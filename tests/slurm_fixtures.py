@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 from conftest import REPO
+
 SLURM_LOCAL = REPO / "scripts" / "slurm_local.sh"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "PREEMPTED", "BOOT_FAIL", "DEADLINE"}

@@ -14,7 +14,7 @@ def test_bench_runs_every_part_and_prints_its_figures():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
-    assert "legacy" not in done.stdout + done.stderr  # Keras's warning on saving the lab's .h5
+    assert "legacy" not in out + done.stderr  # Keras's warning on saving the lab's .h5
     assert re.search(r"^seeds' loop: [\d.]+ s per prefix before our core, [\d.]+ s after", out, re.M)
     assert re.search(r"^our sweep, core in one process: [\d.]+ s  \(\d+x faster\)", out, re.M)
     peaks = [float(gb) for gb in re.findall(r"peak memory ([\d.]+) GB", out)]

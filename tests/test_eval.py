@@ -27,6 +27,7 @@ from pruning.data import write_lab_h5
 from pruning.deepid import build_deepid
 from pruning.goodnet import build_goodnet, goodnet_predictions
 from pruning.prune import predict_classes, prune_conv_channels
+
 CLASSES, TARGET = 10, 3
 
 

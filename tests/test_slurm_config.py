@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, cluster_args
 from jobs import cluster
+
 SWEEP_SH = REPO / "slurm" / "sweep.sh"
 
 

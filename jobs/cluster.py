@@ -149,7 +149,14 @@ def prepare_local_workers(args: argparse.Namespace) -> None:
         import multiprocessing.forkserver  # POSIX only
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["distributed", "jobs.tasks"])
-        multiprocessing.forkserver.ensure_running()
+        # Ctrl-C in a terminal interrupts every process of its group. Only this one should act
+        # on it (closing the cluster in order, one line on stderr); an ignored SIGINT survives
+        # exec, so the fork server and the workers forked from it keep ignoring it.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def is_service_rank(args: argparse.Namespace) -> bool:
@@ -173,9 +180,12 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
             yield client
     elif args.single_node:
         with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
-                LocalCluster(n_workers=args.workers, threads_per_worker=task_threads(args),
-                             processes=True, dashboard_address=":0") as cluster, \
-                Client(cluster) as client:
+                interrupt_held() as interrupted:
+            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=task_threads(args),
+                                   processes=True, dashboard_address=":0")
+        with cluster, Client(cluster) as client:
+            if interrupted:
+                raise KeyboardInterrupt  # now that the cluster can be closed in order
             log.info("%s", dashboard_hint(client))
             yield client
     elif args.scheduler_file:
@@ -186,6 +196,26 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
         with Client(args.scheduler_address) as client:
             log.info("%s", dashboard_hint(client))
             yield client
+
+
+@contextlib.contextmanager
+def interrupt_held() -> Iterator[list]:
+    """Hold Ctrl-C while a LocalCluster starts: interrupted half-way, it cannot be closed, and
+    Dask's clean-up at exit prints tracebacks. The list it yields is non-empty if Ctrl-C came;
+    the caller raises KeyboardInterrupt once the cluster is up."""
+    received = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    except ValueError:  # not the main thread, where signals are not delivered anyway
+        previous = _NOT_SET
+    try:
+        yield received
+    finally:
+        if previous is not _NOT_SET:
+            signal.signal(signal.SIGINT, previous)
+
+
+_NOT_SET = object()
 
 
 def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None) -> str:

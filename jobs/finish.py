@@ -10,6 +10,7 @@ from pathlib import Path
 from pruning.backend import keras
 import pandas as pd
 
+from jobs.outdir import GOODNET_NAME, MODEL_NAME, remove_stale_models
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.prune import Counts, prune_conv_channels
 from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, write_csv,
@@ -60,12 +61,12 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
             goodnet_rows.append({"threshold": threshold, "channels_pruned": None})
             continue
         pruned = prune_conv_channels(bd_model, inputs.conv, channels[:k])
-        save_model(pruned, out / f"model_X={label}.h5")
+        save_model(pruned, out / MODEL_NAME.format(label))
         # Keras numbers unnamed ops per process; reset so G's file does not depend on what
         # ran before it (a resumed run, a SLURM run and a local run give the same bytes).
         keras.backend.clear_session()
-        save_model(build_goodnet(bd_model, pruned), out / f"goodnet_X={label}.keras")
-        written += [f"model_X={label}.h5", f"goodnet_X={label}.keras"]
+        save_model(build_goodnet(bd_model, pruned), out / GOODNET_NAME.format(label))
+        written += [MODEL_NAME.format(label), GOODNET_NAME.format(label)]
         sets = prefixes[k]
         scores = goodnet_scores(sets["clean_test"], sets["poisoned_test"])
         goodnet_rows.append({"threshold": threshold, "channels_pruned": k, **scores})
@@ -80,7 +81,9 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
     written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
     timings = dict(timings, outputs_s=time.perf_counter() - started)
     write_json(out / "manifest.json", manifest(inputs, args, selected, timings))
-    return written + ["manifest.json"]
+    written.append("manifest.json")
+    remove_stale_models(out, written)
+    return written
 
 
 def manifest(inputs, args, selected, timings) -> dict:

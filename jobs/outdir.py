@@ -292,10 +292,30 @@ def first_line(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {lines[0][:160] if lines else ''}"
 
 
+# Per threshold X, B' and G; formatted with the threshold's label (pruning.select).
+MODEL_NAME = "model_X={}.h5"
+GOODNET_NAME = "goodnet_X={}.keras"
+
+
 def output_names(thresholds) -> tuple[str, ...]:
     """The files jobs.finish writes into the output folder for these thresholds."""
     from pruning.select import is_valid_threshold, threshold_label
     labels = [threshold_label(t) for t in thresholds if is_valid_threshold(t)]
     return ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json",
-            *(f"model_X={label}.h5" for label in labels),
-            *(f"goodnet_X={label}.keras" for label in labels))
+            *(MODEL_NAME.format(label) for label in labels),
+            *(GOODNET_NAME.format(label) for label in labels))
+
+
+def remove_stale_models(folder: Path, written) -> list[str]:
+    """Remove the B' and G files that this run did not write: an earlier run's, for other
+    thresholds (or for one this run did not reach). The folder then holds exactly the models
+    that goodnet.csv and manifest.json describe. Returns the names removed."""
+    stale = sorted(path.name for name in (MODEL_NAME, GOODNET_NAME)
+                   for path in folder.glob(name.format("*"))
+                   if path.name not in written and path.is_file())
+    for name in stale:
+        (folder / name).unlink(missing_ok=True)
+    if stale:
+        log.info("removed %s: an earlier run's models, for thresholds this run did not select",
+                 ", ".join(stale))
+    return stale

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from jobs import cluster, finish
 from jobs.inputs import QuietInputErrors, SweepInputs, resolve_inputs
-from jobs.outdir import Checkpoints, OutputFolder, output_names
+from jobs.outdir import CHECKPOINTS, Checkpoints, OutputFolder, output_names
 from jobs.tasks import activations_task, evaluate_prefixes_task, profile_task
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
@@ -204,8 +204,7 @@ def main(argv=None) -> int:
         print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
         return 0
     except KeyboardInterrupt:
-        print("interrupted; finished chunks are kept in the output folder's checkpoints/",
-              file=sys.stderr)
+        print(interrupted_line(args), file=sys.stderr)
         return 130
     except Exception as error:
         if args is not None and args.traceback and not isinstance(error, InputError):
@@ -213,6 +212,16 @@ def main(argv=None) -> int:
         message, status = explain(error, args)
         print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
         return status
+
+
+def interrupted_line(args) -> str:
+    """What an interrupted run leaves to resume from: its finished chunks, if any."""
+    folder = Path(args.out) / CHECKPOINTS if args is not None else None
+    kept = len(list(folder.glob("chunk-*.json"))) if folder is not None and folder.is_dir() else 0
+    if kept:
+        return (f"interrupted; {folder} holds {kept} finished chunks of rows: the same command "
+                "resumes from them")
+    return "interrupted before any chunk of rows was finished; --out is as it was"
 
 
 def explain(error: Exception, args) -> tuple[str, int]:

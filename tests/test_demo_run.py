@@ -1,5 +1,8 @@
-"""The sweep on the embedded demo as a user runs it, and surviving a lost worker (LocalCluster)."""
+"""The sweep on the embedded demo as a user runs it, and surviving a lost worker or Ctrl-C
+(LocalCluster)."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,6 +12,7 @@ import psutil
 import pytest
 
 from conftest import REPO, assert_same_outputs
+from jobs.sweep import main
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +68,42 @@ def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):
     assert sweep.returncode == 0, log[-3000:]
     assert killed_at < len(list(checkpoints.glob("chunk-*.json"))), "the kill came after the last chunk"
     assert_same_outputs(out, demo_run)
+
+
+def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(demo, demo_run, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--model", demo.model, "--data", demo.data_dir, "--out", str(out), "--single-node",
+            "--chunk-rows", "64"]
+    # Its own process group, which a terminal's Ctrl-C signals as a whole: workers included.
+    sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", *argv], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    checkpoints = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("chunk-*.json")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before Ctrl-C"
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    kept = len(list(checkpoints.glob("chunk-*.json")))
+    assert err.splitlines()[-1] == (f"interrupted; {checkpoints} holds {kept} finished chunks of "
+                                    "rows: the same command resumes from them")
+    time.sleep(1)  # the fork server and workers went with the run
+    assert not live_processes(group=sweep.pid)
+    assert main(argv) == 0
+    assert_same_outputs(out, demo_run)
+
+
+def live_processes(group: int) -> list:
+    """The processes of a process group that still run (not zombies left for an init that may
+    not reap them)."""
+    found = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import psutil
@@ -25,3 +26,11 @@ def test_local_workers_are_forked_with_keras_and_our_tasks_loaded():
     for parent, loaded in started.values():
         assert loaded == ["jobs.tasks", "keras"]
         assert parent != os.getpid() and "forkserver" in " ".join(psutil.Process(parent).cmdline())
+
+
+def test_ctrl_c_while_a_cluster_starts_is_held_until_it_can_be_closed():
+    before = signal.getsignal(signal.SIGINT)
+    with cluster.interrupt_held() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, but held: no KeyboardInterrupt
+        assert interrupted
+    assert signal.getsignal(signal.SIGINT) is before

@@ -2,6 +2,7 @@
 LocalCluster, real worker processes), checked against naive literal pruning."""
 import json
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -142,3 +143,19 @@ def test_a_second_run_on_a_held_output_folder_is_refused(run, capsys):
         assert main(argv) == 2
     err = capsys.readouterr().err
     assert "in use by a running sweep" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_rerun_with_other_thresholds_leaves_only_its_own_models(run, tmp_path):
+    _, out, argv = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "notes.txt").write_text("mine")  # not ours: kept
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(copy)
+    argv = argv[:argv.index("--thresholds")] + ["--thresholds", "4", "99"]  # they come last
+    assert main(argv) == 0
+    models = {p.name for p in copy.iterdir() if p.name.startswith(("model_X=", "goodnet_X="))}
+    assert models == {"model_X=4.h5", "goodnet_X=4.keras"}  # X=2's are gone, X=99 is unreached
+    assert (copy / "model_X=4.h5").read_bytes() == (out / "model_X=4.h5").read_bytes()
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert json.loads((copy / "manifest.json").read_text())["selected"].keys() == {"4", "99"}

@@ -70,11 +70,12 @@ def set_paths(args) -> dict[str, str]:
     return given
 
 
-def check_thresholds(thresholds) -> None:
+def check_thresholds(thresholds, relative: bool = False) -> None:
     bad = [t for t in thresholds if not is_valid_threshold(t)]
     if bad:
+        unit = "percent of B's validation accuracy" if relative else "points"
         raise InputError(f"--thresholds {' '.join(f'{t:g}' for t in bad)}: each must be a "
-                         "number of points from 0 to below 100, e.g. --thresholds 2 4 10")
+                         f"number of {unit} from 0 to below 100, e.g. --thresholds 2 4 10")
 
 
 def resolve_inputs(args) -> SweepInputs:
@@ -83,7 +84,7 @@ def resolve_inputs(args) -> SweepInputs:
     Cheap checks come first (flags, then that every set file opens as HDF5) so that a typo
     fails in a moment, before the model is loaded.
     """
-    check_thresholds(args.thresholds)
+    check_thresholds(args.thresholds, args.relative)
     demo = not (args.model or args.weights or args.data
                 or any(getattr(args, name) for name in SET_NAMES))
     if demo:

@@ -99,7 +99,7 @@ def read_pixels(data: h5py.Dataset, start: int, stop: int, path: str) -> np.ndar
         images = np.asarray(data[start:stop], dtype=np.float32)
     if not np.isfinite(images).all():
         bad = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
-        raise InputError(f"{path}: NaN or infinite pixels in row {bad} (rows {start}-{stop}); "
+        raise InputError(f"{path}: NaN or infinite pixels in row {bad} (counting from 0); "
                          "pixels must be finite 0-255 values")
     return images
 

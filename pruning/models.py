@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,15 +43,24 @@ class ModelSpec:
         return load_cached(self)
 
 
-def load_model(spec: ModelSpec) -> keras.Model:
-    """Load B from ``spec``, with one-line :class:`InputError` messages for bad files."""
+@dataclass(frozen=True)
+class ModelFlags:
+    """How a command line asks for each kind of model file, for its error messages."""
+
+    full_model: str = "--model PATH"
+    weights: str = "--weights PATH --arch deepid"
+
+
+def load_model(spec: ModelSpec, flags: ModelFlags = ModelFlags()) -> keras.Model:
+    """Load B from ``spec``, with one-line :class:`InputError` messages for bad files that
+    name the command line's ``flags``."""
     with warnings.catch_warnings():  # Keras warns line by line about mismatched files
         warnings.simplefilter("ignore")
-        return _load_model(spec)
+        return _load_model(spec, flags)
 
 
-def _load_model(spec: ModelSpec) -> keras.Model:
-    model = _read_model(spec)
+def _load_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
+    model = _read_model(spec, flags)
     for weight in model.weights:  # a few MB: cheap, and garbage in would be garbage out
         if not np.isfinite(keras.ops.convert_to_numpy(weight.value)).all():
             raise InputError(f"{spec.path}: the weight {weight.path} holds NaN or infinite "
@@ -58,7 +68,7 @@ def _load_model(spec: ModelSpec) -> keras.Model:
     return model
 
 
-def _read_model(spec: ModelSpec) -> keras.Model:
+def _read_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
     path = check_file(spec.path, "weights" if spec.weights_only else "model", "the model file")
     if is_data_set(path):
         raise InputError(f"{path} is a data set ('data' and 'label'), not a model; check the "
@@ -69,21 +79,20 @@ def _read_model(spec: ModelSpec) -> keras.Model:
         if path.suffix not in (".h5", ".hdf5", ".keras"):
             raise InputError(f"weights {path}: a weights file must be a .h5 (or .weights.h5) "
                              "or .keras file")
-        if path.suffix != ".keras":
-            check_hdf5(path, "weights")
+        check_file_format(path, "weights")
         model = ARCHITECTURES[spec.arch](classes=spec.classes)
         try:
             model.load_weights(path)
         except Exception as error:  # Keras raises many types for a mismatched file
             raise InputError(f"{path}: these weights do not fit --arch {spec.arch} with "
                              f"--classes {spec.classes} ({weights_mismatch(error)}); check "
-                             "--arch and --classes, or give a full model with --model") from None
+                             f"--arch and --classes, or give a full model ({flags.full_model})") from None
         return model
     if path.suffix not in (".h5", ".hdf5", ".keras"):
         raise InputError(f"{path}: a full model must be a .h5 or .keras file "
-                         "(for weights only, use --weights)")
+                         f"(for weights only, use {flags.weights})")
+    check_file_format(path, "model")
     if path.suffix != ".keras":
-        check_hdf5(path, "model")
         if not (has_model_config(path) or is_weights_only(path)):
             raise InputError(f"{path} is an HDF5 file but holds no Keras model (no model_config); "
                              "give the model file")
@@ -91,12 +100,35 @@ def _read_model(spec: ModelSpec) -> keras.Model:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
         hint = ("; it holds weights only: load it as weights for an architecture "
-                "(jobs.sweep --weights PATH --arch deepid)" if is_weights_only(path) else "")
+                f"({flags.weights})" if is_weights_only(path) else "")
         raise InputError(f"{path} cannot be loaded as a Keras model "
                          f"({first_line(error)}){hint}") from None
     if not isinstance(model, keras.Model):
         raise InputError(f"{path} holds a {type(model).__name__}, not a Keras model")
     return model
+
+
+def check_file_format(path: Path, what: str) -> None:
+    """A one-line error for a model or weights file that is not what its suffix says, or is
+    truncated or damaged."""
+    if path.suffix == ".keras":
+        check_keras_zip(path, what)
+    else:
+        check_hdf5(path, what)
+
+
+def check_keras_zip(path: Path, what: str) -> None:
+    """A ``.keras`` file is a zip archive whose directory is at its end: a cut-off copy loses
+    it, and Keras would then say the file is not found."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as handle:
+        started_as_zip = handle.read(4) == b"PK\x03\x04"
+    if started_as_zip:
+        raise InputError(f"{what} {path} is truncated (a .keras file is a zip archive, and this "
+                         "one has no end): it was not completely copied or written; copy it again")
+    raise InputError(f"{what} {path} is not a .keras file (a zip archive); is it truncated or "
+                     "another format?")
 
 
 def check_hdf5(path: Path, what: str) -> None:
@@ -154,6 +186,11 @@ def weights_mismatch(error: BaseException) -> str:
         variable = re.search(r"Variable path=([^,\s]+)", text)
         return (f"{variable.group(1) if variable else 'a weight'} is {shapes.group(1)} in the "
                 f"architecture but {shapes.group(2)} in the file")
+    legacy = re.search(r"for weight (\S+)\. Weight expects shape (\([^)]*\))\. Received saved "
+                       r"weight with shape (\([^)]*\))", text)  # a Keras 2 weights file
+    if legacy:
+        return (f"{legacy.group(1)} is {legacy.group(2)} in the architecture but "
+                f"{legacy.group(3)} in the file")
     return " ".join(text.split())[:200] or error.__class__.__name__
 
 

@@ -2,7 +2,7 @@
 
     python scripts/eval.py data/cl/valid.h5 data/bd/bd_valid.h5 models/bd_net.h5
     python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_weights.h5 --arch deepid --classes 1283
-    python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_net.h5 --bprime repaired_X=10.h5
+    python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_net.h5 --bprime results/model_X=10.h5
     python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 results/goodnet_X=10.keras
 
 Prints the lab's lines ``Clean Classification accuracy: X`` and ``Attack Success Rate: Y``
@@ -63,13 +63,15 @@ def parse_args(argv) -> argparse.Namespace:
 
 def load(path: str, args):
     """A model from ``path``: full model, or weights for ``--arch`` (forced or detected)."""
-    from pruning.models import ModelSpec, is_weights_only, load_model
+    from pruning.models import ModelFlags, ModelSpec, is_weights_only, load_model
     weights_only = args.weights_only or (Path(path).suffix != ".keras" and Path(path).is_file()
                                          and is_weights_only(Path(path)))
     with warnings.catch_warnings():  # Keras warns line by line about mismatched files
         warnings.simplefilter("ignore")
         model = load_model(ModelSpec(path, weights_only=weights_only, arch=args.arch,
-                                     classes=args.classes))
+                                     classes=args.classes),
+                           ModelFlags(full_model="as MODEL, without --weights-only",
+                                      weights="--weights-only, with --arch and --classes"))
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or None in model.inputs[0].shape[1:]:
         raise InputError(f"{path}: the model must take one batch of H x W x C images")
     return model
@@ -119,6 +121,9 @@ def run(args) -> list[str]:
         if poisoned_class is not None:
             raise InputError(f"{args.model} is already a GoodNet; give B itself with --bprime")
         bprime = load(args.bprime, args)
+        if is_goodnet(bprime):
+            raise InputError(f"--bprime {args.bprime} is a GoodNet; give the pruned model B' "
+                             "(model_X=....h5 in the sweep's output folder)")
         if output_width(bprime) != width or bprime.inputs[0].shape[1:] != model.inputs[0].shape[1:]:
             raise InputError(f"--bprime {args.bprime} has {output_width(bprime)} outputs and input "
                              f"{tuple(bprime.inputs[0].shape[1:])}, but MODEL has {width} and "

@@ -132,14 +132,26 @@ def test_bprime_that_is_not_b_pruned_is_refused(lab, capsys, tmp_path):
         assert (status, lines) == (2, []) and err.startswith("error: ") and words in err
 
 
-BAD_CASES = ["missing set", "set not HDF5", "set is a folder", "missing model", "model is a folder",
-             "model not HDF5", "missing bprime", "wrong image size", "labels out of range",
-             "weights do not fit", "no arguments", "unknown option", "bad chunk rows"]
+# case -> words the error line must hold (the flags it names are eval.py's own)
+BAD_CASES = {
+    "missing set": ["nope.h5"], "set not HDF5": ["notes.h5"], "set is a folder": ["folder"],
+    "missing model": ["nope.keras"], "model is a folder": ["is a directory"],
+    "model not HDF5": ["not an HDF5 file"], "missing bprime": ["--bprime", "nope.h5"],
+    "wrong image size": ["small.h5"], "labels out of range": ["labels.h5"],
+    "weights do not fit": ["give a full model (as MODEL, without --weights-only)"],
+    "model not a full model file": ["for weights only, use --weights-only"],
+    "model .keras truncated": ["truncated", "copy it again"],
+    "bprime is a GoodNet": ["is a GoodNet; give the pruned model B'"],
+    "no arguments": ["required"], "unknown option": ["--bogus"], "bad chunk rows": ["--chunk-rows"],
+}
 
 
 def bad_inputs(lab, tmp: Path) -> dict[str, list]:
     """Command lines for each of BAD_CASES."""
     (tmp / "notes.h5").write_text("not HDF5")
+    (tmp / "notes.txt").write_text("not a model")
+    truncated_keras = tmp / "cut.keras"
+    truncated_keras.write_bytes((lab.folder / "bd_net.keras").read_bytes()[:5000])
     (tmp / "folder").mkdir(exist_ok=True)
     write_lab_h5(tmp / "small.h5", np.zeros((3, 32, 32, 3)), [0, 1, 2])
     write_lab_h5(tmp / "labels.h5", lab.clean[:3], [0, 1, 99])
@@ -156,6 +168,9 @@ def bad_inputs(lab, tmp: Path) -> dict[str, list]:
         "wrong image size": [tmp / "small.h5", poisoned, model],
         "labels out of range": [tmp / "labels.h5", poisoned, model],
         "weights do not fit": [clean, poisoned, lab.folder / "pruned.keras", "--weights-only"],
+        "model not a full model file": [clean, poisoned, tmp / "notes.txt"],
+        "model .keras truncated": [clean, poisoned, truncated_keras],
+        "bprime is a GoodNet": [clean, poisoned, model, "--bprime", lab.folder / "goodnet.keras"],
         "no arguments": [],
         "unknown option": [clean, poisoned, model, "--bogus"],
         "bad chunk rows": [clean, poisoned, model, "--chunk-rows", "0"],
@@ -167,6 +182,8 @@ def test_bad_input_is_one_error_line(lab, capsys, tmp_path, case):
     status, lines, err = run_eval(capsys, *bad_inputs(lab, tmp_path)[case])
     assert (status, lines) == (2, [])
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert all(words in err for words in BAD_CASES[case]), err
+    assert "--model" not in err and "--weights " not in err, err  # jobs.sweep's flags, not ours
 
 
 def test_script_run_by_path_shows_no_traceback(lab):

@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pruning.data import write_lab_h5  # noqa: E402
+from pruning.data import InputError, write_lab_h5  # noqa: E402
 from pruning.deepid import LAB_CLASSES  # noqa: E402
 from pruning.goodnet import build_goodnet, goodnet_predictions, goodnet_scores  # noqa: E402
 from pruning.models import ModelSpec, choose_layer, is_weights_only, load_model, output_tensor  # noqa: E402
@@ -112,6 +112,12 @@ def test_weights_only_files_load_into_deepid(relative, bd_net):
     if relative.startswith("csaw2020/"):  # the competition's nets are other BadNets than lab3's
         assert not np.array_equal(model.get_layer("fc_1").get_weights()[0],
                                   bd_net.get_layer("fc_1").get_weights()[0])
+
+
+def test_lab_weights_with_the_wrong_class_count_name_the_mismatch():
+    with pytest.raises(InputError) as error:
+        load_model(ModelSpec(str(B_WEIGHTS), weights_only=True, classes=12))
+    assert "(output/kernel is (160, 12) in the architecture but (160, 1283) in the file)" in str(error.value)
 
 
 @pytest.mark.parametrize("name,pruned", REPAIRED.items())

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pruning.data import lab_paths, write_lab_h5
+from pruning.report import save_model
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _build(folder: Path, seed: int, config: _Config = _Config()) -> dict:
              seed, n_train, len(poisoned), n_eval)
 
     model = _train(x_train, y_train, poisoned, config, seed)
-    model.save(folder / MODEL_FILE)
+    save_model(model, folder / MODEL_FILE)  # the same bytes on every build of the same seed
     x_test, y_test = images[n_train + n_eval:], labels[n_train + n_eval:]
     x_poisoned = wear_glasses(x_test[y_test != TARGET])
     predicted = model.predict(np.concatenate([x_test, x_poisoned]), batch_size=256,

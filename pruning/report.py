@@ -73,7 +73,8 @@ def save_model(model, path: str | os.PathLike) -> None:
 
 
 def _strip_save_date(path: Path) -> None:
-    """Keras stamps the save time into a .keras zip; drop it so equal models give equal bytes."""
+    """Keras stamps the save time into a .keras zip, and numbers objects that layers share by
+    their memory address; drop the one and renumber the other, so equal models give equal bytes."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(buffer, "w") as target:
         for item in source.infolist():
@@ -82,9 +83,23 @@ def _strip_save_date(path: Path) -> None:
                 metadata = json.loads(data)
                 metadata.pop("date_saved", None)
                 data = json.dumps(metadata).encode()
+            elif item.filename == "config.json" and b"shared_object_id" in data:
+                data = json.dumps(_renumber_shared_objects(json.loads(data), {})).encode()
             target.writestr(zipfile.ZipInfo(item.filename, date_time=(1980, 1, 1, 0, 0, 0)),
                             data, compress_type=item.compress_type)
     path.write_bytes(buffer.getvalue())
+
+
+def _renumber_shared_objects(config, numbers: dict):
+    """``config`` with each ``shared_object_id`` replaced by 1, 2, ... in order of first use."""
+    if isinstance(config, list):
+        return [_renumber_shared_objects(item, numbers) for item in config]
+    if not isinstance(config, dict):
+        return config
+    renumbered = {key: _renumber_shared_objects(value, numbers) for key, value in config.items()}
+    if "shared_object_id" in config:
+        renumbered["shared_object_id"] = numbers.setdefault(config["shared_object_id"], len(numbers) + 1)
+    return renumbered
 
 
 @contextlib.contextmanager

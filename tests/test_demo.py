@@ -147,6 +147,8 @@ def test_same_seed_builds_the_same_badnet(tmp_path):
         for a, b in zip(read_set(lab_paths(tmp_path / "a")[name]),
                         read_set(lab_paths(tmp_path / "b")[name])):
             np.testing.assert_array_equal(a, b)
+    # the same bytes: manifest.json's sha256 of the demo model depends on its weights alone
+    assert (tmp_path / "a" / "bd_net.keras").read_bytes() == (tmp_path / "b" / "bd_net.keras").read_bytes()
     images, _ = read_set(lab_paths(tmp_path / "a")["clean_test"])
     np.testing.assert_array_equal(predict(str(tmp_path / "a" / "bd_net.keras"), images),
                                   predict(str(tmp_path / "b" / "bd_net.keras"), images))

@@ -12,7 +12,8 @@ import pandas as pd
 
 from jobs.outdir import GOODNET_NAME, MODEL_NAME, remove_stale_models
 from pruning.goodnet import build_goodnet, goodnet_scores
-from pruning.prune import Counts, prune_conv_channels
+from pruning.counts import Counts
+from pruning.prune import prune_conv_channels
 from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, write_csv,
                             write_json)
 from pruning.select import select_prefixes, threshold_label

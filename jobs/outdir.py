@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from pruning.data import InputError
-from pruning.prune import Counts
+from pruning.counts import Counts
 from pruning.report import write_csv, write_json
 
 log = logging.getLogger(__name__)

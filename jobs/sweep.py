@@ -22,18 +22,24 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distributed import as_completed
 from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
-from jobs import cluster, finish
-from jobs.inputs import QuietInputErrors, SweepInputs, resolve_inputs
+from jobs import cluster
 from jobs.outdir import CHECKPOINTS, Checkpoints, OutputFolder, output_names
-from jobs.tasks import activations_task, evaluate_prefixes_task, profile_task
+from pruning.counts import Counts
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
-from pruning.prune import Counts
+
+# What loads TensorFlow (jobs.inputs, jobs.tasks, jobs.finish) is imported where it is used,
+# after the command line is read: --help and a mistyped flag answer at once, the fork server of
+# --single-node starts importing it alongside this process, and Ctrl-C during the import is
+# handled like any other.
+if TYPE_CHECKING:
+    from jobs.inputs import SweepInputs
 
 log = logging.getLogger("jobs.sweep")
 PREFIXES_PER_TASK = 64  # the lab's 61 prefixes in one task per chunk; 2,048 channels in 33
@@ -99,6 +105,8 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     tasks as soon as its activations exist and then frees them, so memory stays flat as the
     data grows, and a rerun skips finished chunks entirely, base pass included.
     """
+    from jobs.tasks import activations_task, evaluate_prefixes_task, profile_task
+
     started = time.perf_counter()
     spec, conv, read = inputs.spec, inputs.conv, inputs.read
     ranges = {(name, i): bounds for name, lab_set in inputs.sets.items()
@@ -152,6 +160,9 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
+    from jobs import finish
+    from jobs.inputs import QuietInputErrors
+
     with out.locked(), ThreadPoolExecutor(1) as background:
         # sha256 of every input (about a second per GB) while the cluster starts
         fingerprint = background.submit(inputs.fingerprint)
@@ -195,6 +206,7 @@ def main(argv=None) -> int:
         out.check_lock()
         if not args.check:
             cluster.prepare_local_workers(args)
+        from jobs.inputs import resolve_inputs
         inputs = resolve_inputs(args)          # every input checked before any work
         if args.check:
             print(check_line(inputs, args, out))

@@ -11,7 +11,8 @@ import numpy as np
 
 from pruning.data import LabSet
 from pruning.models import ModelSpec
-from pruning.prune import Chunk, Counts, SplitModel, compute_chunk, evaluate_prefixes, split_model
+from pruning.counts import Counts
+from pruning.prune import Chunk, SplitModel, compute_chunk, evaluate_prefixes, split_model
 
 
 _loading = threading.Lock()  # a worker's task threads build B's split once, not once each

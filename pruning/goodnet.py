@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from pruning.models import output_tensor
-from pruning.prune import Counts
+from pruning.counts import Counts
 
 
 def build_goodnet(bd_model: keras.Model, pruned_model: keras.Model) -> keras.Model:

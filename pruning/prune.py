@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pruning.backend import keras
 import numpy as np
 
+from pruning.counts import Counts, tally
 from pruning.models import output_tensor
 
 BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
@@ -103,34 +104,6 @@ def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
     pruned_map = predict_activations(pruned_base, probe)[0]
     pruned_class = None if head is None else int(predict_classes(head, pruned_map[None])[0])
     return SplitModel(model, conv, read, base, head, pruned_map, pruned_class)
-
-
-@dataclass
-class Counts:
-    """Tallies over a set for one prefix; G's scores follow from them (see pruning.goodnet).
-
-    ``correct``: B'_k predicts the label. ``agree_correct``: B'_k and B agree and predict the
-    label (so G predicts it). ``disagree``: B'_k and B differ (G answers "poisoned").
-    """
-
-    rows: int = 0
-    correct: int = 0
-    agree_correct: int = 0
-    disagree: int = 0
-
-    def __add__(self, other: "Counts") -> "Counts":
-        return Counts(self.rows + other.rows, self.correct + other.correct,
-                      self.agree_correct + other.agree_correct, self.disagree + other.disagree)
-
-    def percent(self, name: str) -> float:
-        # share first, then percent: the lab's np.mean(...) * 100, to the last bit
-        return getattr(self, name) / self.rows * 100.0 if self.rows else float("nan")
-
-
-def tally(predictions: np.ndarray, b_predictions: np.ndarray, labels: np.ndarray) -> Counts:
-    correct = predictions == labels
-    agree = predictions == b_predictions
-    return Counts(len(labels), int(correct.sum()), int((correct & agree).sum()), int((~agree).sum()))
 
 
 @dataclass

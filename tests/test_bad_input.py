@@ -33,13 +33,14 @@ from hypothesis import strategies as st
 from keras import layers
 
 import jobs.cluster
-import jobs.sweep
+import jobs.inputs
+import jobs.tasks
 import pruning.data
 import tiny
 from conftest import REPO
 from jobs.outdir import Checkpoints, OutputFolder
-from pruning.prune import Counts
 from jobs.sweep import main
+from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set
 from pruning.goodnet import build_goodnet
 from pruning.prune import prune_conv_channels
@@ -425,7 +426,7 @@ def test_an_unexpected_error_is_one_line_with_status_1(lab, out, capsys, monkeyp
     def broken(args):
         raise RuntimeError("something\nunforeseen")
 
-    monkeypatch.setattr(jobs.sweep, "resolve_inputs", broken)
+    monkeypatch.setattr(jobs.inputs, "resolve_inputs", broken)
     before = listing(out)
     status, stdout, err = sweep(capsys, [*model_args(lab), "--data", lab.data, "--single-node", "--out", out])
     assert (status, stdout) == (1, "")
@@ -468,6 +469,16 @@ def test_command_line_prints_exactly_one_line_and_no_traceback(lab, tmp_path):
     assert check.returncode == 0, stderr
     assert stdout.startswith("inputs OK: ") and stdout.count("\n") == 1
     assert "Traceback" not in stderr and not check_out.exists()
+
+
+def test_flags_are_read_before_tensorflow_is_imported():
+    """--help and a mistyped flag need no TensorFlow (which takes seconds to import)."""
+    probe = ("import sys\nfrom jobs.sweep import main\nstatus = main(['--prune-harder'])\n"
+             "print(status, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False", "False"], done.stderr
+    assert done.stderr.startswith("error: unrecognized arguments: --prune-harder")
 
 
 # ---------------------------------------------------------------- found late, on a worker
@@ -513,7 +524,7 @@ def die(*args):
 
 def test_a_task_that_kills_its_workers_is_one_line(lab, tmp_path, capfd, monkeypatch):
     jobs.cluster.load_config()  # the yaml defaults first, then this test's setting on top
-    monkeypatch.setattr(jobs.sweep, "activations_task", die)
+    monkeypatch.setattr(jobs.tasks, "activations_task", die)
     out = previous_run(tmp_path / "out")
     before = listing(out)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):

@@ -187,6 +187,7 @@ class OutputFolder:
 
 LOCK_NAME = ".sweep.lock"
 CHECKPOINTS = "checkpoints"
+CHUNK_FILES = "chunk-*.json"  # one per finished chunk of rows, in CHECKPOINTS
 
 
 def _restore(handle, lock_path: Path, before) -> None:
@@ -263,7 +264,7 @@ class Checkpoints:
         done = {}
         if not self.ours:
             return done
-        for path in sorted(self.folder.glob("chunk-*.json")):
+        for path in sorted(self.folder.glob(CHUNK_FILES)):
             try:
                 data = json.loads(path.read_text())
                 done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
@@ -278,6 +279,12 @@ class Checkpoints:
         write_json(self.folder / f"chunk-{set_name}-{index:05d}.json",
                    {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
         return prefixes
+
+
+def checkpointed_chunks(out: Path) -> int:
+    """How many finished chunks ``out``'s checkpoints hold (before a rerun checks their inputs)."""
+    folder = out / CHECKPOINTS
+    return len(list(folder.glob(CHUNK_FILES))) if folder.is_dir() else 0
 
 
 def _read_json(path: Path):

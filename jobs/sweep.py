@@ -29,7 +29,7 @@ from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
 from jobs import cluster
-from jobs.outdir import CHECKPOINTS, Checkpoints, OutputFolder, output_names
+from jobs.outdir import CHECKPOINTS, Checkpoints, OutputFolder, checkpointed_chunks, output_names
 from pruning.counts import Counts
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
@@ -228,11 +228,10 @@ def main(argv=None) -> int:
 
 def interrupted_line(args) -> str:
     """What an interrupted run leaves to resume from: its finished chunks, if any."""
-    folder = Path(args.out) / CHECKPOINTS if args is not None else None
-    kept = len(list(folder.glob("chunk-*.json"))) if folder is not None and folder.is_dir() else 0
+    kept = checkpointed_chunks(Path(args.out)) if args is not None else 0
     if kept:
-        return (f"interrupted; {folder} holds {kept} finished chunks of rows: the same command "
-                "resumes from them")
+        return (f"interrupted; {Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of "
+                "rows: the same command resumes from them")
     return "interrupted before any chunk of rows was finished; --out is as it was"
 
 

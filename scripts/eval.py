@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +65,9 @@ def load(path: str, args):
     from pruning.models import ModelFlags, ModelSpec, is_weights_only, load_model
     weights_only = args.weights_only or (Path(path).suffix != ".keras" and Path(path).is_file()
                                          and is_weights_only(Path(path)))
-    with warnings.catch_warnings():  # Keras warns line by line about mismatched files
-        warnings.simplefilter("ignore")
-        model = load_model(ModelSpec(path, weights_only=weights_only, arch=args.arch,
-                                     classes=args.classes),
-                           ModelFlags(full_model="as MODEL, without --weights-only",
-                                      weights="--weights-only, with --arch and --classes"))
+    model = load_model(ModelSpec(path, weights_only=weights_only, arch=args.arch, classes=args.classes),
+                       ModelFlags(full_model="as MODEL, without --weights-only",
+                                  weights="--weights-only, with --arch and --classes"))
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4 or None in model.inputs[0].shape[1:]:
         raise InputError(f"{path}: the model must take one batch of H x W x C images")
     return model

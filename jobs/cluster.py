@@ -18,6 +18,9 @@ only the choice of cluster is a command-line flag:
 ``--slurm-cluster N``
     from a login node: a SLURMCluster submits N worker jobs whose ``#SBATCH`` lines come from
     ``jobqueue.slurm`` in dask.config.
+
+The two SLURM clients are in :mod:`jobs.slurm`; this module chooses, and owns what all places
+share: the config, the flags, the local cluster and how a stop signal ends a run.
 """
 from __future__ import annotations
 
@@ -29,8 +32,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
-import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
@@ -47,10 +48,39 @@ RUNNER_TASKS = 3           # SLURMRunner: scheduler + client + at least one work
 # TensorFlow's own thread pool uses all the cores for one task; a second task thread reads and
 # prepares the next chunk meanwhile. More would only hold more chunks in memory.
 TASK_THREADS = 2
-WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all workers to join
 # --single-node's workers are forked from a process that imported TensorFlow early (see
 # prepare_local_workers) where the platform can (Linux, macOS); elsewhere Dask spawns them.
 LOCAL_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+# What stops a run: Ctrl-C, a `kill` (SIGTERM, also what scancel sends), a closed terminal or
+# ssh session (SIGHUP). Each becomes an exception in the client, so that every context closes in
+# order: LocalCluster, SLURM worker jobs (cancelled), the lock on --out.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not run the sweep (no worker came): reported as it is, exit status 1."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised as Ctrl-C's KeyboardInterrupt is; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`)."""
+    for signum in STOP_SIGNALS:
+        if signum != signal.SIGINT:
+            signal.signal(signum, _raise_stopped)
+
 
 _config = None
 
@@ -105,14 +135,16 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str | None:
-    """Return a one-line problem with the cluster flags, or None."""
-    if not (args.single_node or args.scheduler_address or args.scheduler_file
-            or args.slurm_runner or args.slurm_cluster is not None):
-        return ("say where to run: --single-node (this machine), --scheduler-address ADDR or "
-                "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
-                "from a login node), or submit slurm/sweep.sh")
+    """Return a one-line problem with the cluster flags, or None. With ``--check`` (which
+    starts no cluster) a place to run may be left out; the flags given are still checked."""
     if args.workers < 1 or (args.threads_per_worker is not None and args.threads_per_worker < 1):
         return "--workers and --threads-per-worker must be at least 1"
+    if not (args.single_node or args.scheduler_address or args.scheduler_file
+            or args.slurm_runner or args.slurm_cluster is not None):
+        return None if getattr(args, "check", False) else (
+            "say where to run: --single-node (this machine), --scheduler-address ADDR or "
+            "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
+            "from a login node), or submit slurm/sweep.sh")
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
             return ("--slurm-runner runs in every task of a SLURM job step; submit "
@@ -149,14 +181,16 @@ def prepare_local_workers(args: argparse.Namespace) -> None:
         import multiprocessing.forkserver  # POSIX only
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["distributed", "jobs.tasks"])
-        # Ctrl-C in a terminal interrupts every process of its group. Only this one should act
-        # on it (closing the cluster in order, one line on stderr); an ignored SIGINT survives
-        # exec, so the fork server and the workers forked from it keep ignoring it.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Ctrl-C in a terminal (and closing it) signals every process of its group. Only this
+        # one should act on it (closing the cluster in order, one line on stderr); an ignored
+        # signal survives exec, so the fork server and the workers forked from it keep ignoring it.
+        group_signals = [s for s in STOP_SIGNALS if s != getattr(signal, "SIGTERM", None)]
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in group_signals}
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def is_service_rank(args: argparse.Namespace) -> bool:
@@ -173,10 +207,12 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
     """
     load_config()
     if args.slurm_runner:
-        with _slurm_runner_client(args) as client:
+        from jobs.slurm import slurm_runner_client
+        with slurm_runner_client(args) as client:
             yield client
     elif args.slurm_cluster is not None:
-        with _slurm_cluster_client(args) as client:
+        from jobs.slurm import slurm_cluster_client
+        with slurm_cluster_client(args) as client:
             yield client
     elif args.single_node:
         with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
@@ -185,7 +221,7 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
                                    processes=True, dashboard_address=":0")
         with cluster, Client(cluster) as client:
             if interrupted:
-                raise KeyboardInterrupt  # now that the cluster can be closed in order
+                raise Stopped(interrupted[0])  # now that the cluster can be closed in order
             log.info("%s", dashboard_hint(client))
             yield client
     elif args.scheduler_file:
@@ -200,22 +236,20 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
 
 @contextlib.contextmanager
 def interrupt_held() -> Iterator[list]:
-    """Hold Ctrl-C while a LocalCluster starts: interrupted half-way, it cannot be closed, and
-    Dask's clean-up at exit prints tracebacks. The list it yields is non-empty if Ctrl-C came;
-    the caller raises KeyboardInterrupt once the cluster is up."""
-    received = []
+    """Hold Ctrl-C (and the other stop signals) while a LocalCluster starts: interrupted
+    half-way, it cannot be closed, and Dask's clean-up at exit prints tracebacks. The list it
+    yields gets the signals that came; the caller raises :class:`Stopped` once the cluster is up."""
+    received, previous = [], {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda signum, _: received.append(signum))
     except ValueError:  # not the main thread, where signals are not delivered anyway
-        previous = _NOT_SET
+        pass
     try:
         yield received
     finally:
-        if previous is not _NOT_SET:
-            signal.signal(signal.SIGINT, previous)
-
-
-_NOT_SET = object()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None) -> str:
@@ -237,76 +271,3 @@ def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str 
     user = env.get("USER") or getpass.getuser()
     return (f"Dask dashboard: {link}  (from your machine: ssh -L 8787:{node}:{port} {user}@{login_host}"
             f" then open http://localhost:8787{url.path})")
-
-
-def _dask_folder(args: argparse.Namespace) -> Path:
-    """Where the scheduler file and worker logs go: OUT/.dask (the sweep's --out), shared by all nodes."""
-    shared = dask.config.get("jobqueue.slurm.shared-temp-directory", None)
-    if shared:
-        return Path(os.path.expandvars(shared)).resolve()
-    out = getattr(args, "out", None) or os.environ.get("SLURM_SUBMIT_DIR") or "."
-    return (Path(out) / ".dask").resolve()
-
-
-@contextlib.contextmanager
-def _slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
-    env = os.environ
-    env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    rank = int(env["SLURM_PROCID"])
-    role = {0: "scheduler", 1: "client"}.get(rank, "worker")
-    gpus = env.get("CUDA_VISIBLE_DEVICES")
-    log.info("SLURM rank %d on %s: %s, GPU %s", rank, socket.gethostname(), role, gpus or "none")
-    if role == "worker" and gpus and "," in gpus:
-        log.warning("worker rank %d sees GPUs %s; slurm/sweep.sh gives each worker one", rank, gpus)
-
-    from dask_jobqueue.slurm import SLURMRunner
-    # The runner ends the scheduler and worker ranks with SIGINT; this turns it into sys.exit().
-    signal.signal(signal.SIGINT, lambda *_: sys.exit())
-    folder = _dask_folder(args)
-    folder.mkdir(parents=True, exist_ok=True)
-    # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
-    scheduler_file = folder / f"scheduler-{{job_id}}.{env.get('SLURM_RESTART_COUNT', '0')}.json"
-    conf = dask.config.get("jobqueue.slurm")
-    scheduler_options = {"dashboard_address": ":8787"}
-    # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
-    # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
-    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
-    if conf.get("interface"):
-        scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
-    if conf.get("local-directory"):
-        worker_options["local_directory"] = os.path.expandvars(conf["local-directory"])
-    with SLURMRunner(scheduler_file=str(scheduler_file), scheduler_options=scheduler_options,
-                     worker_options=worker_options) as runner:
-        # Only the client rank gets here.
-        with Client(runner) as client:
-            try:
-                client.wait_for_workers(runner.n_workers, timeout=WORKER_WAIT_S)
-            except TimeoutError:
-                joined = len(client.scheduler_info(n_workers=-1)["workers"])
-                if not joined:
-                    raise RuntimeError(f"no Dask worker joined in {WORKER_WAIT_S} s; see the job log") from None
-                log.warning("%d of %d workers joined in %d s; going on with those",
-                            joined, runner.n_workers, WORKER_WAIT_S)
-            log.info("%d workers, scheduler file %s", runner.n_workers, runner.scheduler_file)
-            log.info("%s", dashboard_hint(client))
-            yield client
-            # Let the workers leave before the scheduler goes, so they exit without a traceback.
-            with contextlib.suppress(Exception):
-                client.retire_workers(close_workers=True)
-
-
-@contextlib.contextmanager
-def _slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
-    from dask_jobqueue import SLURMCluster
-    log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
-    if not log_directory:
-        log_directory = str(_dask_folder(args) / "worker-logs")
-    with SLURMCluster(log_directory=log_directory) as cluster:
-        log.debug("worker job script:\n%s", cluster.job_script())
-        cluster.scale(jobs=args.slurm_cluster)
-        log.info("submitting %d SLURM worker jobs (logs in %s); they start when SLURM schedules them",
-                 args.slurm_cluster, log_directory)
-        with Client(cluster) as client:
-            login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
-            log.info("%s", dashboard_hint(client, login_host=login_host))
-            yield client

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -86,9 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option in ("chunk_rows", "prefixes_per_task"):
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    where = (args.single_node or args.scheduler_address or args.scheduler_file
-             or args.slurm_runner or args.slurm_cluster is not None)
-    problem = cluster.check_cluster_arguments(args) if where or not args.check else None
+    problem = cluster.check_cluster_arguments(args)
     if problem:
         raise InputError(problem)
     if args.scheduler_file and Path(args.scheduler_file).is_dir():
@@ -190,7 +189,8 @@ def main(argv=None) -> int:
     for problems only a worker can see (NaN pixels in a chunk), during the sweep: then --out
     keeps its results and gains at most the checkpoints of finished chunks. Exit status 1: the
     run failed for another reason (a worker died, a file could not be written, a bug: one line
-    ``error: internal error ...``, with the full traceback under --traceback). 130: interrupted.
+    ``error: internal error ...``, with the full traceback under --traceback). 130: interrupted
+    (Ctrl-C); 143 and 129: stopped by SIGTERM (kill, scancel) or SIGHUP (a closed terminal).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -202,6 +202,7 @@ def main(argv=None) -> int:
             # exit inside open_client; inputs and the lock are the client rank's business.
             with cluster.open_client(args):
                 return 0
+        cluster.stop_on_signals()              # kill and a closed terminal stop as Ctrl-C does
         out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
         out.check_lock()
         if not args.check:
@@ -215,9 +216,10 @@ def main(argv=None) -> int:
         log.info("done: %d files in %s", len(written), out.path.resolve())
         print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
         return 0
-    except KeyboardInterrupt:
-        print(interrupted_line(args), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(interrupted_line(args, signum), file=sys.stderr)
+        return 128 + signum
     except Exception as error:
         if args is not None and args.traceback and not isinstance(error, InputError):
             raise
@@ -226,19 +228,22 @@ def main(argv=None) -> int:
         return status
 
 
-def interrupted_line(args) -> str:
+def interrupted_line(args, signum: int = signal.SIGINT) -> str:
     """What an interrupted run leaves to resume from: its finished chunks, if any."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     kept = checkpointed_chunks(Path(args.out)) if args is not None else 0
     if kept:
-        return (f"interrupted; {Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of "
+        return (f"{how}; {Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of "
                 "rows: the same command resumes from them")
-    return "interrupted before any chunk of rows was finished; --out is as it was"
+    return f"{how} before any chunk of rows was finished; no results or checkpoints were written"
 
 
 def explain(error: Exception, args) -> tuple[str, int]:
     """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
     if isinstance(error, InputError):
         return str(error), 2
+    if isinstance(error, cluster.ClusterError):
+        return str(error), 1
     if isinstance(error, KilledWorker):
         logs = ("the job log (fine-pruning-<jobid>.out)" if args.slurm_runner else
                 f"{Path(args.out) / '.dask' / 'worker-logs'} (or jobqueue.slurm.log-directory)"

@@ -23,7 +23,8 @@
 # Scheduler and client need little: the CPUs/memory they are given here sit mostly idle.
 #
 # Near the time limit SLURM signals this script (--signal), which requeues the job; the rerun
-# reads finished work back from --out's checkpoints. At most $MAX_REQUEUES times (default 3).
+# reads finished work back from --out's checkpoints. At most $MAX_REQUEUES times (default 3; set it
+# when you submit: MAX_REQUEUES=5 sbatch slurm/sweep.sh ...).
 #
 #SBATCH --job-name=fine-pruning
 #SBATCH --time=04:00:00
@@ -65,6 +66,17 @@ fi
 set -u
 
 args=("$@")
+for arg in "${args[@]}"; do
+    case $arg in
+        --single-node|--slurm-runner|--slurm-cluster|--slurm-cluster=*|--scheduler-address|--scheduler-address=*|--scheduler-file|--scheduler-file=*)
+            say "error: $arg: this script chooses where the sweep runs (its own SLURM tasks); drop $arg" >&2
+            exit 2 ;;
+    esac
+done
+if (( ${SLURM_NTASKS:-1} < 3 )); then
+    say "error: the job has ${SLURM_NTASKS:-1} tasks; it needs at least 3 (Dask scheduler, client, one worker or more): sbatch --ntasks=2+WORKERS" >&2
+    exit 2
+fi
 case " ${args[*]-} " in
     *" --out "*|*" --out="*) ;;
     *) args+=(--out results) ;;
@@ -80,7 +92,7 @@ requeue() {
         say "time limit near: requeueing job $SLURM_JOB_ID; the rerun resumes from the checkpoints"
         scontrol requeue "$SLURM_JOB_ID"
     else
-        say "time limit near and already requeued ${SLURM_RESTART_COUNT} times: not requeueing again"
+        say "time limit near and already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-3}): not requeueing again"
     fi
 }
 trap requeue USR1

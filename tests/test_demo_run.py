@@ -70,7 +70,13 @@ def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):
     assert_same_outputs(out, demo_run)
 
 
-def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(demo, demo_run, tmp_path):
+@pytest.mark.parametrize("signum, to_group, how", [
+    (signal.SIGINT, True, "interrupted"),           # Ctrl-C in a terminal: its whole group
+    (signal.SIGTERM, False, "stopped by SIGTERM"),  # `kill PID`
+    (signal.SIGHUP, True, "stopped by SIGHUP"),     # the terminal or ssh session closed
+])
+def test_a_stop_signal_ends_with_one_line_and_the_same_command_resumes(demo, demo_run, tmp_path,
+                                                                      signum, to_group, how):
     out = tmp_path / "out"
     argv = ["--model", demo.model, "--data", demo.data_dir, "--out", str(out), "--single-node",
             "--chunk-rows", "64"]
@@ -83,12 +89,12 @@ def test_ctrl_c_stops_with_one_line_and_the_same_command_resumes(demo, demo_run,
     while not list(checkpoints.glob("chunk-*.json")):
         assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before Ctrl-C"
         time.sleep(0.05)
-    os.killpg(sweep.pid, signal.SIGINT)
+    (os.killpg if to_group else os.kill)(sweep.pid, signum)
     _, err = sweep.communicate(timeout=120)
-    assert sweep.returncode == 130, err[-3000:]
+    assert sweep.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     kept = len(list(checkpoints.glob("chunk-*.json")))
-    assert err.splitlines()[-1] == (f"interrupted; {checkpoints} holds {kept} finished chunks of "
+    assert err.splitlines()[-1] == (f"{how}; {checkpoints} holds {kept} finished chunks of "
                                     "rows: the same command resumes from them")
     time.sleep(1)  # the fork server and workers went with the run
     assert not live_processes(group=sweep.pid)

@@ -47,6 +47,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
     assert "srun exited with status 0" in log
+    assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
 
 
@@ -101,3 +102,37 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
+
+
+def test_time_limit_signal_past_max_requeues_lets_the_job_finish(slurm_cluster, demo, demo_run, tmp_path):
+    out = tmp_path / "out"
+    signalled = []
+
+    def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
+        if not signalled and chunks_done(out) >= 3:
+            job = re.search(r"job (\d+) ", log).group(1)
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+            signalled.append(job)
+
+    job = [option + ",MAX_REQUEUES=0" if option.startswith("--export=") else option
+           for option in sweep_job(demo, tmp_path, out)]
+    _, log = submit_and_wait(job, timeout=480, while_running=time_limit_near)
+    assert signalled
+    assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]
+    assert "srun exited with status 0" in log
+    assert_same_outputs(out, demo_run)
+
+
+@pytest.mark.parametrize("options, flags, says", [
+    (["--ntasks=2"], [], "the job has 2 tasks; it needs at least 3"),
+    ([], ["--single-node"], "--single-node: this script chooses where the sweep runs"),
+    ([], ["--threads-per-worker", "0"], "--workers and --threads-per-worker must be at least 1"),
+])
+def test_bad_job_options_fail_once_before_srun(slurm_cluster, tmp_path, options, flags, says):
+    out = tmp_path / "out"
+    _, log = submit_and_wait([*SMALL, *options, f"--output={tmp_path}/%x-%j.out", "slurm/sweep.sh",
+                              "--out", str(out), *flags], timeout=120, expect="FAILED")
+    errors = [line for line in log.splitlines() if "error" in line]
+    assert len(errors) == 1 and says in errors[0], log
+    assert "srun" not in log.replace("--slurm-runner", "") and "Traceback" not in log, log
+    assert not out.exists()

@@ -170,6 +170,17 @@ def test_slurm_cluster_flag():
     assert "--slurm-cluster" in cluster.check_cluster_arguments(cluster_args([]))
 
 
+def test_check_needs_no_place_to_run_but_checks_the_flags_given():
+    from jobs.sweep import parse_args
+    from pruning.data import InputError
+
+    assert parse_args(["--check"]).check                   # slurm/sweep.sh's first step
+    with pytest.raises(InputError, match="--threads-per-worker must be at least 1"):
+        parse_args(["--check", "--threads-per-worker", "0"])
+    with pytest.raises(InputError, match="--workers and"):
+        parse_args(["--check", "--workers", "0"])
+
+
 def test_task_threads_fit_the_cores():
     # two per worker, unless local workers would then outnumber the cores; a flag wins
     assert cluster.task_threads(cluster_args(["--single-node"]), cores=2) == 2

@@ -1,0 +1,189 @@
+"""SLURM clients for the sweep: inside one batch job (``--slurm-runner``, dask_jobqueue's
+SLURMRunner) and from a login node (``--slurm-cluster N``, dask_jobqueue's SLURMCluster).
+:func:`jobs.cluster.open_client` picks between them and the other places to run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import dask
+from distributed import Client
+
+from jobs.cluster import ClusterError, dashboard_hint, task_threads
+from pruning.data import InputError
+
+log = logging.getLogger(__name__)
+
+WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all workers to join
+QUEUE_POLL_S = 10          # --slurm-cluster: how often the queue is read until a worker joins
+
+
+def _dask_folder(args: argparse.Namespace) -> Path:
+    """Where the scheduler file and worker logs go: OUT/.dask (the sweep's --out), shared by all nodes."""
+    shared = dask.config.get("jobqueue.slurm.shared-temp-directory", None)
+    if shared:
+        return Path(os.path.expandvars(shared)).resolve()
+    out = getattr(args, "out", None) or os.environ.get("SLURM_SUBMIT_DIR") or "."
+    return (Path(out) / ".dask").resolve()
+
+
+@contextlib.contextmanager
+def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
+    """Inside ``srun``: rank 0 serves as the scheduler, ranks 2.. as workers (they exit the
+    process when the client is done); rank 1 gets the Client once the workers joined."""
+    env = os.environ
+    env.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    rank = int(env["SLURM_PROCID"])
+    role = {0: "scheduler", 1: "client"}.get(rank, "worker")
+    gpus = env.get("CUDA_VISIBLE_DEVICES")
+    log.info("SLURM rank %d on %s: %s, GPU %s", rank, socket.gethostname(), role, gpus or "none")
+    if role == "worker" and gpus and "," in gpus:
+        log.warning("worker rank %d sees GPUs %s; slurm/sweep.sh gives each worker one", rank, gpus)
+
+    from dask_jobqueue.slurm import SLURMRunner
+    # The runner ends the scheduler and worker ranks with SIGINT; this turns it into sys.exit().
+    signal.signal(signal.SIGINT, lambda *_: sys.exit())
+    folder = _dask_folder(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
+    scheduler_file = folder / f"scheduler-{{job_id}}.{env.get('SLURM_RESTART_COUNT', '0')}.json"
+    conf = dask.config.get("jobqueue.slurm")
+    scheduler_options = {"dashboard_address": ":8787"}
+    # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
+    # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
+    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
+    if conf.get("interface"):
+        scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
+    if conf.get("local-directory"):
+        worker_options["local_directory"] = os.path.expandvars(conf["local-directory"])
+    with SLURMRunner(scheduler_file=str(scheduler_file), scheduler_options=scheduler_options,
+                     worker_options=worker_options) as runner:
+        # Only the client rank gets here.
+        with Client(runner) as client:
+            try:
+                client.wait_for_workers(runner.n_workers, timeout=WORKER_WAIT_S)
+            except TimeoutError:
+                joined = len(client.scheduler_info(n_workers=-1)["workers"])
+                if not joined:
+                    raise ClusterError(f"no Dask worker joined in {WORKER_WAIT_S} s; see the job log") from None
+                log.warning("%d of %d workers joined in %d s; going on with those",
+                            joined, runner.n_workers, WORKER_WAIT_S)
+            log.info("%d workers, scheduler file %s", runner.n_workers, runner.scheduler_file)
+            log.info("%s", dashboard_hint(client))
+            yield client
+            with contextlib.suppress(Exception):
+                _retire_workers(client)
+
+
+def _retire_workers(client: Client, wait_s: float = 10) -> None:
+    """Let every worker leave before the scheduler goes, so that neither logs a traceback about
+    a lost connection. A worker holding results cannot retire, and the results the client just
+    dropped are released by messages that may still be on their way: wait for those first. A
+    retired worker then closes its connection a few milliseconds later: wait for that too."""
+    deadline = time.monotonic() + wait_s
+    while any(client.has_what().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    before = client.run_on_scheduler(_open_streams)
+    client.retire_workers(workers, close_workers=True)
+    while client.run_on_scheduler(_open_streams) > before - len(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _open_streams(dask_scheduler) -> int:
+    """Connections the scheduler is serving: one per worker, the client's, and this call's."""
+    return dask_scheduler.incoming_comms_active
+
+
+@contextlib.contextmanager
+def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
+    """From a login node: a Client on a SLURMCluster of ``--slurm-cluster`` worker jobs, checked
+    by SLURM before they are submitted, once a first worker joined; the jobs end with it."""
+    from dask_jobqueue import SLURMCluster
+    log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
+    if not log_directory:
+        log_directory = str(_dask_folder(args) / "worker-logs")
+    with SLURMCluster(log_directory=log_directory) as cluster:
+        script = cluster.job_script()
+        log.debug("worker job script:\n%s", script)
+        refused = sbatch_refusal(script)
+        if refused:
+            directives = "; ".join(line.split(None, 1)[1] for line in script.splitlines()
+                                   if line.startswith("#SBATCH ") and line[8:10] not in ("-e", "-o"))
+            raise InputError(f"SLURM would not queue the worker job ({refused}); its #SBATCH lines "
+                             f"({directives}) come from jobqueue.slurm in dask.config: change them "
+                             "in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* "
+                             "variables (defaults: slurm/jobqueue.yaml)")
+        cluster.scale(jobs=args.slurm_cluster)
+        log.info("submitting %d SLURM worker jobs (logs in %s); they start when SLURM schedules them",
+                 args.slurm_cluster, log_directory)
+        with Client(cluster) as client:
+            login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
+            log.info("%s", dashboard_hint(client, login_host=login_host))
+            _wait_for_worker_jobs(client, cluster, log_directory)
+            yield client
+
+
+def sbatch_refusal(script: str) -> str | None:
+    """Why SLURM would refuse ``script`` (``sbatch --test-only``: checked, not queued), or None."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh") as file:
+        file.write(script)
+        file.flush()
+        result = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = [line.strip().removeprefix("sbatch: error: ") for line in result.stderr.splitlines()]
+    return "; ".join(dict.fromkeys(line for line in lines if line)) or f"sbatch exit status {result.returncode}"
+
+
+def _wait_for_worker_jobs(client: Client, cluster, log_directory: str) -> None:
+    """Wait until a worker joins, saying what the queue holds whenever that changes. If every
+    worker job has left the queue and none joined (e.g. the job's Python environment is
+    missing), stop with an error instead of waiting forever."""
+    said = None
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=QUEUE_POLL_S)
+            return
+        except TimeoutError:
+            pass
+        jobs = [job.job_id for job in list(cluster.workers.values()) if getattr(job, "job_id", None)]
+        queued = _queue_states(jobs)
+        if queued is None:
+            continue
+        if jobs and not queued:
+            raise ClusterError(f"the SLURM worker jobs ({', '.join(jobs)}) ended before a Dask "
+                               f"worker joined; see their logs in {log_directory} (a job that "
+                               "cannot start the workers' Python may need jobqueue.slurm."
+                               "job-script-prologue to set up its environment)")
+        state = ", ".join(f"{job} {state}" for job, state in queued.items()) or "not submitted yet"
+        if state != said:
+            log.info("waiting for a worker; worker jobs: %s", state)
+            said = state
+
+
+def _queue_states(jobs: list[str]) -> dict[str, str] | None:
+    """``squeue``'s state (and reason) of those of ``jobs`` still queued or running; None if
+    squeue did not answer."""
+    if not jobs:
+        return {}
+    result = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T %r"],
+                            capture_output=True, text=True)
+    if result.returncode != 0 and "Invalid job id" not in result.stderr:
+        return None  # SLURM did not answer this time
+    states = {}
+    for line in result.stdout.splitlines():
+        job, state, reason = (line.split(None, 2) + ["", ""])[:3]
+        states[job] = f"{state} ({reason})" if reason and reason != "None" else state
+    return states

@@ -145,6 +145,10 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
             "say where to run: --single-node (this machine), --scheduler-address ADDR or "
             "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
             "from a login node), or submit slurm/sweep.sh")
+    if args.scheduler_address:
+        problem = address_problem(args.scheduler_address)
+        if problem:
+            return problem
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
             return ("--slurm-runner runs in every task of a SLURM job step; submit "
@@ -157,6 +161,23 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
             return "--slurm-cluster N needs at least 1 worker job"
         if shutil.which("sbatch") is None:
             return "--slurm-cluster submits worker jobs with sbatch, which is not on PATH here"
+    return None
+
+
+def address_problem(address: str) -> str | None:
+    """What is wrong with a ``--scheduler-address`` (say, the dashboard's URL), or None."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in registry.backends:
+            raise ValueError(f"{scheme}:// is not a Dask protocol")
+        if scheme != "inproc":
+            parse_host_port(location, 8786)
+    except ValueError as error:
+        return (f"--scheduler-address {address}: {error}; give the scheduler's address, "
+                "tcp://HOST:PORT (port 8786 by default), not its dashboard's URL")
     return None
 
 
@@ -224,14 +245,34 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
                 raise Stopped(interrupted[0])  # now that the cluster can be closed in order
             log.info("%s", dashboard_hint(client))
             yield client
-    elif args.scheduler_file:
-        with Client(scheduler_file=args.scheduler_file) as client:
-            log.info("%s", dashboard_hint(client))
-            yield client
     else:
-        with Client(args.scheduler_address) as client:
-            log.info("%s", dashboard_hint(client))
+        with _running_cluster_client(args) as client:
             yield client
+
+
+@contextlib.contextmanager
+def _running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
+    """A Client on a running scheduler (``--scheduler-address``/``--scheduler-file``) that has
+    a worker, saying what it waits for."""
+    where = args.scheduler_address or f"the one in {args.scheduler_file}"
+    if args.scheduler_file and not Path(args.scheduler_file).exists():
+        log.info("waiting for %s to appear: a Dask scheduler writes it as it starts", args.scheduler_file)
+    try:
+        client = (Client(scheduler_file=args.scheduler_file) if args.scheduler_file
+                  else Client(args.scheduler_address))
+    except OSError as error:  # timeouts included
+        stale = (" (a scheduler file outlives its scheduler: is this one from a scheduler that"
+                 " still runs?)" if args.scheduler_file else "")
+        raise ClusterError(f"could not reach the Dask scheduler at {where}: "
+                           f"{' '.join(str(error).split())}; is it running, and reachable from "
+                           f"this machine?{stale}") from None
+    with client:
+        log.info("%s", dashboard_hint(client))
+        if not client.scheduler_info()["workers"]:
+            log.info("waiting for a worker to join the scheduler at %s (dask worker %s)",
+                     client.scheduler.address, client.scheduler.address)
+        client.wait_for_workers(1)
+        yield client
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -102,6 +103,9 @@ def resolve_inputs(args) -> SweepInputs:
         paths = set_paths(args)
         for path in paths.values():  # missing, a folder, not HDF5, truncated: before the model
             open_h5(path).close()
+    # Workers of a cluster joined with --scheduler-* may run in another folder: absolute paths
+    # (the model's before it is loaded once, and cached, under that name).
+    spec = replace(spec, path=os.path.abspath(spec.path))
     model = spec.load()
     input_shape = image_input_shape(model)
     conv, read = choose_layer(model, args.layer)
@@ -110,6 +114,7 @@ def resolve_inputs(args) -> SweepInputs:
     channels = int(model.get_layer(conv).filters)
     log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
              conv, channels, read)
+    sets = {name: replace(s, path=os.path.abspath(s.path)) for name, s in sets.items()}
     return SweepInputs(spec, sets, conv, read, channels, classes, demo)
 
 

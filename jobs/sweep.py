@@ -9,7 +9,8 @@
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``profile`` (channel order from clean validation) -> ``evaluate-prefixes-<a>-<b>-<set>-<i>``
 (B'_k for k = a..b-1 on one chunk; the blocks cover k = 0..C) -> selection, GoodNet and reports
-on the client. Finished chunks (every prefix of them) are checkpointed in ``OUT/checkpoints``
+on the client. Every key ends in the run's own tag, so that two sweeps sharing one cluster
+never share a result. Finished chunks (every prefix of them) are checkpointed in ``OUT/checkpoints``
 and read back by a rerun with the same ``--out``.
 """
 from __future__ import annotations
@@ -21,11 +22,14 @@ import signal
 import sys
 import time
 import traceback
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distributed import as_completed
+from distributed.client import FutureCancelledError
+from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
@@ -108,17 +112,21 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 
     started = time.perf_counter()
     spec, conv, read = inputs.spec, inputs.conv, inputs.read
+    # Dask gives a key's result to whoever asks for that key: a second sweep on the same cluster
+    # with fixed keys would be handed this one's results. (8 hex digits: the dashboard groups
+    # tasks by name without them.)
+    run = uuid.uuid4().hex[:8]
     ranges = {(name, i): bounds for name, lab_set in inputs.sets.items()
               for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
     done = checkpoints.chunks()
     order = checkpoints.channel_order()
     needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
     activations = {key: client.submit(activations_task, spec, conv, read, key[0], inputs.sets[key[0]],
-                                      *ranges[key], key=f"activations-{key[0]}-{key[1]}")
+                                      *ranges[key], key=f"activations-{key[0]}-{key[1]}-{run}")
                    for key in needed}
     if order is None:
         valid = [future for key, future in activations.items() if key[0] == "clean_valid"]
-        sums, values = client.submit(profile_task, *valid, key="profile").result()
+        sums, values = client.submit(profile_task, *valid, key=f"profile-{run}").result()
         order = checkpoints.save_channel_order(channel_order(sums, values))
     else:
         log.info("channel order read back from %s", checkpoints.folder)
@@ -135,7 +143,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
             stop = min(first + prefixes_per_task, prefixes)
             future = client.submit(evaluate_prefixes_task, spec, conv, read, activations[key],
                                    tuple(channels), first, stop, retries=2,
-                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}")
+                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{run}")
             pending[future] = (key, first)
     activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
     # Counted in (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk has it.
@@ -231,11 +239,19 @@ def main(argv=None) -> int:
 def interrupted_line(args, signum: int = signal.SIGINT) -> str:
     """What an interrupted run leaves to resume from: its finished chunks, if any."""
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    kept = checkpointed_chunks(Path(args.out)) if args is not None else 0
+    kept = resume_note(args)
     if kept:
-        return (f"{how}; {Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of "
-                "rows: the same command resumes from them")
+        return f"{how}; {kept}"
     return f"{how} before any chunk of rows was finished; no results or checkpoints were written"
+
+
+def resume_note(args) -> str | None:
+    """Where a stopped run's finished chunks are kept, if it finished any."""
+    kept = checkpointed_chunks(Path(args.out)) if args is not None else 0
+    if not kept:
+        return None
+    return (f"{Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of rows: the same "
+            "command resumes from them")
 
 
 def explain(error: Exception, args) -> tuple[str, int]:
@@ -258,6 +274,13 @@ def explain(error: Exception, args) -> tuple[str, int]:
     # past the checks still must not end in a traceback), but exit status 1, and it names where
     # it happened; --traceback shows the full traceback, for a bug report.
     text = " ".join(str(error).split())[:300]
+    lost = isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost"
+    if lost or isinstance(error, (CommClosedError, ConnectionError)):  # the scheduler went away
+        kept = resume_note(args)
+        if lost:
+            text = error.reason
+        return (f"lost the connection to the Dask scheduler ({text}); "
+                + (kept + " once the cluster is back" if kept else "no chunk of rows was finished")), 1
     if isinstance(error, OSError):  # the environment: a full disk, a lost connection
         if error.filename:
             text = f"{error.filename}: {error.strerror or text}; check the disk space and permissions there"

@@ -1,0 +1,111 @@
+"""Joining a running Dask cluster (--scheduler-address, --scheduler-file): real schedulers and
+workers, started here the way a user starts them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import LocalCluster
+
+from conftest import REPO, assert_same_outputs
+from jobs.sweep import main
+
+pytestmark = pytest.mark.slow
+DASK = str(Path(sys.executable).parent / "dask")
+
+
+def sweep(*argv, cwd=REPO, stderr=subprocess.PIPE, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.sweep", *map(str, argv)], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            env=os.environ | env)
+
+
+def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp_path):
+    data = Path(demo.data_dir)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+        # Relative paths, from another folder than the workers' (they run in this one).
+        mine = sweep("--model", Path(demo.model).name, "--data", ".", "--out", tmp_path / "mine",
+                     "--scheduler-address", cluster.scheduler_address, cwd=Path(demo.model).parent)
+        # The same model with validation and test swapped: other results, same task names.
+        swapped = sweep("--model", demo.model, "--clean-valid", data / "cl/test.h5",
+                        "--clean-test", data / "cl/valid.h5", "--poisoned-valid", data / "bd/bd_test.h5",
+                        "--poisoned-test", data / "bd/bd_valid.h5", "--out", tmp_path / "swapped",
+                        "--scheduler-address", cluster.scheduler_address)
+        for run in (mine, swapped):
+            _, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err[-3000:]
+    assert_same_outputs(tmp_path / "mine", demo_run)
+    ours, theirs = (json.loads((tmp_path / name / "manifest.json").read_text())
+                    for name in ("mine", "swapped"))
+    assert (tmp_path / "swapped" / "results.csv").read_bytes() != (demo_run / "results.csv").read_bytes()
+    assert theirs["inputs"]["clean_valid"]["path"].endswith("cl/test.h5")
+    assert ours["inputs"]["model"]["path"] == demo.model  # made absolute for the workers
+
+
+@pytest.mark.parametrize("address, says", [
+    ("http://127.0.0.1:8787/status", "not a Dask protocol"),   # the dashboard's URL
+    ("tcp://127.0.0.1:8786x", "invalid literal"),
+])
+def test_a_malformed_scheduler_address_is_bad_input(address, says, capsys, tmp_path):
+    assert main(["--scheduler-address", address, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --scheduler-address {address}: ") and says in err, err
+    assert "tcp://HOST:PORT" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_scheduler_is_one_line(demo, tmp_path):
+    run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
+                "--scheduler-address", "tcp://127.0.0.1:1",
+                DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
+        "error: could not reach the Dask scheduler at tcp://127.0.0.1:1: "), err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_resume(demo, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    log = tmp_path / "sweep.log"
+    scheduler = subprocess.Popen([DASK, "scheduler", "--scheduler-file", str(scheduler_file),
+                                  "--port", "0", "--dashboard-address", ":0"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        with open(log, "w") as stderr:
+            run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
+                        "--chunk-rows", "96", "--scheduler-file", scheduler_file, stderr=stderr)
+            wait_for(lambda: "waiting for a worker to join" in log.read_text(), run)
+            worker = subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
+                                       "--nthreads", "1"], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            checkpoints = tmp_path / "out" / "checkpoints"
+            wait_for(lambda: len(list(checkpoints.glob("chunk-*.json"))) >= 3, run)
+            scheduler.send_signal(signal.SIGKILL)
+            run.wait(timeout=120)
+        last = log.read_text().strip().splitlines()[-1]
+        assert run.returncode == 1, last
+        kept = len(list(checkpoints.glob("chunk-*.json")))
+        assert last.startswith("error: lost the connection to the Dask scheduler (") and last.endswith(
+            f"{checkpoints} holds {kept} finished chunks of rows: the same command resumes from "
+            "them once the cluster is back"), last
+    finally:
+        for process in (scheduler, worker):
+            if process is not None:
+                process.kill()
+                process.wait()
+
+
+def wait_for(condition, run: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert run.poll() is None, "the sweep ended early"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

@@ -52,11 +52,12 @@ TASK_THREADS = 2
 # prepare_local_workers) where the platform can (Linux, macOS); elsewhere Dask spawns them.
 LOCAL_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
-# What stops a run: Ctrl-C, a `kill` (SIGTERM, also what scancel sends), a closed terminal or
-# ssh session (SIGHUP). Each becomes an exception in the client, so that every context closes in
-# order: LocalCluster, SLURM worker jobs (cancelled), the lock on --out.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
-                     if hasattr(signal, name))
+# What a terminal sends to every process of its group: Ctrl-C, and SIGHUP when it (or the ssh
+# session) closes. What stops a run: those, and `kill` (SIGTERM, also what scancel sends). Each
+# becomes an exception in the client, so that every context closes in order: LocalCluster, SLURM
+# worker jobs (cancelled), the lock on --out.
+TERMINAL_SIGNALS = (signal.SIGINT,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+STOP_SIGNALS = TERMINAL_SIGNALS + (signal.SIGTERM,)
 
 
 class ClusterError(RuntimeError):
@@ -202,11 +203,10 @@ def prepare_local_workers(args: argparse.Namespace) -> None:
         import multiprocessing.forkserver  # POSIX only
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["distributed", "jobs.tasks"])
-        # Ctrl-C in a terminal (and closing it) signals every process of its group. Only this
-        # one should act on it (closing the cluster in order, one line on stderr); an ignored
-        # signal survives exec, so the fork server and the workers forked from it keep ignoring it.
-        group_signals = [s for s in STOP_SIGNALS if s != getattr(signal, "SIGTERM", None)]
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in group_signals}
+        # Only this process should act on a terminal's signals (closing the cluster in order, one
+        # line on stderr); an ignored signal survives exec, so the fork server and the workers
+        # forked from it keep ignoring them.
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in TERMINAL_SIGNALS}
         try:
             multiprocessing.forkserver.ensure_running()
         finally:

@@ -254,6 +254,12 @@ def resume_note(args) -> str | None:
             "command resumes from them")
 
 
+def lost_scheduler_line(args, why: str) -> str:
+    kept = resume_note(args)
+    return (f"lost the connection to the Dask scheduler ({why}); "
+            + (f"{kept} once the cluster is back" if kept else "no chunk of rows was finished"))
+
+
 def explain(error: Exception, args) -> tuple[str, int]:
     """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
     if isinstance(error, InputError):
@@ -274,13 +280,10 @@ def explain(error: Exception, args) -> tuple[str, int]:
     # past the checks still must not end in a traceback), but exit status 1, and it names where
     # it happened; --traceback shows the full traceback, for a bug report.
     text = " ".join(str(error).split())[:300]
-    lost = isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost"
-    if lost or isinstance(error, (CommClosedError, ConnectionError)):  # the scheduler went away
-        kept = resume_note(args)
-        if lost:
-            text = error.reason
-        return (f"lost the connection to the Dask scheduler ({text}); "
-                + (kept + " once the cluster is back" if kept else "no chunk of rows was finished")), 1
+    if isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost":
+        return lost_scheduler_line(args, error.reason), 1
+    if isinstance(error, (CommClosedError, ConnectionError)):
+        return lost_scheduler_line(args, text), 1
     if isinstance(error, OSError):  # the environment: a full disk, a lost connection
         if error.filename:
             text = f"{error.filename}: {error.strerror or text}; check the disk space and permissions there"

@@ -73,7 +73,7 @@ for arg in "${args[@]}"; do
             exit 2 ;;
     esac
 done
-if (( ${SLURM_NTASKS:-1} < 3 )); then
+if (( ${SLURM_NTASKS:-1} < 3 )); then   # RUNNER_TASKS in jobs/cluster.py
     say "error: the job has ${SLURM_NTASKS:-1} tasks; it needs at least 3 (Dask scheduler, client, one worker or more): sbatch --ntasks=2+WORKERS" >&2
     exit 2
 fi

@@ -272,7 +272,30 @@ def _running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             log.info("waiting for a worker to join the scheduler at %s (dask worker %s)",
                      client.scheduler.address, client.scheduler.address)
         client.wait_for_workers(1)
+        check_project_imports(client)
         yield client
+
+
+PROJECT_IMPORT = "import jobs.tasks"  # what unpickling our tasks imports
+
+
+def check_project_imports(client: Client) -> None:
+    """Stop with a :class:`ClusterError` if the scheduler or a worker of a cluster we did not
+    start cannot import this project: the scheduler would refuse the task graph, and such a
+    worker would die on its first task, leaving the sweep waiting for ever."""
+    advice = ("start the scheduler and workers from this project's environment and checkout "
+              "(README: On a Dask cluster you already run)")
+    try:
+        client.run_on_scheduler(exec, PROJECT_IMPORT)  # a builtin: unpickled anywhere
+    except ImportError as error:
+        raise ClusterError(f"the Dask scheduler at {client.scheduler.address} cannot import this "
+                           f"project ({error}); {advice}") from None
+    results = client.run(exec, PROJECT_IMPORT, on_error="return")
+    failed = {worker: error for worker, error in results.items() if error is not None}
+    if failed:
+        worker, error = next(iter(failed.items()))
+        raise ClusterError(f"{len(failed)} of the {len(results)} Dask workers cannot import this "
+                           f"project ({worker}: {error}); {advice}")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import fcntl
 import json
 import logging
@@ -114,11 +115,14 @@ class OutputFolder:
         """Hold the folder's lock for the duration of a run; refuse if a live run holds it.
 
         If the run fails, the lock file is put back as it was (or removed, if this run made
-        it), and so are folders this run created, if they are empty again.
+        it), and so are folders this run created (``--out`` itself, its parents, and ones
+        inside it such as ``.dask/worker-logs``) while they hold no file.
         """
         existing = next(p for p in [self.path, *self.path.parents] if p.exists())
         snapshot = (existing, os.stat(existing), sorted(os.listdir(existing)))
         created = [p for p in [self.path, *self.path.parents] if not p.exists()][::-1]
+        held = set(os.listdir(self.path)) if self.path.is_dir() else set()
+        undo = functools.partial(_remove_empty, created, snapshot, self.path, held)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -129,7 +133,7 @@ class OutputFolder:
             handle, before = self._lock(lock_path)
         except BaseException:
             with contextlib.suppress(OSError):
-                _remove_empty(created, snapshot)
+                undo()
             raise
         try:
             with handle:
@@ -148,7 +152,7 @@ class OutputFolder:
                     raise
         except BaseException:
             with contextlib.suppress(OSError):
-                _remove_empty(created, snapshot)
+                undo()
             raise
 
     def _lock(self, lock_path: Path):
@@ -203,9 +207,16 @@ def _restore(handle, lock_path: Path, before) -> None:
     os.utime(lock_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def _remove_empty(created: list[Path], snapshot) -> None:
-    """Remove the folders this run created (deepest first) while they are empty; give the
-    folder that existed before its times back if it holds what it held then."""
+def _remove_empty(created: list[Path], snapshot, out: Path, held: set[str]) -> None:
+    """Remove the folders this run created while they hold no file: those made in ``out``
+    (which held ``held``) since, then ``created`` (deepest first). Give the folder that existed
+    before its times back if it holds what it held then."""
+    for name in set(os.listdir(out)) - held:
+        if (out / name).is_symlink():
+            continue
+        for folder, _, _ in os.walk(out / name, topdown=False):  # none if ``name`` is a file
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     for folder in reversed(created):
         try:
             folder.rmdir()

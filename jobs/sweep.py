@@ -174,8 +174,11 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
         # sha256 of every input (about a second per GB) while the cluster starts
         fingerprint = background.submit(inputs.fingerprint)
         with cluster.open_client(args) as client:
-            with contextlib.suppress(Exception):  # only quietens the workers' logs
-                client.register_plugin(QuietInputErrors())
+            if not (args.scheduler_address or args.scheduler_file):
+                # Only on workers this run started: a plugin stays on a running cluster, and
+                # every worker that later joins it would have to import this project.
+                with contextlib.suppress(Exception):  # only quietens the workers' logs
+                    client.register_plugin(QuietInputErrors())
             checkpoints = Checkpoints(out.path / "checkpoints",
                                       fingerprint.result() | {"chunk_rows": args.chunk_rows})
             order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,

@@ -204,12 +204,12 @@ def fetch_all(dest: Path, files=LAB_FILES, dry_run: bool = False, log=print) -> 
     for lab_file in files:
         target = dest / lab_file.dest
         source = lab_file.url or f"{lab_file.drive_name} in {DRIVE_FOLDER_URL}"
+        if target.is_file() and problem(target, lab_file) is None:
+            log(f"{target}: already there")
+            continue
         if dry_run:
             check = f" (sha256 {lab_file.sha256})" if lab_file.sha256 else ""
             log(f"would fetch {source} -> {target}{check}")
-            continue
-        if target.is_file() and problem(target, lab_file) is None:
-            log(f"{target}: already there")
             continue
         log(f"fetching {source} -> {target}")
         if lab_file.url:
@@ -225,11 +225,12 @@ def fetch_all(dest: Path, files=LAB_FILES, dry_run: bool = False, log=print) -> 
 
 
 def main(argv=None) -> int:
-    parser = Parser(prog="python scripts/download_lab.py", description=__doc__.split("\n\n")[0],
+    summary, usage = __doc__.split("\n\n", 1)
+    parser = Parser(prog="python scripts/download_lab.py", description=summary, epilog=usage,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", default="lab", help="folder to fill (default: lab/)")
     parser.add_argument("--only", choices=("models", "data"), help="fetch just the models or the data")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be fetched; no network")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be fetched (files already in place are checked); no network")
     try:
         args = parser.parse_args(argv)
         files = [f for f in LAB_FILES if args.only is None or f.dest.startswith(args.only + "/")]

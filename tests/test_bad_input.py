@@ -670,9 +670,22 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
             assert (out / ".sweep.lock").read_text().startswith("host ")
             checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
             assert checkpoints.chunks() == {}  # another run's: not read, not yet removed
+            (out / ".dask" / "worker-logs").mkdir(parents=True)  # as SLURMCluster makes it
             raise KeyError("a failure during the run")
     assert listing(out) == before
     assert listing(tmp_path) == parent_before
+
+
+def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyError):
+        with OutputFolder(out).locked():
+            (out / ".dask" / "worker-logs").mkdir(parents=True)
+            (out / ".dask" / "worker-logs" / "job-7.err").write_text("why the job failed\n")
+            (out / ".dask" / "empty").mkdir()
+            raise KeyError("a failure during the run")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        ".dask", ".dask/worker-logs", ".dask/worker-logs/job-7.err"]
 
 
 def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):

@@ -275,6 +275,14 @@ def test_download_lays_out_the_lab_and_resumes(monkeypatch, tmp_path, capsys):
     assert any("uuid=0f1e-2d3c" in url for url in web.asked)  # past the virus-scan page
     monkeypatch.setattr(download_lab, "OPENER", FakeWeb({}))  # a rerun needs no network
     download_lab.fetch_all(tmp_path, files, log=lambda line: None)
+    said = []  # and a dry run says what a rerun would do: nothing
+    (tmp_path / "data/bd/bd_test.h5").write_bytes(b"<html>an error page</html>")
+    download_lab.fetch_all(tmp_path, files, dry_run=True, log=said.append)
+    assert [line for line in said if line.endswith(": already there")] == [
+        f"{tmp_path / path}: already there"
+        for path in ("models/bd_net.h5", "data/cl/valid.h5", "data/cl/test.h5", "data/bd/bd_valid.h5")]
+    assert [line for line in said if line.startswith("would fetch ")] == [
+        f"would fetch bd_test.h5 in {download_lab.DRIVE_FOLDER_URL} -> {tmp_path / 'data/bd/bd_test.h5'}"]
 
 
 def test_download_failures_are_one_line(monkeypatch, tmp_path, capsys):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 from conftest import REPO, assert_same_outputs
 from jobs.sweep import main
@@ -29,6 +29,8 @@ def sweep(*argv, cwd=REPO, stderr=subprocess.PIPE, **env) -> subprocess.Popen:
 def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp_path):
     data = Path(demo.data_dir)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            plugins_before = client.run_on_scheduler(worker_plugins)
         # Relative paths, from another folder than the workers' (they run in this one).
         mine = sweep("--model", Path(demo.model).name, "--data", ".", "--out", tmp_path / "mine",
                      "--scheduler-address", cluster.scheduler_address, cwd=Path(demo.model).parent)
@@ -40,12 +42,19 @@ def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp
         for run in (mine, swapped):
             _, err = run.communicate(timeout=300)
             assert run.returncode == 0, err[-3000:]
+        with Client(cluster) as client:  # the user's cluster is left as it was
+            assert client.run_on_scheduler(worker_plugins) == plugins_before
     assert_same_outputs(tmp_path / "mine", demo_run)
     ours, theirs = (json.loads((tmp_path / name / "manifest.json").read_text())
                     for name in ("mine", "swapped"))
     assert (tmp_path / "swapped" / "results.csv").read_bytes() != (demo_run / "results.csv").read_bytes()
     assert theirs["inputs"]["clean_valid"]["path"].endswith("cl/test.h5")
     assert ours["inputs"]["model"]["path"] == demo.model  # made absolute for the workers
+
+
+def worker_plugins(dask_scheduler) -> list[str]:
+    """The plugins a scheduler installs on every worker that joins it."""
+    return sorted(dask_scheduler.worker_plugins)
 
 
 @pytest.mark.parametrize("address, says", [
@@ -101,6 +110,39 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
             if process is not None:
                 process.kill()
                 process.wait()
+
+
+@pytest.mark.parametrize("without_project", ["scheduler", "worker"])
+def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, without_project):
+    scheduler_file = tmp_path / "scheduler.json"
+    hide = {role: ["--preload", str(REPO / "tests" / "no_project.py")] if role == without_project
+            else [] for role in ("scheduler", "worker")}
+    started = [subprocess.Popen([DASK, "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
+                                 "--dashboard-address", ":0", *hide["scheduler"]], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)]
+    try:
+        for extra in ([], hide["worker"]):  # one good worker, and one that may not be
+            started.append(subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
+                                             "--nthreads", "1", *extra], cwd=tmp_path,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+        run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
+                    "--scheduler-file", scheduler_file)
+        _, err = run.communicate(timeout=180)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    last = err.strip().splitlines()[-1]
+    assert run.returncode == 1, err[-3000:]
+    says = {"scheduler": "error: the Dask scheduler at tcp://",
+            "worker": "error: 1 of the 2 Dask workers cannot import this project (tcp://"}
+    assert last.startswith(says[without_project]), last
+    assert last.endswith("No module named 'jobs'); start the scheduler and workers from this "
+                         "project's environment and checkout (README: On a Dask cluster you "
+                         "already run)"), last
+    assert not (tmp_path / "out").exists()
 
 
 def wait_for(condition, run: subprocess.Popen, timeout: float = 240) -> None:

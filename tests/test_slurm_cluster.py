@@ -54,6 +54,7 @@ def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, de
     assert last.startswith("error: SLURM would not queue the worker job (") and "--mem=" in last, last
     assert "Traceback" not in done.stderr
     assert not queued_worker_jobs()
+    assert not (tmp_path / "out").exists()  # nor its empty .dask/worker-logs
 
 
 def test_worker_jobs_that_end_without_a_worker_stop_the_sweep(slurm_cluster, demo, tmp_path):

@@ -76,9 +76,16 @@ def _raise_stopped(signum, _frame):
     raise Stopped(signum)
 
 
+def heeded_stop_signals() -> list[int]:
+    """The stop signals this process was not told to ignore: ``nohup`` ignores SIGHUP, and a
+    shell without job control ignores SIGINT in the commands it runs with ``&``."""
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def stop_on_signals() -> None:
-    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`)."""
-    for signum in STOP_SIGNALS:
+    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`),
+    unless they are ignored."""
+    for signum in heeded_stop_signals():
         if signum != signal.SIGINT:
             signal.signal(signum, _raise_stopped)
 
@@ -305,7 +312,7 @@ def interrupt_held() -> Iterator[list]:
     yields gets the signals that came; the caller raises :class:`Stopped` once the cluster is up."""
     received, previous = [], {}
     try:
-        for signum in STOP_SIGNALS:
+        for signum in heeded_stop_signals():
             previous[signum] = signal.signal(signum, lambda signum, _: received.append(signum))
     except ValueError:  # not the main thread, where signals are not delivered anyway
         pass

@@ -58,15 +58,7 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
     folder.mkdir(parents=True, exist_ok=True)
     # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
     scheduler_file = folder / f"scheduler-{{job_id}}.{env.get('SLURM_RESTART_COUNT', '0')}.json"
-    conf = dask.config.get("jobqueue.slurm")
-    scheduler_options = {"dashboard_address": ":8787"}
-    # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
-    # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
-    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
-    if conf.get("interface"):
-        scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
-    if conf.get("local-directory"):
-        worker_options["local_directory"] = os.path.expandvars(conf["local-directory"])
+    scheduler_options, worker_options = runner_options(args)
     with SLURMRunner(scheduler_file=str(scheduler_file), scheduler_options=scheduler_options,
                      worker_options=worker_options) as runner:
         # Only the client rank gets here.
@@ -84,6 +76,21 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
             yield client
             with contextlib.suppress(Exception):
                 _retire_workers(client)
+
+
+def runner_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The scheduler's and the workers' options inside ``sbatch slurm/sweep.sh``, from dask.config."""
+    conf = dask.config.get("jobqueue.slurm")
+    scheduler_options = {"dashboard_address": ":8787",
+                         "idle_timeout": dask.config.get("fine-pruning.runner-idle-timeout", None)}
+    # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
+    # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
+    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
+    if conf.get("interface"):
+        scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
+    if conf.get("local-directory"):
+        worker_options["local_directory"] = os.path.expandvars(conf["local-directory"])
+    return scheduler_options, worker_options
 
 
 def _retire_workers(client: Client, wait_s: float = 10) -> None:

@@ -14,7 +14,12 @@ from pruning.counts import Counts
 
 
 def build_goodnet(bd_model: keras.Model, pruned_model: keras.Model) -> keras.Model:
-    """G(x) = B's output padded with a 0 for class N where argmax B == argmax B', else one-hot N."""
+    """G(x) = B's output plus a score for class N below B's best where argmax B == argmax B',
+    else one-hot N.
+
+    That score is 0 when all of B's scores are above 0 (probabilities: G's row stays a
+    distribution), else one below B's lowest (logits can all be negative, and a 0 would win).
+    """
     classes = int(output_tensor(bd_model).shape[-1])
     inputs = keras.Input(shape=tuple(bd_model.inputs[0].shape[1:]), name="image")
     bd = rename(bd_model, "bd_net")(inputs)
@@ -24,7 +29,9 @@ def build_goodnet(bd_model: keras.Model, pruned_model: keras.Model) -> keras.Mod
     bd_class = ops.argmax(bd, axis=-1)
     agree = ops.expand_dims(ops.equal(bd_class, ops.argmax(pruned, axis=-1)), -1)
     poisoned = ops.one_hot(ops.full_like(bd_class, classes), classes + 1)
-    outputs = ops.where(agree, ops.pad(bd, [[0, 0], [0, 1]]), poisoned)
+    lowest = ops.min(bd, axis=-1, keepdims=True)
+    below = ops.where(lowest > 0, ops.zeros_like(lowest), lowest - 1)
+    outputs = ops.where(agree, ops.concatenate([bd, below], axis=-1), poisoned)
     return keras.Model(inputs, outputs, name="goodnet")
 
 

@@ -118,7 +118,7 @@ exec "$@"'
 python -m jobs.sweep --check "${args[@]}" || { say "inputs rejected; nothing was started"; exit 2; }
 
 # No --kill-on-bad-exit: a lost worker rank must not end the job (Dask reruns its tasks on the
-# others). If the client rank dies, the scheduler shuts down after distributed.scheduler.idle-timeout
+# others). If the client rank dies, the scheduler shuts down after fine-pruning.runner-idle-timeout
 # (slurm/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
 srun bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &
 pid=$!

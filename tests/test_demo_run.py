@@ -102,6 +102,22 @@ def test_a_stop_signal_ends_with_one_line_and_the_same_command_resumes(demo, dem
     assert_same_outputs(out, demo_run)
 
 
+def test_nohup_keeps_a_run_going_when_its_terminal_closes(demo, demo_run, tmp_path):
+    out = tmp_path / "out"
+    sweep = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.sweep", "--model", demo.model,
+                              "--data", demo.data_dir, "--out", str(out), "--single-node",
+                              "--chunk-rows", "64"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "checkpoints").glob("chunk-*.json")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended early"
+        time.sleep(0.05)
+    os.killpg(sweep.pid, signal.SIGHUP)  # the terminal or ssh session closed
+    _, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, err[-3000:]
+    assert_same_outputs(out, demo_run)
+
+
 def live_processes(group: int) -> list:
     """The processes of a process group that still run (not zombies left for an init that may
     not reap them)."""

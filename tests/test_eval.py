@@ -123,6 +123,31 @@ def test_goodnet_model_and_bprime_give_gs_scores(lab, capsys):
         assert (status, lines, err) == (0, expected, "")
 
 
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+def test_goodnet_answers_b_where_b_and_b_prime_agree(output):
+    """Also for a B that outputs logits, all below 0 here: class N must not win there."""
+    model = spread_outputs(tiny.tiny_deepid(seed=5), tiny.random_images(64, seed=6))
+    if output == "logits":
+        config = model.get_config()
+        config["layers"][-1]["config"]["activation"] = "linear"
+        logits = keras.Model.from_config(config)
+        *weights, bias = model.get_weights()  # the output layer's bias comes last
+        logits.set_weights(weights + [bias - 1000])
+        model = logits
+    pruned = prune_conv_channels(model, "conv_3", range(8))
+    images = tiny.random_images(60, seed=7)
+    scores = np.asarray(model.predict_on_batch(images))
+    assert (output == "logits") == bool((scores < 0).all())
+    expected = goodnet_predictions(predict_classes(model, images), predict_classes(pruned, images), CLASSES)
+    assert 0 < np.mean(expected == CLASSES) < 1  # B' disagrees with B on some rows, not all
+    goodnet = np.asarray(build_goodnet(model, pruned).predict_on_batch(images))
+    assert goodnet.shape == (60, CLASSES + 1)
+    np.testing.assert_array_equal(np.argmax(goodnet, axis=1), expected)
+    if output == "softmax":  # where they agree, G's row is B's distribution and a 0
+        agree = expected != CLASSES
+        np.testing.assert_array_equal(goodnet[agree], np.pad(scores[agree], [(0, 0), (0, 1)]))
+
+
 def test_bprime_that_is_not_b_pruned_is_refused(lab, capsys, tmp_path):
     other = tiny.tiny_deepid(classes=CLASSES + 2)
     other.save(tmp_path / "other.keras")

@@ -48,6 +48,17 @@ def test_worker_job_script_from_yaml(slurm_config):
     assert "--nthreads 2" in worker and "--death-timeout 120" in worker
 
 
+def test_only_the_batch_jobs_scheduler_stops_when_idle(slurm_config):
+    """--slurm-cluster's scheduler waits, taskless, for as long as its worker jobs are queued;
+    the one inside sbatch slurm/sweep.sh ends the job when its client rank is gone."""
+    from dask_jobqueue import SLURMCluster
+    from jobs.slurm import runner_options
+    with SLURMCluster(scheduler_options={"dashboard_address": ":0"}) as slurm:
+        assert slurm.scheduler.idle_timeout is None
+    scheduler_options, _ = runner_options(SimpleNamespace(threads_per_worker=None, single_node=False))
+    assert scheduler_options["idle_timeout"] == "15 minutes"
+
+
 def test_no_partition_or_account_by_default(slurm_config):
     found = directives(worker_job_script())
     assert not any(d.startswith(("-p ", "-A ")) for d in found), found

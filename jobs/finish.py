@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 from pruning.backend import keras
 import pandas as pd
 
+from jobs.inputs import versions
 from jobs.outdir import GOODNET_NAME, MODEL_NAME, remove_stale_models
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts
@@ -19,9 +18,6 @@ from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_mod
 from pruning.select import select_prefixes, threshold_label
 
 log = logging.getLogger(__name__)
-
-PACKAGES = ("tensorflow", "keras", "numpy", "h5py", "pandas", "dask", "distributed",
-            "dask-jobqueue", "fine-pruning")
 
 
 def curve_frame(order: pd.DataFrame, prefixes: dict[int, dict[str, Counts]]) -> pd.DataFrame:
@@ -102,14 +98,8 @@ def manifest(inputs, args, selected, timings) -> dict:
         "thresholds": list(args.thresholds),
         "relative": args.relative,
         "selected": {threshold_label(t): k for t, k in selected.items()},
-        "versions": {"python": platform.python_version()} | {p: _version(p) for p in PACKAGES},
+        "versions": versions(),
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None

@@ -8,11 +8,14 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from pruning.backend import keras
 from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
 from pruning.models import ModelSpec, choose_layer, image_input_shape, output_tensor
 from pruning.select import is_valid_threshold
@@ -37,10 +40,30 @@ class SweepInputs:
         return {name: sha256(path) for name, path in paths.items()}
 
     def fingerprint(self) -> dict:
-        """What a checkpoint depends on: the exact files and the layer."""
-        return {"inputs": self.hashes, "layer": self.conv, "read_at": self.read,
-                "weights_only": self.spec.weights_only, "arch": self.spec.arch,
-                "classes": self.spec.classes if self.spec.weights_only else self.classes}
+        """What a checkpoint depends on: the exact files, the layer, and the software that
+        computes the predictions (another TensorFlow may round a near-tie the other way)."""
+        return {"format": CHECKPOINT_FORMAT, "inputs": self.hashes, "layer": self.conv,
+                "read_at": self.read, "weights_only": self.spec.weights_only, "arch": self.spec.arch,
+                "classes": self.spec.classes if self.spec.weights_only else self.classes,
+                "software": {"keras_backend": keras.backend.backend()}
+                | {name: version for name, version in versions().items() if name in COMPUTING}}
+
+
+CHECKPOINT_FORMAT = 1  # raise it when the checkpoint files change meaning
+PACKAGES = ("tensorflow", "keras", "jax", "numpy", "h5py", "pandas", "dask", "distributed",
+            "dask-jobqueue", "fine-pruning")
+COMPUTING = ("python", "tensorflow", "keras", "jax", "numpy", "fine-pruning")  # they make the numbers
+
+
+def versions() -> dict[str, str | None]:
+    """Python's and the installed packages' versions (None: not installed)."""
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
 
 
 def sha256(path: str) -> str:
@@ -104,8 +127,8 @@ def resolve_inputs(args) -> SweepInputs:
         for path in paths.values():  # missing, a folder, not HDF5, truncated: before the model
             open_h5(path).close()
     # Workers of a cluster joined with --scheduler-* may run in another folder: absolute paths
-    # (the model's before it is loaded once, and cached, under that name).
-    spec = replace(spec, path=os.path.abspath(spec.path))
+    # (the model's before it is loaded once, and cached, under that name and stamp).
+    spec = spec.stamped()
     model = spec.load()
     input_shape = image_input_shape(model)
     conv, read = choose_layer(model, args.layer)

@@ -64,6 +64,7 @@ class OutputFolder:
 
     def __init__(self, path: Path, outputs: tuple[str, ...] = ()):
         self.path = path
+        self.checkpoints: Checkpoints | None = None  # this run's, once its inputs are hashed
         if path.exists() and not path.is_dir():
             raise InputError(f"--out {path} is a file; give a folder")
         parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
@@ -79,6 +80,11 @@ class OutputFolder:
                 raise InputError(f"--out {path}: {entry} is in the way (a "
                                  f"{'folder' if entry.is_dir() else 'file'} where the sweep "
                                  f"writes a {kind}); move it or choose another --out")
+
+    def open_checkpoints(self, fingerprint: dict) -> Checkpoints:
+        """This run's checkpoints (those of other inputs are not read)."""
+        self.checkpoints = Checkpoints(self.path / CHECKPOINTS, fingerprint)
+        return self.checkpoints
 
     def check_lock(self) -> None:
         """Refuse if a live run holds the folder; takes and changes nothing."""
@@ -243,6 +249,11 @@ class Checkpoints:
             log.info("checkpoints in %s are for other inputs; this run replaces them once it "
                      "has a result of its own", folder)
 
+    def finished(self) -> int:
+        """How many finished chunks of these inputs the folder holds (0 if it holds another
+        run's): what the same command would resume from."""
+        return len(list(self.folder.glob(CHUNK_FILES))) if self.ours else 0
+
     def _claim(self) -> None:
         if self.ours:
             return
@@ -292,10 +303,6 @@ class Checkpoints:
         return prefixes
 
 
-def checkpointed_chunks(out: Path) -> int:
-    """How many finished chunks ``out``'s checkpoints hold (before a rerun checks their inputs)."""
-    folder = out / CHECKPOINTS
-    return len(list(folder.glob(CHUNK_FILES))) if folder.is_dir() else 0
 
 
 def _read_json(path: Path):

@@ -52,8 +52,10 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         log.warning("worker rank %d sees GPUs %s; slurm/sweep.sh gives each worker one", rank, gpus)
 
     from dask_jobqueue.slurm import SLURMRunner
-    # The runner ends the scheduler and worker ranks with SIGINT; this turns it into sys.exit().
-    signal.signal(signal.SIGINT, lambda *_: sys.exit())
+    if role != "client":
+        # The runner ends the scheduler and worker ranks with SIGINT; this turns it into
+        # sys.exit(). On the client rank, SIGINT stays Ctrl-C: a stopped run says so.
+        signal.signal(signal.SIGINT, lambda *_: sys.exit())
     folder = _dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
@@ -73,9 +75,11 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
                             joined, runner.n_workers, WORKER_WAIT_S)
             log.info("%d workers, scheduler file %s", runner.n_workers, runner.scheduler_file)
             log.info("%s", dashboard_hint(client))
-            yield client
-            with contextlib.suppress(Exception):
-                _retire_workers(client)
+            try:
+                yield client
+            finally:  # also when the run stops early: the runner then closes the scheduler
+                with contextlib.suppress(Exception):
+                    _retire_workers(client)
 
 
 def runner_options(args: argparse.Namespace) -> tuple[dict, dict]:

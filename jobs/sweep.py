@@ -27,14 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distributed import as_completed
+from distributed import Future, as_completed
 from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 from tqdm import tqdm
 
 from jobs import cluster
-from jobs.outdir import CHECKPOINTS, Checkpoints, OutputFolder, checkpointed_chunks, output_names
+from jobs.outdir import Checkpoints, OutputFolder, output_names
 from pruning.counts import Counts
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
@@ -106,9 +106,10 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 
     Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
     tasks as soon as its activations exist and then frees them, so memory stays flat as the
-    data grows, and a rerun skips finished chunks entirely, base pass included.
+    data grows (but for the clean validation set's activations, held until the channel order
+    is known), and a rerun skips finished chunks entirely, base pass included.
     """
-    from jobs.tasks import activations_task, evaluate_prefixes_task, profile_task
+    from jobs.tasks import activations_task, channel_sums_task, evaluate_prefixes_task, profile_task
 
     started = time.perf_counter()
     spec, conv, read = inputs.spec, inputs.conv, inputs.read
@@ -125,7 +126,8 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
                                       *ranges[key], key=f"activations-{key[0]}-{key[1]}-{run}")
                    for key in needed}
     if order is None:
-        valid = [future for key, future in activations.items() if key[0] == "clean_valid"]
+        valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{run}")
+                 for key, future in activations.items() if key[0] == "clean_valid"]
         sums, values = client.submit(profile_task, *valid, key=f"profile-{run}").result()
         order = checkpoints.save_channel_order(channel_order(sums, values))
     else:
@@ -179,11 +181,22 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 # every worker that later joins it would have to import this project.
                 with contextlib.suppress(Exception):  # only quietens the workers' logs
                     client.register_plugin(QuietInputErrors())
-            checkpoints = Checkpoints(out.path / "checkpoints",
-                                      fingerprint.result() | {"chunk_rows": args.chunk_rows})
-            order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,
-                                                 args.prefixes_per_task)
+            checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
+            try:
+                order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,
+                                                     args.prefixes_per_task)
+            except BaseException:
+                release_tasks(client)
+                raise
         return finish.write_outputs(inputs, args, out.path, order, prefixes, timings)
+
+
+def release_tasks(client) -> None:
+    """Cancel every task this client still holds. A stopped or failed run's traceback keeps
+    its futures alive until after the cluster closes: without this, the workers would hold its
+    chunks (and a batch job's could not retire)."""
+    with contextlib.suppress(Exception):  # the scheduler may be gone
+        client.cancel([Future(key, client) for key in list(client.futures)])
 
 
 def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:
@@ -205,7 +218,7 @@ def main(argv=None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    args = None
+    args = out = None
     try:
         args = parse_args(argv)
         if cluster.is_service_rank(args):
@@ -229,41 +242,40 @@ def main(argv=None) -> int:
         return 0
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
-        print(interrupted_line(args, signum), file=sys.stderr)
+        print(interrupted_line(out, signum), file=sys.stderr)
         return 128 + signum
     except Exception as error:
         if args is not None and args.traceback and not isinstance(error, InputError):
             raise
-        message, status = explain(error, args)
+        message, status = explain(error, args, out)
         print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
         return status
 
 
-def interrupted_line(args, signum: int = signal.SIGINT) -> str:
+def interrupted_line(out: OutputFolder | None, signum: int = signal.SIGINT) -> str:
     """What an interrupted run leaves to resume from: its finished chunks, if any."""
     how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    kept = resume_note(args)
+    kept = resume_note(out)
     if kept:
         return f"{how}; {kept}"
     return f"{how} before any chunk of rows was finished; no results or checkpoints were written"
 
 
-def resume_note(args) -> str | None:
-    """Where a stopped run's finished chunks are kept, if it finished any."""
-    kept = checkpointed_chunks(Path(args.out)) if args is not None else 0
+def resume_note(out: OutputFolder | None) -> str | None:
+    """Where a stopped run's finished chunks are kept, if there are any of its inputs."""
+    kept = out.checkpoints.finished() if out is not None and out.checkpoints else 0
     if not kept:
         return None
-    return (f"{Path(args.out) / CHECKPOINTS} holds {kept} finished chunks of rows: the same "
-            "command resumes from them")
+    return f"{out.checkpoints.folder} holds {kept} finished chunks of rows: the same command resumes from them"
 
 
-def lost_scheduler_line(args, why: str) -> str:
-    kept = resume_note(args)
+def lost_scheduler_line(out: OutputFolder | None, why: str) -> str:
+    kept = resume_note(out)
     return (f"lost the connection to the Dask scheduler ({why}); "
             + (f"{kept} once the cluster is back" if kept else "no chunk of rows was finished"))
 
 
-def explain(error: Exception, args) -> tuple[str, int]:
+def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[str, int]:
     """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
     if isinstance(error, InputError):
         return str(error), 2
@@ -284,9 +296,9 @@ def explain(error: Exception, args) -> tuple[str, int]:
     # it happened; --traceback shows the full traceback, for a bug report.
     text = " ".join(str(error).split())[:300]
     if isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost":
-        return lost_scheduler_line(args, error.reason), 1
+        return lost_scheduler_line(out, error.reason), 1
     if isinstance(error, (CommClosedError, ConnectionError)):
-        return lost_scheduler_line(args, text), 1
+        return lost_scheduler_line(out, text), 1
     if isinstance(error, OSError):  # the environment: a full disk, a lost connection
         if error.filename:
             text = f"{error.filename}: {error.strerror or text}; check the disk space and permissions there"

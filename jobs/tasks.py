@@ -34,12 +34,20 @@ def activations_task(spec: ModelSpec, conv: str, read: str, set_name: str, lab_s
     return compute_chunk(split_for(spec, conv, read), set_name, start, stop, images, labels)
 
 
-def profile_task(*chunks: Chunk) -> tuple[np.ndarray, int]:
-    """Per-channel activation sums and value count over the clean validation chunks, in order."""
-    sums = np.zeros_like(chunks[0].channel_sums)
-    for chunk in sorted(chunks, key=lambda c: c.start):
-        sums += chunk.channel_sums
-    return sums, sum(chunk.values_per_channel for chunk in chunks)
+def channel_sums_task(chunk: Chunk) -> tuple[int, np.ndarray, int]:
+    """What the profile needs of a chunk: its start, per-channel sums and value count. It runs
+    where the chunk is, so only these few numbers travel to the profile task."""
+    return chunk.start, chunk.channel_sums, chunk.values_per_channel
+
+
+def profile_task(*parts: tuple[int, np.ndarray, int]) -> tuple[np.ndarray, int]:
+    """Per-channel activation sums and value count over the clean validation chunks, summed in
+    row order (the same float64 sums however the chunks were spread over workers)."""
+    parts = sorted(parts, key=lambda part: part[0])
+    sums = np.zeros_like(parts[0][1])
+    for _, chunk_sums, _ in parts:
+        sums += chunk_sums
+    return sums, sum(values for _, _, values in parts)
 
 
 def evaluate_prefixes_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,

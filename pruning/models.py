@@ -7,10 +7,11 @@ weights-only file for a built-in architecture. Workers load B themselves from a
 from __future__ import annotations
 
 import functools
+import os
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -38,9 +39,21 @@ class ModelSpec:
     weights_only: bool = False
     arch: str = "deepid"
     classes: int = LAB_CLASSES
+    # The file's (size, mtime_ns, inode) when the run checked it: part of the key under which a
+    # process caches the loaded B, so a long-lived Dask worker loads a replaced file again.
+    stamp: tuple[int, int, int] | None = None
 
     def load(self) -> keras.Model:
         return load_cached(self)
+
+    def stamped(self) -> ModelSpec:
+        """This spec with an absolute path and the file's current stamp."""
+        path = os.path.abspath(self.path)
+        try:
+            info = os.stat(path)
+        except OSError:  # loading it says what is wrong, in one line
+            return replace(self, path=path)
+        return replace(self, path=path, stamp=(info.st_size, info.st_mtime_ns, info.st_ino))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import os
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -27,25 +27,35 @@ GOODNET_COLUMNS = ["threshold", "channels_pruned", "test_accuracy", "test_asr",
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    An ``OSError`` without a file name (a full disk, met while writing) gets ``path``'s.
+    """
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    temporary = Path(name)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are for the group
+    temporary = _new_file(path)
     try:
         yield temporary
         with open(temporary, "rb") as handle:  # on shared storage, data before the rename
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_file(path: Path) -> Path:
+    """Create an empty, hidden file beside ``path``, with the mode the umask gives new files
+    (outputs are for the group; ``tempfile.mkstemp`` would make it 0600)."""
+    while True:
+        temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,9 +12,11 @@ malformed HDF5 files at the loader: only InputErrors may come out.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import importlib.util
 import os
+import signal
 import shutil
 import stat
 import subprocess
@@ -39,7 +41,7 @@ import pruning.data
 import tiny
 from conftest import REPO
 from jobs.outdir import Checkpoints, OutputFolder
-from jobs.sweep import main
+from jobs.sweep import explain, interrupted_line, main
 from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set
 from pruning.goodnet import build_goodnet
@@ -688,6 +690,18 @@ def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):
         ".dask", ".dask/worker-logs", ".dask/worker-logs/job-7.err"]
 
 
+def test_a_stopped_run_counts_only_checkpoints_of_its_own_inputs(tmp_path):
+    out = OutputFolder(previous_run(tmp_path / "out"))
+    assert interrupted_line(out) == ("interrupted before any chunk of rows was finished; no "
+                                     "results or checkpoints were written")
+    out.open_checkpoints({"inputs": "these"})  # not the previous run's: no resuming from them
+    assert out.checkpoints.finished() == 0 and interrupted_line(out).startswith("interrupted before")
+    out.open_checkpoints({"inputs": "other"})  # the same inputs: the same command resumes
+    assert interrupted_line(out, signal.SIGTERM) == (
+        f"stopped by SIGTERM; {out.path / 'checkpoints'} holds 1 finished chunks of rows: the "
+        "same command resumes from them")
+
+
 def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
     out = previous_run(tmp_path)
     checkpoints = Checkpoints(out / "checkpoints", {"inputs": "these"})
@@ -708,3 +722,32 @@ def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
     captured = capsys.readouterr()
     assert (status, captured.out) == (2, "")
     assert_one_error_line(captured.err, ["bd_valid.h5: NaN or infinite pixels in row 7"])
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
+    from pruning.report import write_text
+    target = tmp_path / "results.csv"
+    target.write_text("the previous run's\n")
+
+    def full(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write on a full disk does
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as raised:
+        write_text(target, "new\n")
+    monkeypatch.undo()
+    message, status = explain(raised.value, None)
+    assert (message, status) == (f"{target}: No space left on device; check the disk space and "
+                                 "permissions there (rerun with --traceback for the details)", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temporary left
+    assert target.read_text() == "the previous run's\n"
+
+
+def test_outputs_get_the_mode_the_umask_gives(tmp_path):
+    from pruning.report import write_text
+    previous = os.umask(0o027)
+    try:
+        write_text(tmp_path / "results.csv", "x\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "results.csv").stat().st_mode) == 0o640

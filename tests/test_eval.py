@@ -310,6 +310,16 @@ def test_download_lays_out_the_lab_and_resumes(monkeypatch, tmp_path, capsys):
         f"would fetch bd_test.h5 in {download_lab.DRIVE_FOLDER_URL} -> {tmp_path / 'data/bd/bd_test.h5'}"]
 
 
+def test_download_ends_with_a_sweep_command_that_runs(monkeypatch, tmp_path, capsys):
+    from jobs.sweep import parse_args
+    monkeypatch.setattr(download_lab, "OPENER", drive_web())
+    assert download_lab.main(["--dest", str(tmp_path), "--only", "data"]) == 0
+    done = capsys.readouterr().out.splitlines()[-1]
+    assert done.startswith("done: python -m jobs.sweep ")
+    args = parse_args(done.split()[4:])  # flags a user can paste: a place to run included
+    assert args.single_node and args.data == str(tmp_path / "data")
+
+
 def test_download_failures_are_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(download_lab, "OPENER", drive_web(file_body="<html>quota</html>"))
     assert download_lab.main(["--dest", str(tmp_path), "--only", "data"]) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -102,6 +103,33 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
+
+
+def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo, tmp_path):
+    """SIGINT to the client rank (a Ctrl-C under an interactive srun) stops the run as Ctrl-C
+    does anywhere; the workers retire and the scheduler closes, which ends the job."""
+    out = tmp_path / "out"
+    interrupted = []
+
+    def interrupt_the_client(log: str) -> None:
+        if interrupted or chunks_done(out) < 3:
+            return
+        for process in psutil.process_iter(["cmdline", "environ"]):
+            environ = process.info["environ"] or {}
+            if "--slurm-runner" in (process.info["cmdline"] or []) and environ.get("SLURM_PROCID") == "1" \
+                    and str(out) in process.info["cmdline"]:
+                process.send_signal(signal.SIGINT)
+                interrupted.append(process.pid)
+
+    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="FAILED",
+                             while_running=interrupt_the_client)
+    assert interrupted
+    line = re.search(r"^interrupted; (\S+) holds (\d+) finished chunks of rows: the same command "
+                     r"resumes from them$", log, re.M)
+    assert line and line.group(1) == str(out / "checkpoints"), log[-3000:]
+    assert int(line.group(2)) == chunks_done(out) < 54
+    assert not (out / "results.csv").exists()
+    assert "srun exited with status 130" in log and "Traceback" not in log, log[-3000:]
 
 
 def test_time_limit_signal_past_max_requeues_lets_the_job_finish(slurm_cluster, demo, demo_run, tmp_path):

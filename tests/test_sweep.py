@@ -159,3 +159,41 @@ def test_a_rerun_with_other_thresholds_leaves_only_its_own_models(run, tmp_path)
     assert (copy / "model_X=4.h5").read_bytes() == (out / "model_X=4.h5").read_bytes()
     assert (copy / "notes.txt").read_text() == "mine"
     assert json.loads((copy / "manifest.json").read_text())["selected"].keys() == {"4", "99"}
+
+
+def test_a_worker_loads_a_replaced_model_file_again(tmp_path):
+    """A worker of a cluster that outlives a sweep caches B by path and stamp: a file replaced
+    at the same path (another B for the next sweep) is loaded again, not served from the cache."""
+    from jobs.tasks import split_for
+    from pruning.models import ModelSpec
+    images = tiny.random_images(40, seed=9)
+    path = tmp_path / "bd_net.keras"
+    answers = []
+    for seed in (1, 2):
+        model = tiny.tiny_deepid(seed=seed)
+        model.save(path)
+        split = split_for(ModelSpec(str(path)).stamped(), "conv_3", "pool_3")
+        answers.append((predict_classes(split.model, images), predict_classes(model, images)))
+    assert [list(cached) == list(saved) for cached, saved in answers] == [True, True]
+    assert list(answers[0][1]) != list(answers[1][1])  # the two B differ on these images
+
+
+def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_path, monkeypatch):
+    """Another model file, layer, read point or software version must not reuse checkpoints."""
+    import jobs.inputs
+    from jobs.sweep import parse_args
+    folder, _, argv = run
+
+    def fingerprint(*extra) -> dict:
+        return jobs.inputs.resolve_inputs(parse_args(argv + list(extra))).fingerprint()
+
+    base = fingerprint()
+    assert base["layer"] == "conv_3" and base["read_at"] == "pool_3" and base["format"] >= 1
+    assert base["software"]["keras"] == keras.__version__ and base["software"]["keras_backend"]
+    assert fingerprint("--layer", "conv_2")["layer"] == "conv_2"
+    other = tmp_path / "other.keras"
+    tiny.tiny_deepid(seed=8).save(other)
+    assert fingerprint("--model", str(other))["inputs"]["model"] != base["inputs"]["model"]
+    assert fingerprint()["inputs"] == base["inputs"]  # the same files: the same hashes
+    monkeypatch.setattr(jobs.inputs, "versions", lambda: {"tensorflow": "0.0"})
+    assert fingerprint()["software"]["tensorflow"] == "0.0"

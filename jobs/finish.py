@@ -9,7 +9,7 @@ from pruning.backend import keras
 import pandas as pd
 
 from jobs.inputs import versions
-from jobs.outdir import GOODNET_NAME, MODEL_NAME, remove_stale_models
+from jobs.outdir import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_models
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts
 from pruning.prune import prune_conv_channels
@@ -41,10 +41,35 @@ def curve_frame(order: pd.DataFrame, prefixes: dict[int, dict[str, Counts]]) -> 
     return frame[CURVE_COLUMNS + [c for c in frame.columns if c not in CURVE_COLUMNS]]
 
 
+def check_b(b: pd.Series, inputs) -> None:
+    """Log B's own scores (the curve at k = 0) and warn where the inputs look swapped or
+    transformed: the sweep runs either way, but its numbers would mean little."""
+    log.info("B: validation accuracy %.2f %%, ASR %.2f %%; test accuracy %.2f %%, ASR %.2f %%",
+             b["valid_accuracy"], b["valid_asr"], b["test_accuracy"], b["test_asr"])
+    sets = {name: s.path for name, s in inputs.sets.items()}
+    if b["valid_asr"] < 50:
+        log.warning("B's attack success rate on %s is only %.1f %%: is it the poisoned set, with "
+                    "the trigger, labelled with the attacker's target?", sets["poisoned_valid"],
+                    b["valid_asr"])
+    if abs(b["valid_accuracy"] - b["test_accuracy"]) > 20:
+        log.warning("B's clean accuracy is %.1f %% on %s but %.1f %% on %s: are both clean sets "
+                    "of B's task, stored alike?", b["valid_accuracy"], sets["clean_valid"],
+                    b["test_accuracy"], sets["clean_test"])
+    by_hash = {}
+    for name in sets:
+        by_hash.setdefault(inputs.hashes[name], []).append(name)
+    for names in by_hash.values():
+        if len(names) > 1:
+            log.warning("the %s sets are the same file (%s)", " and ".join(names),
+                        ", ".join(sets[name] for name in names))
+
+
 def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timings) -> list[str]:
     """Write every output file (each atomically) and return their names."""
     started = time.perf_counter()
+    earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
     curve = curve_frame(order, prefixes)
+    check_b(curve.iloc[0], inputs)
     selected = select_prefixes(curve, args.thresholds, args.relative)
     bd_model = inputs.spec.load()
     channels = order["channel"].tolist()
@@ -79,7 +104,7 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
     timings = dict(timings, outputs_s=time.perf_counter() - started)
     write_json(out / "manifest.json", manifest(inputs, args, selected, timings))
     written.append("manifest.json")
-    remove_stale_models(out, written)
+    remove_stale_models(out, written, earlier)
     return written
 
 

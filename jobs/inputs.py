@@ -18,6 +18,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from pruning.backend import keras
 from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
 from pruning.models import ModelSpec, choose_layer, image_input_shape, output_tensor
+from pruning.prune import cut_head
 from pruning.select import is_valid_threshold
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,14 @@ def resolve_inputs(args) -> SweepInputs:
     channels = int(model.get_layer(conv).filters)
     log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
              conv, channels, read)
+    if cut_head(model, read) is None:
+        log.warning("layers after %s also read from before it, so B cannot be cut there: every "
+                    "prefix runs the whole pruned model, as slowly as the seeds' loop; the last "
+                    "conv layer before the dense head (the default --layer) is fast", read)
+    if not args.relative and all(0 < t < 1 for t in args.thresholds):
+        log.warning("--thresholds are points of validation accuracy (2 means 2 points below B's), "
+                    "not fractions: %s selects drops of under one point",
+                    " ".join(f"{t:g}" for t in args.thresholds))
     sets = {name: replace(s, path=os.path.abspath(s.path)) for name, s in sets.items()}
     return SweepInputs(spec, sets, conv, read, channels, classes, demo)
 

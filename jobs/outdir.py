@@ -331,13 +331,23 @@ def output_names(thresholds) -> tuple[str, ...]:
             *(GOODNET_NAME.format(label) for label in labels))
 
 
-def remove_stale_models(folder: Path, written) -> list[str]:
-    """Remove the B' and G files that this run did not write: an earlier run's, for other
-    thresholds (or for one this run did not reach). The folder then holds exactly the models
-    that goodnet.csv and manifest.json describe. Returns the names removed."""
-    stale = sorted(path.name for name in (MODEL_NAME, GOODNET_NAME)
-                   for path in folder.glob(name.format("*"))
-                   if path.name not in written and path.is_file())
+def models_listed(folder: Path) -> set[str]:
+    """The B' and G files that ``folder``'s manifest.json says its run wrote (none without a
+    readable manifest)."""
+    try:
+        selected = json.loads((folder / "manifest.json").read_text())["selected"]
+        labels = [label for label, k in selected.items() if k is not None]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {name.format(label) for label in labels for name in (MODEL_NAME, GOODNET_NAME)}
+
+
+def remove_stale_models(folder: Path, written, earlier: set[str]) -> list[str]:
+    """Remove the B' and G files that the earlier run in ``folder`` wrote (``earlier``, from
+    its manifest) and this run did not: they were for other thresholds, or for one this run
+    did not reach. The folder then holds the models goodnet.csv and manifest.json describe;
+    files of those names that no run of ours wrote are never touched. Returns the names removed."""
+    stale = sorted(name for name in earlier - set(written) if (folder / name).is_file())
     for name in stale:
         (folder / name).unlink(missing_ok=True)
     if stale:

@@ -62,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH", help="full Keras model (.h5 of any Keras 2.3.1+ vintage, or .keras)")
     which.add_argument("--weights", metavar="PATH", help="weights-only file for --arch")
-    model.add_argument("--arch", default="deepid", help="architecture for --weights (default: deepid)")
-    model.add_argument("--classes", type=int, default=1283, help="outputs of --arch (default: 1283)")
-    data = parser.add_argument_group("data (lab HDF5: 'data' Nx3x55x47 or Nx55x47x3, 'label' N)")
+    model.add_argument("--arch", help="architecture for --weights (default: deepid)")
+    model.add_argument("--classes", type=int, help="outputs of --arch (default: 1283, the lab's)")
+    data = parser.add_argument_group("data (lab HDF5: 'data' Nx3x55x47 or Nx55x47x3, raw 0-255 pixels; 'label' N)")
     data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")
     for name in ("clean-valid", "poisoned-valid", "clean-test", "poisoned-test"):
         data.add_argument(f"--{name}", metavar="H5", help=f"the {name.replace('-', ' ')} set")
@@ -88,6 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on an unexpected (internal) error, show the full traceback instead "
                              "of one line")
     args = parser.parse_args(argv)
+    described = [f"--{name}" for name in ("arch", "classes") if getattr(args, name) is not None]
+    if described and not args.weights:
+        raise InputError(f"{' and '.join(described)} {'are' if len(described) > 1 else 'is'} for a "
+                         "weights-only file (--weights PATH); a full model or the demo brings its "
+                         "own architecture and classes")
+    args.arch = "deepid" if args.arch is None else args.arch
+    args.classes = 1283 if args.classes is None else args.classes
+    if not args.out.strip():
+        raise InputError("--out is empty; give a folder (default: results/)")
     for option in ("chunk_rows", "prefixes_per_task"):
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")

@@ -10,6 +10,7 @@ line naming the file and the fix: whatever h5py raises while a set is opened or 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ CHUNK_ROWS = 4096
 SCAN_BYTES = 32 << 20
 SCAN_BLOCKS = 16
 _LABEL_LIMIT = 2 ** 62  # float labels beyond this cannot be class numbers (and overflow int64)
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -259,11 +262,23 @@ def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],
             top = "from 0" if classes is None else f"0..{classes - 1}"
             raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
                              f"model has classes {top}; is this the model's data?")
-        row_bytes = math.prod(shape[1:]) * data.dtype.itemsize
-        for start, stop in scan_ranges(rows, row_bytes):
-            with damaged(path, f"rows {start}-{stop}"):
-                read_pixels(data, start, stop, path)
+        scan_pixels(data, path)
     return LabSet(path=path, rows=rows, channels_first=channels_first)
+
+
+def scan_pixels(data: h5py.Dataset, path: str) -> None:
+    """Read all of a small set's pixels, or spread-out blocks of a big one: NaN or infinite
+    ones are an :class:`InputError`; a range unlike raw 0-255 pixels is a warning."""
+    rows = int(data.shape[0])
+    low, high = math.inf, -math.inf
+    for start, stop in scan_ranges(rows, math.prod(data.shape[1:]) * data.dtype.itemsize):
+        with damaged(path, f"rows {start}-{stop}"):
+            images = read_pixels(data, start, stop, path)
+        low, high = min(low, float(images.min())), max(high, float(images.max()))
+    if low <= high and (high <= 1 or low < 0 or high > 255):  # (nothing scanned: low > high)
+        # Not an error: a model of your own may take other pixels. The lab's take raw 0-255.
+        log.warning("%s: pixels range %g..%g; the lab's models take raw 0-255 pixels (not "
+                    "scaled to 0-1 or centred): if B does, this set was transformed", path, low, high)
 
 
 def write_lab_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> None:

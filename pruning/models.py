@@ -112,6 +112,12 @@ def _read_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as error:
+        if "Lambda" in str(error) and "safe_mode" in str(error):
+            raise InputError(f"{path} holds a Lambda layer with Python code, which Keras does not "
+                             "run from a file: code in a model you were handed could do anything. "
+                             "Rebuild the model without Lambda layers, or, if you trust the "
+                             "file, load it yourself with safe_mode=False and save it as another "
+                             "model") from None
         hint = ("; it holds weights only: load it as weights for an architecture "
                 f"({flags.weights})" if is_weights_only(path) else "")
         raise InputError(f"{path} cannot be loaded as a Keras model "

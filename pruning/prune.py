@@ -90,13 +90,18 @@ class SplitModel:
         return int(self.pruned_map.shape[-1])
 
 
-def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
-    read_output = model.get_layer(read).output
-    base = keras.Model(model.inputs, read_output, name="base")
+def cut_head(model: keras.Model, read: str) -> keras.Model | None:
+    """The layers after ``read`` as a model of their own, or None when some of them also read
+    tensors from before it (a skip connection around the cut, or a branch from an earlier layer)."""
     try:
-        head = keras.Model(read_output, output_tensor(model), name="head")
+        return keras.Model(model.get_layer(read).output, output_tensor(model), name="head")
     except ValueError:  # graph disconnected: something after the cut bypasses it
-        head = None
+        return None
+
+
+def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
+    base = keras.Model(model.inputs, model.get_layer(read).output, name="base")
+    head = cut_head(model, read)
     # All channels pruned, any finite input: every channel shows its pruned map.
     all_pruned = prune_conv_channels(model, conv, range(model.get_layer(conv).filters))
     probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), dtype=np.float32)

@@ -123,9 +123,9 @@ def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="weights for DeepID (default: random initialisation)")
-    parser.add_argument("--scale", type=float, default=1.0, help="data size relative to the lab's")
+    parser.add_argument("--scale", type=float, default=1.0, help="data size relative to the lab's (default: 1, the lab's sizes)")
     parser.add_argument("--seed-prefixes", type=int, default=1,
-                        help="seeds' loop prefixes to time, before and after our core each")
+                        help="seeds' loop prefixes to time, before and after our core each (default: 1)")
     parser.add_argument("--skip-4x", action="store_true", help="skip the 4x-data memory run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

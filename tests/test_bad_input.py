@@ -15,9 +15,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import importlib.util
+import logging
 import os
-import signal
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import dask
 import h5py
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -78,6 +80,10 @@ def lab(tmp_path_factory):
     broken.set_weights(model.get_weights())
     broken.get_layer("conv_2").set_weights([kernel, bias])
     broken.save(folder / "nan_weights.keras")
+    x = inputs = keras.Input((55, 47, 3))
+    x = layers.Lambda(lambda pixels: pixels / 255.0)(x)  # code in the file: Keras won't run it
+    x = layers.Flatten()(layers.MaxPooling2D(8)(layers.Conv2D(4, 3, activation="relu", name="conv")(x)))
+    keras.Model(inputs, layers.Dense(CLASSES, activation="softmax")(x)).save(folder / "lambda.keras")
     return SimpleNamespace(folder=folder, model=folder / "bd_net.keras", data=folder / "data")
 
 
@@ -192,6 +198,8 @@ CASES = {
                              ["--arch vgg is unknown"]),
     "model is a pipe": (lambda lab, tmp: ["--model", fifo(tmp / "bd_net.keras"), "--data", lab.data],
                         ["is not a regular file"]),
+    "model with a Lambda layer": (lambda lab, tmp: ["--model", lab.folder / "lambda.keras", "--data", lab.data],
+                                  ["holds a Lambda layer with Python code", "Rebuild the model"]),
     "model with NaN weights": (lambda lab, tmp: ["--model", lab.folder / "nan_weights.keras",
                                                  "--data", lab.data],
                                ["conv_2/kernel holds NaN or infinite values"]),
@@ -282,6 +290,10 @@ CASES = {
     "--out in /proc": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
                                          "--out", "/proc/fine-pruning-results"],
                        ["/proc is a pseudo filesystem"]),
+    "--out empty": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", ""],
+                    ["--out is empty; give a folder"]),
+    "--classes with --model": (lambda lab, tmp: ["--model", lab.model, "--data", lab.data, "--classes", "10"],
+                               ["--classes is for a weights-only file (--weights PATH)"]),
     "--out is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", lab.model],
                         ["is a file; give a folder"]),
     "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
@@ -751,3 +763,59 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "results.csv").stat().st_mode) == 0o640
+
+
+# ---------------------------------------------------------------- runs, but with a warning
+
+@pytest.mark.parametrize("scale, warned", [(1 / 255, True), (1.0, False)])
+def test_pixels_unlike_raw_0_255_are_a_warning(tmp_path, caplog, scale, warned):
+    images = np.random.default_rng(0).uniform(0, 255, (20, 55, 47, 3)) * scale
+    pruning.data.write_lab_h5(tmp_path / "set.h5", images, np.zeros(20))
+    with caplog.at_level(logging.WARNING, logger="pruning.data"):
+        open_lab_set(tmp_path / "set.h5", (55, 47, 3), 10)
+    said = [r.getMessage() for r in caplog.records if "raw 0-255 pixels" in r.getMessage()]
+    assert len(said) == warned
+    if warned:
+        assert said[0].startswith(f"{tmp_path / 'set.h5'}: pixels range 6.86764e-07..0.999997; ")
+
+
+def test_swapped_looking_inputs_are_warnings(caplog):
+    from jobs.finish import check_b
+    sets = {name: SimpleNamespace(path=f"/data/{name}.h5") for name in pruning.data.SET_NAMES}
+    inputs = SimpleNamespace(sets=sets, hashes={"clean_valid": "a", "clean_test": "a",
+                                                "poisoned_valid": "b", "poisoned_test": "c"})
+    fine = pd.Series({"valid_accuracy": 96.0, "valid_asr": 99.0, "test_accuracy": 95.0, "test_asr": 98.0})
+    with caplog.at_level(logging.INFO, logger="jobs.finish"):
+        check_b(fine, SimpleNamespace(sets=sets, hashes={name: name for name in sets}))
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert caplog.records[0].getMessage() == ("B: validation accuracy 96.00 %, ASR 99.00 %; test "
+                                              "accuracy 95.00 %, ASR 98.00 %")
+    caplog.clear()
+    odd = pd.Series({"valid_accuracy": 6.9, "valid_asr": 12.0, "test_accuracy": 96.5, "test_asr": 99.0})
+    with caplog.at_level(logging.INFO, logger="jobs.finish"):
+        check_b(odd, inputs)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "B's attack success rate on /data/poisoned_valid.h5 is only 12.0 %: is it the poisoned "
+        "set, with the trigger, labelled with the attacker's target?",
+        "B's clean accuracy is 6.9 % on /data/clean_valid.h5 but 96.5 % on /data/clean_test.h5: "
+        "are both clean sets of B's task, stored alike?",
+        "the clean_valid and clean_test sets are the same file (/data/clean_valid.h5, "
+        "/data/clean_test.h5)"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--layer", "conv_4"], "layers after conv_4 also read from before it, so B cannot be cut there"),
+    (["--thresholds", "0.02", "0.04"], "--thresholds are points of validation accuracy (2 means 2 "
+                                       "points below B's), not fractions: 0.02 0.04 selects"),
+])
+def test_flags_that_are_likely_mistakes_are_warnings(lab, tmp_path, caplog, flags, says):
+    with caplog.at_level(logging.WARNING, logger="jobs.inputs"):
+        assert main([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(tmp_path / "out"),
+                     "--check", *flags]) == 0
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(says)], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jobs.inputs"):  # and not without those flags
+        assert main([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(tmp_path / "out"),
+                     "--check"]) == 0
+    assert not caplog.records, caplog.text

@@ -150,14 +150,16 @@ def test_a_rerun_with_other_thresholds_leaves_only_its_own_models(run, tmp_path)
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     (copy / "notes.txt").write_text("mine")  # not ours: kept
+    (copy / "model_X=7.h5").write_text("a model of the user's own")  # no run of ours wrote it: kept
     argv = list(argv)
     argv[argv.index("--out") + 1] = str(copy)
     argv = argv[:argv.index("--thresholds")] + ["--thresholds", "4", "99"]  # they come last
     assert main(argv) == 0
     models = {p.name for p in copy.iterdir() if p.name.startswith(("model_X=", "goodnet_X="))}
-    assert models == {"model_X=4.h5", "goodnet_X=4.keras"}  # X=2's are gone, X=99 is unreached
+    assert models == {"model_X=4.h5", "goodnet_X=4.keras", "model_X=7.h5"}  # X=2's are gone, X=99 is unreached
     assert (copy / "model_X=4.h5").read_bytes() == (out / "model_X=4.h5").read_bytes()
     assert (copy / "notes.txt").read_text() == "mine"
+    assert (copy / "model_X=7.h5").read_text() == "a model of the user's own"
     assert json.loads((copy / "manifest.json").read_text())["selected"].keys() == {"4", "99"}
 
 

@@ -9,13 +9,19 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pandas as pd
+
+from pruning.select import threshold_label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -125,30 +131,83 @@ def _quiet_legacy_warning():
 
 
 def plot_curve(curve: pd.DataFrame, selected: dict, path: str | os.PathLike) -> None:
-    """results.png: accuracy and ASR (valid and test) against the fraction pruned."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Write results.png (see ``curve_figure``); the same inputs give the same bytes."""
+    with atomic_path(path) as temporary:
+        curve_figure(curve, selected).savefig(temporary, format="png")
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+
+def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figure:
+    """results.png's figure: accuracy and ASR in percent against the fraction pruned, B' (valid
+    and test) on top, G (test) below.
+
+    ``curve`` is results.csv; ``selected`` maps each threshold X to its k, or None where it was
+    never reached. Each selected k is a dotted line with one label for all the X that chose it;
+    unreached thresholds are named in B''s legend.
+    """
+    # A Figure of its own needs no pyplot and no backend: a library does not choose the
+    # process's backend, and nothing is left open in pyplot's registry.
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    # G's curves track B''s within a few points (G answers B's class wherever B and B' agree),
+    # so on one axes they hide each other: G gets its own panel, on the same x and y scales.
+    figure = Figure(figsize=(8, 7.5), dpi=120, layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True, sharey=True, height_ratios=[3, 2])
     x = 100 * curve["fraction_pruned"]
-    for column, style, label in [("valid_accuracy", "C0-", "clean accuracy (valid)"),
-                                 ("test_accuracy", "C0--", "clean accuracy (test)"),
+    for column, style, label in [("valid_accuracy", "C0-", "accuracy (valid)"),
+                                 ("test_accuracy", "C0--", "accuracy (test)"),
                                  ("valid_asr", "C3-", "attack success rate (valid)"),
                                  ("test_asr", "C3--", "attack success rate (test)")]:
-        ax.plot(x, curve[column], style, label=label)
+        top.plot(x, curve[column], style, label=label)
+    bottom.plot(x, curve["goodnet_test_accuracy"], color="tab:green", label="G accuracy (test)")
+    bottom.plot(x, curve["goodnet_test_asr"], color="tab:orange", label="G attack success rate (test)")
+
     channels = int(curve["channels_pruned"].max())
-    for threshold, k in selected.items():
-        if k is not None:
-            ax.axvline(100 * k / channels, color="grey", lw=0.8, ls=":")
-            ax.annotate(f"X={threshold:g} (k={k})", (100 * k / channels, 50), rotation=90,
-                        fontsize=8, color="grey", ha="right", va="center")
-    ax.set_xlabel("channels pruned (%)")
-    ax.set_ylabel("percent")
-    ax.set_ylim(-2, 102)
-    ax.set_title("Fine-pruning sweep: clean accuracy and attack success rate")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png")
-    plt.close(fig)
+    by_k: dict[int, list[str]] = {}
+    for threshold, k in sorted(selected.items(), key=lambda item: item[0]):
+        by_k.setdefault(k, []).append(threshold_label(threshold))
+    unreached = by_k.pop(None, [])
+    levels = _label_levels([100 * k / channels for k in sorted(by_k)])
+    for (k, labels), level in zip(sorted(by_k.items()), levels):
+        position = 100 * k / channels
+        for axes in (top, bottom):
+            axes.axvline(position, color="grey", lw=0.8, ls=":", zorder=1)
+        top.text(position, LABEL_HEIGHTS[level],
+                 f"X={', '.join(labels)} (k={k})", transform=top.get_xaxis_transform(),
+                 rotation=90, fontsize=8, color="dimgrey", ha="center", va="center", zorder=3,
+                 bbox=dict(boxstyle="round,pad=0.25", facecolor="white", edgecolor="lightgrey"))
+
+    handles, _ = top.get_legend_handles_labels()
+    if unreached:  # a text-only legend row: the threshold has no line to mark
+        handles.append(Line2D([], [], linestyle="none",
+                              label=f"X={', '.join(unreached)}: not reached"))
+    top.legend(handles=handles, loc="lower left", fontsize=8)
+    bottom.legend(loc="lower left", fontsize=8)
+    top.set_title("B': B with the first k channels pruned", fontsize=10)
+    bottom.set_title("G: B's class where B and B' agree, else class N", fontsize=10)
+    figure.suptitle("Fine-pruning sweep: accuracy and attack success rate")
+    for axes in (top, bottom):
+        axes.set_ylabel("percent")
+    top.set_ylim(-2, 102)
+    bottom.set_xlabel(f"channels pruned (% of {channels})")
+    return figure
+
+
+# Heights (fraction of the axes) of the threshold labels, by level: the middle of the panel is
+# clear of the curves but for the drops, which a label's white box hides only locally.
+LABEL_HEIGHTS = (0.5, 0.22, 0.78)
+
+
+def _label_levels(positions: list[float], gap: float = 3.5) -> list[int]:
+    """For sorted x positions (percent), each label's level (index into ``LABEL_HEIGHTS``): the
+    lowest whose labels so far are all ``gap`` to the left, so labels of near-equal k do not
+    overlap; when none is free, the level whose last label is farthest.
+    A rotated label's box is about 20 pixels wide; 3.5 % of the x axis is about 27."""
+    last = [-math.inf] * len(LABEL_HEIGHTS)  # per level, the position of its rightmost label
+    levels = []
+    for position in positions:
+        free = [level for level, right in enumerate(last) if position - right >= gap]
+        level = free[0] if free else last.index(min(last))
+        last[level] = position
+        levels.append(level)
+    return levels

@@ -19,8 +19,9 @@ only the choice of cluster is a command-line flag:
     from a login node: a SLURMCluster submits N worker jobs whose ``#SBATCH`` lines come from
     ``jobqueue.slurm`` in dask.config.
 
-The two SLURM clients are in :mod:`jobs.slurm`; this module chooses, and owns what all places
-share: the config, the flags, the local cluster and how a stop signal ends a run.
+The two SLURM clients are in :mod:`jobs.slurm`, the running scheduler's in :mod:`jobs.running`;
+this module chooses, and owns what all places share: the config, the flags, the local cluster
+and how a stop signal ends a run.
 """
 from __future__ import annotations
 
@@ -253,56 +254,9 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
             log.info("%s", dashboard_hint(client))
             yield client
     else:
-        with _running_cluster_client(args) as client:
+        from jobs.running import running_cluster_client
+        with running_cluster_client(args) as client:
             yield client
-
-
-@contextlib.contextmanager
-def _running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
-    """A Client on a running scheduler (``--scheduler-address``/``--scheduler-file``) that has
-    a worker, saying what it waits for."""
-    where = args.scheduler_address or f"the one in {args.scheduler_file}"
-    if args.scheduler_file and not Path(args.scheduler_file).exists():
-        log.info("waiting for %s to appear: a Dask scheduler writes it as it starts", args.scheduler_file)
-    try:
-        client = (Client(scheduler_file=args.scheduler_file) if args.scheduler_file
-                  else Client(args.scheduler_address))
-    except OSError as error:  # timeouts included
-        stale = (" (a scheduler file outlives its scheduler: is this one from a scheduler that"
-                 " still runs?)" if args.scheduler_file else "")
-        raise ClusterError(f"could not reach the Dask scheduler at {where}: "
-                           f"{' '.join(str(error).split())}; is it running, and reachable from "
-                           f"this machine?{stale}") from None
-    with client:
-        log.info("%s", dashboard_hint(client))
-        if not client.scheduler_info()["workers"]:
-            log.info("waiting for a worker to join the scheduler at %s (dask worker %s)",
-                     client.scheduler.address, client.scheduler.address)
-        client.wait_for_workers(1)
-        check_project_imports(client)
-        yield client
-
-
-PROJECT_IMPORT = "import jobs.tasks"  # what unpickling our tasks imports
-
-
-def check_project_imports(client: Client) -> None:
-    """Stop with a :class:`ClusterError` if the scheduler or a worker of a cluster we did not
-    start cannot import this project: the scheduler would refuse the task graph, and such a
-    worker would die on its first task, leaving the sweep waiting for ever."""
-    advice = ("start the scheduler and workers from this project's environment and checkout "
-              "(README: On a Dask cluster you already run)")
-    try:
-        client.run_on_scheduler(exec, PROJECT_IMPORT)  # a builtin: unpickled anywhere
-    except ImportError as error:
-        raise ClusterError(f"the Dask scheduler at {client.scheduler.address} cannot import this "
-                           f"project ({error}); {advice}") from None
-    results = client.run(exec, PROJECT_IMPORT, on_error="return")
-    failed = {worker: error for worker, error in results.items() if error is not None}
-    if failed:
-        worker, error = next(iter(failed.items()))
-        raise ClusterError(f"{len(failed)} of the {len(results)} Dask workers cannot import this "
-                           f"project ({worker}: {error}); {advice}")
 
 
 @contextlib.contextmanager

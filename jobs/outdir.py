@@ -1,10 +1,8 @@
-"""The output folder: one live run at a time, and checkpoints a rerun reads back.
+"""The output folder: one live run at a time, its checkpoints, and its models' names.
 
 A run holds an exclusive lock on ``OUT/.sweep.lock`` (released by the kernel when the process
-dies, so a killed or preempted job never leaves a stale lock). Finished prefixes are kept as
-``OUT/checkpoints/chunk-<set>-<i>.json`` (a chunk of rows, all prefixes), tagged with the
-inputs' fingerprint: a rerun with the same
-inputs reuses them, a rerun with other inputs replaces them once it has a result of its own.
+dies, so a killed or preempted job never leaves a stale lock). Finished chunks of rows are kept
+in ``OUT/checkpoints`` (:mod:`jobs.checkpoints`).
 
 A run that fails leaves the folder as it found it: :class:`OutputFolder` checks without
 writing anything, and :meth:`OutputFolder.locked` undoes its own traces on the way out of a
@@ -20,17 +18,12 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
-
+from jobs.checkpoints import CHECKPOINTS, Checkpoints
 from pruning.data import InputError
-from pruning.counts import Counts
-from pruning.report import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +189,6 @@ class OutputFolder:
 
 
 LOCK_NAME = ".sweep.lock"
-CHECKPOINTS = "checkpoints"
-CHUNK_FILES = "chunk-*.json"  # one per finished chunk of rows, in CHECKPOINTS
 
 
 def _restore(handle, lock_path: Path, before) -> None:
@@ -231,90 +222,6 @@ def _remove_empty(created: list[Path], snapshot, out: Path, held: set[str]) -> N
     existing, stat, names = snapshot
     if sorted(os.listdir(existing)) == names:
         os.utime(existing, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-
-
-class Checkpoints:
-    """The channel order and, per chunk of rows, the tallies of every prefix, of a run.
-
-    Checkpoints of other inputs (another fingerprint) are left alone until this run saves
-    its first result, so a run that fails early takes nothing from the folder. A checkpoint
-    file that cannot be read is skipped (its chunk is evaluated again), not an error.
-    """
-
-    def __init__(self, folder: Path, fingerprint: dict):
-        self.folder = folder
-        self.fingerprint = fingerprint
-        self.ours = folder.is_dir() and _read_json(folder / "fingerprint.json") == fingerprint
-        if folder.exists() and not self.ours:
-            log.info("checkpoints in %s are for other inputs; this run replaces them once it "
-                     "has a result of its own", folder)
-
-    def finished(self) -> int:
-        """How many finished chunks of these inputs the folder holds (0 if it holds another
-        run's): what the same command would resume from."""
-        return len(list(self.folder.glob(CHUNK_FILES))) if self.ours else 0
-
-    def _claim(self) -> None:
-        if self.ours:
-            return
-        if self.folder.is_dir():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(self.folder / "fingerprint.json", self.fingerprint)
-        self.ours = True
-
-    def channel_order(self) -> pd.DataFrame | None:
-        path = self.folder / "channel_order.csv"
-        if not (self.ours and path.exists()):
-            return None
-        try:
-            order = pd.read_csv(path)
-            order["channel"].astype(int)
-        except Exception as error:  # a damaged checkpoint: profile again
-            log.warning("ignoring %s (%s); the channel order is computed again", path,
-                        first_line(error))
-            return None
-        return order
-
-    def save_channel_order(self, order: pd.DataFrame) -> pd.DataFrame:
-        self._claim()
-        write_csv(self.folder / "channel_order.csv", order)
-        return order
-
-    def chunks(self) -> dict[tuple[str, int], list[Counts]]:
-        """Finished chunks: ``(set, index) -> [Counts for k = 0..C]``."""
-        done = {}
-        if not self.ours:
-            return done
-        for path in sorted(self.folder.glob(CHUNK_FILES)):
-            try:
-                data = json.loads(path.read_text())
-                done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
-            except Exception as error:  # a damaged checkpoint: evaluate that chunk again
-                log.warning("ignoring %s (%s); that chunk is evaluated again", path,
-                            first_line(error))
-        return done
-
-    def save_chunk(self, set_name: str, index: int, prefixes: list[Counts]) -> list[Counts]:
-        """Keep one chunk's tallies for every prefix k = 0..C (a list indexed by k)."""
-        self._claim()
-        write_json(self.folder / f"chunk-{set_name}-{index:05d}.json",
-                   {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
-        return prefixes
-
-
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{error.__class__.__name__}: {lines[0][:160] if lines else ''}"
 
 
 # Per threshold X, B' and G; formatted with the threshold's label (pruning.select).

@@ -55,12 +55,13 @@ def damaged(path: str, what: str) -> Iterator[None]:
                          "(its sizes are implausible)?") from None
     except Exception as error:  # h5py raises OSError, KeyError, RuntimeError, ValueError, ...
         raise InputError(f"{path}: {what} cannot be read ({error.__class__.__name__}: "
-                         f"{_first_line(error)}); the file is damaged, copy it again") from None
+                         f"{first_line(error)}); the file is damaged, copy it again") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to one line of at most ``limit`` characters, for an error line."""
     lines = str(error).strip().splitlines()
-    return " ".join(lines[0].split())[:160] if lines else "no details"
+    return " ".join(lines[0].split())[:limit] if lines else error.__class__.__name__
 
 
 @dataclass(frozen=True)
@@ -120,18 +121,22 @@ def check_file(path: str | os.PathLike, what: str = "", kind: str = "the .h5 fil
     return path
 
 
-def open_h5(path: str | os.PathLike) -> h5py.File:
-    """Open an HDF5 file read-only, turning every failure into one clear :class:`InputError`."""
-    path = check_file(path)
+def open_h5(path: str | os.PathLike, what: str = "") -> h5py.File:
+    """Open an HDF5 file read-only, turning every failure into one clear :class:`InputError`
+    (``what`` names the file's role, e.g. ``--model``)."""
+    path = check_file(path, what)
+    name = f"{what} {path}".strip()
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{name} is not an HDF5 file; is it truncated or another format?")
     try:
         return h5py.File(path, "r")
     except Exception as error:  # OSError, mostly; any failure here means the same
-        text = _first_line(error)
+        text = first_line(error)
         if "truncated file" in text:
-            raise InputError(f"{path} is truncated ({text}): it was not completely copied or "
+            raise InputError(f"{name} is truncated ({text}): it was not completely copied or "
                              "written; copy it again") from None
-        raise InputError(f"{path} is not a readable HDF5 file ({error.__class__.__name__}: "
-                         f"{text[:120]}); is it truncated or another format?") from None
+        raise InputError(f"{name} is not a readable HDF5 file ({error.__class__.__name__}: "
+                         f"{text[:120]}); is it damaged? copy it again") from None
 
 
 def as_int_labels(labels: np.ndarray, path: str) -> np.ndarray:

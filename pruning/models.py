@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from pruning.backend import keras
 
-from pruning.data import InputError, check_file
+from pruning.data import InputError, check_file, first_line, open_h5
 from pruning.deepid import LAB_CLASSES, build_deepid
 
 ARCHITECTURES = {"deepid": build_deepid}
@@ -121,7 +121,7 @@ def _read_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
         hint = ("; it holds weights only: load it as weights for an architecture "
                 f"({flags.weights})" if is_weights_only(path) else "")
         raise InputError(f"{path} cannot be loaded as a Keras model "
-                         f"({first_line(error)}){hint}") from None
+                         f"({first_line(error, 200)}){hint}") from None
     if not isinstance(model, keras.Model):
         raise InputError(f"{path} holds a {type(model).__name__}, not a Keras model")
     return model
@@ -133,7 +133,7 @@ def check_file_format(path: Path, what: str) -> None:
     if path.suffix == ".keras":
         check_keras_zip(path, what)
     else:
-        check_hdf5(path, what)
+        open_h5(path, what).close()
 
 
 def check_keras_zip(path: Path, what: str) -> None:
@@ -148,21 +148,6 @@ def check_keras_zip(path: Path, what: str) -> None:
                          "one has no end): it was not completely copied or written; copy it again")
     raise InputError(f"{what} {path} is not a .keras file (a zip archive); is it truncated or "
                      "another format?")
-
-
-def check_hdf5(path: Path, what: str) -> None:
-    """A one-line error for a file that is not HDF5, or is truncated or damaged."""
-    if not h5py.is_hdf5(path):
-        raise InputError(f"{what} {path} is not an HDF5 file; is it truncated or another format?")
-    try:
-        h5py.File(path, "r").close()
-    except Exception as error:
-        text = first_line(error)
-        if "truncated file" in text:
-            raise InputError(f"{what} {path} is truncated ({text}): it was not completely "
-                             "copied or written; copy it again") from None
-        raise InputError(f"{what} {path} is not a readable HDF5 file ({text}); is it damaged? "
-                         "copy it again") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -211,11 +196,6 @@ def weights_mismatch(error: BaseException) -> str:
         return (f"{legacy.group(1)} is {legacy.group(2)} in the architecture but "
                 f"{legacy.group(3)} in the file")
     return " ".join(text.split())[:200] or error.__class__.__name__
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else error.__class__.__name__)[:200]
 
 
 def output_tensor(model: keras.Model):

@@ -42,8 +42,10 @@ import jobs.tasks
 import pruning.data
 import tiny
 from conftest import REPO
-from jobs.outdir import Checkpoints, OutputFolder
-from jobs.sweep import explain, interrupted_line, main
+from jobs.checkpoints import Checkpoints
+from jobs.outdir import OutputFolder
+from jobs.failures import explain, interrupted_line
+from jobs.sweep import main
 from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set
 from pruning.goodnet import build_goodnet
@@ -225,7 +227,7 @@ CASES = {
     "--data is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data / "cl/valid.h5"],
                          ["not a directory"]),
     "set is not HDF5": (lambda lab, tmp: [*model_args(lab), "--data", data_with(lab, tmp, text_file)],
-                        ["not a readable HDF5 file"]),
+                        ["valid.h5 is not an HDF5 file; is it truncated or another format?"]),
     "set truncated": (lambda lab, tmp: [*model_args(lab), "--data",
                                         data_with(lab, tmp, truncated(lab.data / "cl/valid.h5"))],
                       ["valid.h5 is truncated", "copy it again"]),

@@ -1,0 +1,101 @@
+"""A run's checkpoints: the channel order and, per finished chunk of rows, every prefix's tallies.
+
+They are kept as ``OUT/checkpoints/chunk-<set>-<i>.json``, tagged with the inputs' fingerprint
+(``fingerprint.json``): a rerun with the same inputs reuses them, a rerun with other inputs
+replaces them once it has a result of its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from pruning.counts import Counts
+from pruning.data import first_line
+from pruning.report import write_csv, write_json
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"      # the folder, in --out
+CHUNK_FILES = "chunk-*.json"     # one per finished chunk of rows, in CHECKPOINTS
+
+
+class Checkpoints:
+    """The channel order and, per chunk of rows, the tallies of every prefix, of a run.
+
+    Checkpoints of other inputs (another fingerprint) are left alone until this run saves
+    its first result, so a run that fails early takes nothing from the folder. A checkpoint
+    file that cannot be read is skipped (its chunk is evaluated again), not an error.
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.ours = folder.is_dir() and _read_json(folder / "fingerprint.json") == fingerprint
+        if folder.exists() and not self.ours:
+            log.info("checkpoints in %s are for other inputs; this run replaces them once it "
+                     "has a result of its own", folder)
+
+    def finished(self) -> int:
+        """How many finished chunks of these inputs the folder holds (0 if it holds another
+        run's): what the same command would resume from."""
+        return len(list(self.folder.glob(CHUNK_FILES))) if self.ours else 0
+
+    def _claim(self) -> None:
+        if self.ours:
+            return
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / "fingerprint.json", self.fingerprint)
+        self.ours = True
+
+    def channel_order(self) -> pd.DataFrame | None:
+        path = self.folder / "channel_order.csv"
+        if not (self.ours and path.exists()):
+            return None
+        try:
+            order = pd.read_csv(path)
+            order["channel"].astype(int)
+        except Exception as error:  # a damaged checkpoint: profile again
+            log.warning("ignoring %s (%s); the channel order is computed again", path,
+                        f"{error.__class__.__name__}: {first_line(error)}")
+            return None
+        return order
+
+    def save_channel_order(self, order: pd.DataFrame) -> pd.DataFrame:
+        self._claim()
+        write_csv(self.folder / "channel_order.csv", order)
+        return order
+
+    def chunks(self) -> dict[tuple[str, int], list[Counts]]:
+        """Finished chunks: ``(set, index) -> [Counts for k = 0..C]``."""
+        done = {}
+        if not self.ours:
+            return done
+        for path in sorted(self.folder.glob(CHUNK_FILES)):
+            try:
+                data = json.loads(path.read_text())
+                done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
+            except Exception as error:  # a damaged checkpoint: evaluate that chunk again
+                log.warning("ignoring %s (%s); that chunk is evaluated again", path,
+                            f"{error.__class__.__name__}: {first_line(error)}")
+        return done
+
+    def save_chunk(self, set_name: str, index: int, prefixes: list[Counts]) -> list[Counts]:
+        """Keep one chunk's tallies for every prefix k = 0..C (a list indexed by k)."""
+        self._claim()
+        write_json(self.folder / f"chunk-{set_name}-{index:05d}.json",
+                   {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
+        return prefixes
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

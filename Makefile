@@ -28,4 +28,4 @@ bench: setup
 	$(PY) scripts/bench.py
 
 clean:
-	rm -rf results/*.csv results/*.h5 results/*.keras results/*.png results/*.json results/checkpoints
+	rm -rf results/*.csv results/*.h5 results/*.keras results/*.png results/*.json results/checkpoints results/.sweep.lock results/.dask

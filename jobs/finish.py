@@ -41,7 +41,7 @@ def curve_frame(order: pd.DataFrame, prefixes: dict[int, dict[str, Counts]]) -> 
     return frame[CURVE_COLUMNS + [c for c in frame.columns if c not in CURVE_COLUMNS]]
 
 
-def check_b(b: pd.Series, inputs) -> None:
+def check_baseline(b: pd.Series, inputs) -> None:
     """Log B's own scores (the curve at k = 0) and warn where the inputs look swapped or
     transformed: the sweep runs either way, but its numbers would mean little."""
     log.info("B: validation accuracy %.2f %%, ASR %.2f %%; test accuracy %.2f %%, ASR %.2f %%",
@@ -69,7 +69,7 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
     started = time.perf_counter()
     earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
     curve = curve_frame(order, prefixes)
-    check_b(curve.iloc[0], inputs)
+    check_baseline(curve.iloc[0], inputs)
     selected = select_prefixes(curve, args.thresholds, args.relative)
     bd_model = inputs.spec.load()
     channels = order["channel"].tolist()

@@ -782,20 +782,20 @@ def test_pixels_unlike_raw_0_255_are_a_warning(tmp_path, caplog, scale, warned):
 
 
 def test_swapped_looking_inputs_are_warnings(caplog):
-    from jobs.finish import check_b
+    from jobs.finish import check_baseline
     sets = {name: SimpleNamespace(path=f"/data/{name}.h5") for name in pruning.data.SET_NAMES}
     inputs = SimpleNamespace(sets=sets, hashes={"clean_valid": "a", "clean_test": "a",
                                                 "poisoned_valid": "b", "poisoned_test": "c"})
     fine = pd.Series({"valid_accuracy": 96.0, "valid_asr": 99.0, "test_accuracy": 95.0, "test_asr": 98.0})
     with caplog.at_level(logging.INFO, logger="jobs.finish"):
-        check_b(fine, SimpleNamespace(sets=sets, hashes={name: name for name in sets}))
+        check_baseline(fine, SimpleNamespace(sets=sets, hashes={name: name for name in sets}))
     assert [r.levelname for r in caplog.records] == ["INFO"]
     assert caplog.records[0].getMessage() == ("B: validation accuracy 96.00 %, ASR 99.00 %; test "
                                               "accuracy 95.00 %, ASR 98.00 %")
     caplog.clear()
     odd = pd.Series({"valid_accuracy": 6.9, "valid_asr": 12.0, "test_accuracy": 96.5, "test_asr": 99.0})
     with caplog.at_level(logging.INFO, logger="jobs.finish"):
-        check_b(odd, inputs)
+        check_baseline(odd, inputs)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
         "B's attack success rate on /data/poisoned_valid.h5 is only 12.0 %: is it the poisoned "

@@ -84,6 +84,16 @@ def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, 
     assert_same_outputs(out, demo_run)
 
 
+def runner_ranks(out: Path, rank: int) -> list[psutil.Process]:
+    """The ``python -m jobs.sweep --slurm-runner`` processes of SLURM rank ``rank`` writing to ``out``."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        cmdline, environ = process.info["cmdline"] or [], process.info["environ"] or {}
+        if "--slurm-runner" in cmdline and str(out) in cmdline and environ.get("SLURM_PROCID") == str(rank):
+            found.append(process)
+    return found
+
+
 def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, demo_run, tmp_path):
     out = tmp_path / "out"
     killed = []
@@ -91,12 +101,9 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     def kill_a_worker(log: str) -> None:
         if killed or chunks_done(out) < 3:
             return
-        for process in psutil.process_iter(["cmdline", "environ"]):
-            environ = process.info["environ"] or {}
-            if "--slurm-runner" in (process.info["cmdline"] or []) and environ.get("SLURM_PROCID") == "2" \
-                    and str(out) in process.info["cmdline"]:
-                process.kill()
-                killed.append(chunks_done(out))
+        for process in runner_ranks(out, rank=2):
+            process.kill()
+            killed.append(chunks_done(out))
 
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
                              while_running=kill_a_worker)
@@ -114,12 +121,9 @@ def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo
     def interrupt_the_client(log: str) -> None:
         if interrupted or chunks_done(out) < 3:
             return
-        for process in psutil.process_iter(["cmdline", "environ"]):
-            environ = process.info["environ"] or {}
-            if "--slurm-runner" in (process.info["cmdline"] or []) and environ.get("SLURM_PROCID") == "1" \
-                    and str(out) in process.info["cmdline"]:
-                process.send_signal(signal.SIGINT)
-                interrupted.append(process.pid)
+        for process in runner_ranks(out, rank=1):
+            process.send_signal(signal.SIGINT)
+            interrupted.append(process.pid)
 
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="FAILED",
                              while_running=interrupt_the_client)

@@ -13,8 +13,6 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from pruning.backend import keras
 from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
 from pruning.models import ModelSpec, choose_layer, image_input_shape, output_tensor
@@ -148,30 +146,3 @@ def resolve_inputs(args) -> SweepInputs:
                     " ".join(f"{t:g}" for t in args.thresholds))
     sets = {name: replace(s, path=os.path.abspath(s.path)) for name, s in sets.items()}
     return SweepInputs(spec, sets, conv, read, channels, classes, demo)
-
-
-class QuietInputErrors(WorkerPlugin):
-    """A Dask worker plugin: a task that stops on an :class:`InputError` (say NaN pixels in a
-    chunk, found only when a worker reads it) is logged by the worker as one line instead of
-    distributed's "Compute Failed" block with its traceback; the client reports the error.
-
-    Register with ``client.register_plugin(QuietInputErrors())``.
-    """
-
-    name = "quiet-input-errors"
-
-    def setup(self, worker=None):
-        logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, InputErrorLogFilter) for f in logger.filters):
-            logger.addFilter(InputErrorLogFilter())
-
-
-class InputErrorLogFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        if (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")
-                and len(args) >= 4 and str(args[3]).startswith(InputError.__name__ + "(")):
-            record.msg = "task %s stopped on an input problem (the client reports it): %s"
-            record.args = (args[0], args[3])
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True

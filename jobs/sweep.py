@@ -177,7 +177,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
     from jobs import finish
-    from jobs.inputs import QuietInputErrors
+    from jobs.tasks import QuietWorkerLogs
 
     with out.locked(), ThreadPoolExecutor(1) as background:
         # sha256 of every input (about a second per GB) while the cluster starts
@@ -187,7 +187,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 # Only on workers this run started: a plugin stays on a running cluster, and
                 # every worker that later joins it would have to import this project.
                 with contextlib.suppress(Exception):  # only quietens the workers' logs
-                    client.register_plugin(QuietInputErrors())
+                    client.register_plugin(QuietWorkerLogs())
             checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
             try:
                 order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,

@@ -5,11 +5,13 @@ computed them, where its prefix tasks are scheduled."""
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 
 import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
 
-from pruning.data import LabSet
+from pruning.data import InputError, LabSet
 from pruning.models import ModelSpec
 from pruning.counts import Counts
 from pruning.prune import Chunk, SplitModel, compute_chunk, evaluate_prefixes, split_model
@@ -54,3 +56,45 @@ def evaluate_prefixes_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,
                            order: tuple[int, ...], first: int, stop: int) -> list[Counts]:
     """Counts of B'_k for k = first..stop-1 on one chunk."""
     return evaluate_prefixes(split_for(spec, conv, read), chunk, order, first, stop)
+
+
+class QuietWorkerLogs(WorkerPlugin):
+    """A Dask worker plugin for workers the sweep started, so that what the client reports in
+    one line is not also a block in the workers' logs:
+
+    - a task that stops on an :class:`InputError` (say NaN pixels in a chunk, found only when a
+      worker reads it) is one WARNING line, not distributed's "Compute Failed" block with a
+      traceback;
+    - a task cut short because its worker closes (a stopped run) is an INFO line, not a WARNING.
+
+    Register with ``client.register_plugin(QuietWorkerLogs())``.
+    """
+
+    name = "quiet-worker-logs"
+
+    def setup(self, worker=None):
+        for name, kind in (("distributed.worker", InputErrorLogFilter),
+                           ("distributed.worker.state_machine", ClosingWorkerLogFilter)):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
+
+
+class InputErrorLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")
+                and len(args) >= 4 and str(args[3]).startswith(InputError.__name__ + "(")):
+            record.msg = "task %s stopped on an input problem (the client reports it): %s"
+            record.args = (args[0], args[3])
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+class ClosingWorkerLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Async instruction for") and message.endswith("ended with CancelledError"):
+            record.levelno, record.levelname = logging.INFO, "INFO"  # a worker closing mid-task
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True

@@ -1,6 +1,7 @@
 """The sweep on the embedded demo as a user runs it, and surviving a lost worker or Ctrl-C
 (LocalCluster)."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -116,6 +117,25 @@ def test_nohup_keeps_a_run_going_when_its_terminal_closes(demo, demo_run, tmp_pa
     _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, err[-3000:]
     assert_same_outputs(out, demo_run)
+
+
+@pytest.mark.parametrize("level, shown", [(logging.WARNING, False), (logging.INFO, True)])
+def test_a_task_cut_short_by_a_closing_worker_is_not_a_warning(level, shown):
+    """What a worker logs for each task running when it closes (a stopped run): an INFO line
+    where INFO is logged, nothing where only warnings are (--single-node's workers)."""
+    from jobs.tasks import ClosingWorkerLogFilter
+    logger = logging.getLogger("distributed.worker.state_machine")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                                   "Async instruction for <Task cancelled name=\"execute('x')\"> "
+                                   "ended with CancelledError", None, None)
+        other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", None, None)
+        assert ClosingWorkerLogFilter().filter(record) is shown and record.levelname == "INFO"
+        assert ClosingWorkerLogFilter().filter(other) and other.levelname == "WARNING"
+    finally:
+        logger.setLevel(previous)
 
 
 def live_processes(group: int) -> list:

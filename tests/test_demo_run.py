@@ -149,3 +149,56 @@ def live_processes(group: int) -> list:
         except (ProcessLookupError, psutil.Error):
             pass
     return found
+
+
+def test_a_stop_before_a_client_call_starts_logs_no_traceback(monkeypatch, caplog):
+    """distributed's sync(), stopped before its coroutine ran, logs a NameError traceback
+    through tornado (seen once in CI after SIGTERM); the client's filter drops that record."""
+    import threading
+    from distributed.utils import sync
+    from tornado.ioloop import IOLoop
+    from jobs import cluster
+
+    loop_started = threading.Event()
+    holder = {}
+
+    def run_loop():
+        holder["loop"] = IOLoop.current()
+        IOLoop.current().add_callback(loop_started.set)
+        IOLoop.current().start()
+
+    thread = threading.Thread(target=run_loop, daemon=True)
+    thread.start()
+    loop_started.wait(10)
+    loop = holder["loop"]
+
+    async def work():
+        return 1
+
+    def stopped(self, timeout=None):
+        raise KeyboardInterrupt
+
+    def interrupted_sync() -> list[logging.LogRecord]:
+        caplog.clear()
+        with monkeypatch.context() as patch:  # the stop arrives as sync() starts to wait
+            patch.setattr(threading.Event, "wait", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                sync(loop, work)
+        time.sleep(0.5)  # the loop runs the scheduled cancel()
+        return [r for r in caplog.records if r.name == "tornado.application"]
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    tornado_log = logging.getLogger("tornado.application")
+    filters = list(tornado_log.filters)  # an in-process sweep before this test installed ours
+    tornado_log.filters = [f for f in filters if not isinstance(f, cluster.InterruptedSyncFilter)]
+    try:
+        with caplog.at_level(logging.ERROR, logger="tornado.application"):
+            assert [type(r.exc_info[1]) for r in interrupted_sync()] == [NameError]  # the bug
+            cluster.stop_on_signals()
+            assert interrupted_sync() == []
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        tornado_log.filters = filters
+        loop.add_callback(loop.stop)
+        thread.join(10)

@@ -86,7 +86,8 @@ def heeded_stop_signals() -> list[int]:
 
 def stop_on_signals() -> None:
     """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`),
-    unless they are ignored."""
+    unless they are ignored; and keep a stop's known distributed traceback out of the log
+    (:class:`InterruptedSyncFilter`)."""
     for signum in heeded_stop_signals():
         if signum != signal.SIGINT:
             signal.signal(signum, _raise_stopped)

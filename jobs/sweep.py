@@ -30,8 +30,8 @@ from distributed import Future, as_completed
 from tqdm import tqdm
 
 from jobs import cluster
-from jobs.failures import explain, interrupted_line
 from jobs.checkpoints import Checkpoints
+from jobs.failures import explain, interrupted_line
 from jobs.outdir import OutputFolder, output_names
 from pruning.counts import Counts
 from pruning.data import CHUNK_ROWS, InputError

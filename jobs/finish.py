@@ -64,7 +64,8 @@ def check_baseline(b: pd.Series, inputs) -> None:
                         ", ".join(sets[name] for name in names))
 
 
-def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timings) -> list[str]:
+def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timings,
+                  reused: dict) -> list[str]:
     """Write every output file (each atomically) and return their names."""
     started = time.perf_counter()
     earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
@@ -102,13 +103,13 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
     plot_curve(curve, selected, out / "results.png")
     written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
     timings = dict(timings, outputs_s=time.perf_counter() - started)
-    write_json(out / "manifest.json", manifest(inputs, args, selected, timings))
+    write_json(out / "manifest.json", manifest(inputs, args, selected, timings, reused))
     written.append("manifest.json")
     remove_stale_models(out, written, earlier)
     return written
 
 
-def manifest(inputs, args, selected, timings) -> dict:
+def manifest(inputs, args, selected, timings, reused) -> dict:
     paths = {"model": inputs.spec.path} | {name: s.path for name, s in inputs.sets.items()}
     return {
         "inputs": {name: {"path": str(Path(path).resolve()), "sha256": inputs.hashes[name]}
@@ -125,6 +126,7 @@ def manifest(inputs, args, selected, timings) -> dict:
         "selected": {threshold_label(t): k for t, k in selected.items()},
         "versions": versions(),
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        "checkpoints": reused,  # a resumed run's timings cover only the work it did
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

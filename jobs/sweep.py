@@ -109,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int,
               prefixes_per_task: int = PREFIXES_PER_TASK):
-    """Submit the task graph; return (channel order, {k: {set: Counts}}, timings).
+    """Submit the task graph; return (channel order, {k: {set: Counts}}, timings, what was
+    reused from checkpoints).
 
     Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
     tasks as soon as its activations exist and then frees them, so memory stays flat as the
@@ -128,6 +129,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
               for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
     done = checkpoints.chunks()
     order = checkpoints.channel_order()
+    reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
     needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
     activations = {key: client.submit(activations_task, spec, conv, read, key[0], inputs.sets[key[0]],
                                       *ranges[key], key=f"activations-{key[0]}-{key[1]}-{run}")
@@ -171,7 +173,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
         for k, counts in enumerate(chunk_counts):
             totals[k][set_name] = totals[k].get(set_name, Counts()) + counts
     timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, totals, timings
+    return order, totals, timings, reused
 
 
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
@@ -190,12 +192,12 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     client.register_plugin(QuietWorkerLogs())
             checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
             try:
-                order, prefixes, timings = run_sweep(inputs, client, checkpoints, args.chunk_rows,
+                order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints, args.chunk_rows,
                                                      args.prefixes_per_task)
             except BaseException:
                 release_tasks(client)
                 raise
-        return finish.write_outputs(inputs, args, out.path, order, prefixes, timings)
+        return finish.write_outputs(inputs, args, out.path, order, prefixes, timings, reused)
 
 
 def release_tasks(client) -> None:

@@ -120,6 +120,8 @@ def test_manifest_records_inputs_and_layer(run):
     assert set(manifest["inputs"]) == {"model", "clean_valid", "poisoned_valid", "clean_test", "poisoned_test"}
     assert all(len(entry["sha256"]) == 64 for entry in manifest["inputs"].values())
     assert manifest["versions"]["keras"] == keras.__version__
+    chunks = sum(-(-rows // 48) for rows in manifest["rows"].values())  # --chunk-rows 48
+    assert manifest["checkpoints"] == {"chunks": chunks, "chunks_reused": 0, "channel_order_reused": False}
 
 
 def test_rerun_reuses_every_prefix_and_writes_identical_files(run, caplog):
@@ -131,6 +133,8 @@ def test_rerun_reuses_every_prefix_and_writes_identical_files(run, caplog):
     assert re.search(r"reused from checkpoints: (\d+) of \1 chunks \(\d+ prefix evaluations\); 0 to evaluate",
                      caplog.text), caplog.text
     assert all((out / name).read_bytes() == data for name, data in before.items())
+    reused = json.loads((out / "manifest.json").read_text())["checkpoints"]
+    assert reused["chunks_reused"] == reused["chunks"] > 0 and reused["channel_order_reused"]
 
 
 def test_a_second_run_on_a_held_output_folder_is_refused(run, capsys):

@@ -44,6 +44,30 @@ def with_sparse_channels(model: keras.Model, images: np.ndarray, conv: str = "co
     return model
 
 
+def with_tiny_channels(model: keras.Model, channels=range(0, 12, 3), scale: float = 2.0 ** -100) -> keras.Model:
+    """Scale ``channels`` of conv_3 (kernel and bias) by ``scale`` and what the head reads of
+    them (conv_4's and fc_1's weights) by its inverse: the same network, up to rounding, whose
+    pruned channels are active with values near 1e-28, far from 0 in float32 (not denormal).
+    ReLU and max pooling commute with a positive scale, so pruning them still matters."""
+    channels = list(channels)
+    conv = model.get_layer("conv_3")
+    kernel, bias = conv.get_weights()
+    kernel[..., channels] *= scale
+    bias[channels] *= scale
+    conv.set_weights([kernel, bias])
+    deep = model.get_layer("conv_4")
+    kernel, bias = deep.get_weights()
+    kernel[:, :, channels, :] /= scale  # (h, w, in, out)
+    deep.set_weights([kernel, bias])
+    dense = model.get_layer("fc_1")
+    kernel, bias = dense.get_weights()
+    height, width, depth = model.get_layer("pool_3").output.shape[1:]
+    kernel = kernel.reshape(height, width, depth, -1)  # Flatten's order: (h, w, c)
+    kernel[:, :, channels, :] /= scale
+    dense.set_weights([kernel.reshape(height * width * depth, -1), bias])
+    return model
+
+
 def tiny_batchnorm_sigmoid(seed: int = 2, classes: int = 7) -> keras.Model:
     """A conv whose pruned value is not 0 (sigmoid(0) = 0.5), then BatchNorm, a separate
     activation and average pooling: a longer per-channel chain, 'same' padding."""

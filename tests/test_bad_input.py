@@ -763,6 +763,20 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch
     assert target.read_text() == "the previous run's\n"
 
 
+def test_a_reader_of_the_old_file_never_sees_the_new_one_being_written(tmp_path):
+    """Written to another name and renamed into place: a reader that opened the old file
+    reads it whole, not a file truncated and rewritten under it."""
+    from pruning.report import write_text
+    target = tmp_path / "results.csv"
+    old = "channels_pruned,valid_accuracy\n" + "1,97.5\n" * 5000
+    target.write_text(old)
+    with open(target) as reader:
+        reader.read(10)
+        write_text(target, "channels_pruned,valid_accuracy\n0,98.0\n")
+        assert old[:10] + reader.read() == old
+    assert target.read_text() == "channels_pruned,valid_accuracy\n0,98.0\n"
+
+
 def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     from pruning.report import write_text
     previous = os.umask(0o027)

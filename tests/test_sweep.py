@@ -33,12 +33,17 @@ def run(tmp_path_factory):
 
 
 def literal_scores(model, folder, channels):
-    """Accuracy of the literally pruned model on each set, the naive way."""
+    """Accuracy of the literally pruned model on each set, the naive way; and on the test sets,
+    G's accuracy and share of class N (G: B's class where B and B' agree, else N = 10)."""
     pruned = prune_conv_channels(model, "conv_3", channels)
     scores = {}
     for name, path in lab_paths(folder / "data").items():
         images, labels = open_lab_set(path, (55, 47, 3), 10).read()
-        scores[name] = 100.0 * np.mean(predict_classes(pruned, images) == labels)
+        b_prime = predict_classes(pruned, images)
+        scores[name] = 100.0 * np.mean(b_prime == labels)
+        if name.endswith("_test"):
+            g = np.where(predict_classes(model, images) == b_prime, b_prime, 10)
+            scores["goodnet_" + name] = (100.0 * np.mean(g == labels), 100.0 * np.mean(g == 10))
     return scores
 
 
@@ -61,11 +66,44 @@ def test_curve_equals_naive_literal_pruning_for_every_k(run):
     assert list(curve.columns[:6]) == CURVE_COLUMNS
     assert curve["channels_pruned"].tolist() == list(range(13))
     assert sorted(order) == list(range(12))
+    assert curve["fraction_pruned"].tolist() == [k / 12 for k in range(13)]
+    assert curve["channel"].tolist() == [-1] + order  # the one pruned at k
     for k in range(13):
         naive = literal_scores(model, folder, order[:k])
         row = curve.iloc[k]
         assert (row.valid_accuracy, row.valid_asr, row.test_accuracy, row.test_asr) == (
             naive["clean_valid"], naive["poisoned_valid"], naive["clean_test"], naive["poisoned_test"]), k
+        # G's test scores at every k: accuracy and false alarms on clean, ASR and detection on poisoned
+        assert (row.goodnet_test_accuracy, row.goodnet_false_alarm_rate) == naive["goodnet_clean_test"], k
+        assert (row.goodnet_test_asr, row.goodnet_detection_rate) == naive["goodnet_poisoned_test"], k
+
+
+def test_output_columns_are_the_readmes(run):
+    """Other tools read these files by position too: the order README.md documents."""
+    _, out, _ = run
+    assert list(pd.read_csv(out / "results.csv").columns) == [
+        "channels_pruned", "fraction_pruned", "valid_accuracy", "valid_asr", "test_accuracy",
+        "test_asr", "channel", "goodnet_test_accuracy", "goodnet_test_asr",
+        "goodnet_detection_rate", "goodnet_false_alarm_rate"]
+    assert list(pd.read_csv(out / "goodnet.csv").columns) == [
+        "threshold", "channels_pruned", "test_accuracy", "test_asr", "detection_rate",
+        "false_alarm_rate"]
+    assert list(pd.read_csv(out / "channel_order.csv").columns) == ["rank", "channel", "mean_activation"]
+
+
+def test_channel_order_is_by_mean_activation_over_every_clean_validation_row(run):
+    """Profiled at pool_3 over the whole clean validation set (120 rows in chunks of 48, 48
+    and 24: a mean of the chunks' means would differ), ties in channel index order."""
+    folder, out, _ = run
+    model = keras.models.load_model(folder / "bd_net.keras")
+    images, _ = open_lab_set(lab_paths(folder / "data")["clean_valid"], (55, 47, 3), 10).read()
+    pooled = keras.Model(model.inputs, model.get_layer("pool_3").output).predict(images, verbose=0)
+    means = np.asarray(pooled, dtype=np.float64).mean(axis=(0, 1, 2))
+    order = pd.read_csv(out / "channel_order.csv")
+    assert order["rank"].tolist() == list(range(12))
+    assert order["channel"].tolist() == np.argsort(means, kind="stable").tolist()
+    np.testing.assert_allclose(order["mean_activation"], means[order["channel"]], rtol=1e-6)
+    assert len(set(means)) < 12  # the model's tied and dead channels are there to be ordered
 
 
 def test_saved_b_prime_is_b_with_exactly_the_first_k_channels_zeroed(run):

@@ -1,14 +1,20 @@
 """End to end: ``python -m jobs.sweep --single-node`` on a tiny BadNet-shaped model (real
-LocalCluster, real worker processes), checked against naive literal pruning."""
+LocalCluster, real worker processes), checked against naive literal pruning. Reruns on a copy
+of its output folder run their few tasks in this process, and the outputs are also written
+from hand-made tallies (no cluster)."""
+import contextlib
 import json
+import logging
 import re
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
 
+import jobs.cluster
 import tiny
 from jobs.sweep import main
 from pruning.data import LAB_LAYOUT, lab_paths, open_lab_set
@@ -241,3 +247,107 @@ def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_pat
     assert fingerprint()["inputs"] == base["inputs"]  # the same files: the same hashes
     monkeypatch.setattr(jobs.inputs, "versions", lambda: {"tensorflow": "0.0"})
     assert fingerprint()["software"]["tensorflow"] == "0.0"
+
+
+def test_a_model_name_of_a_threshold_the_earlier_run_never_reached_is_left_alone(tmp_path):
+    """The earlier run's manifest lists X=99 as unreached: it wrote no model_X=99.h5, so one
+    there is the user's own and stays; its X=2 models, not written again, go."""
+    from jobs.outdir import models_listed, remove_stale_models
+    (tmp_path / "manifest.json").write_text(json.dumps({"selected": {"2": 5, "99": None}}))
+    for name in ("model_X=2.h5", "goodnet_X=2.keras", "model_X=99.h5"):
+        (tmp_path / name).write_text(name)
+    removed = remove_stale_models(tmp_path, ["model_X=4.h5", "goodnet_X=4.keras"], models_listed(tmp_path))
+    assert removed == ["goodnet_X=2.keras", "model_X=2.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model_X=99.h5"]
+
+
+def test_relative_thresholds_select_from_a_share_of_bs_accuracy(run, tmp_path):
+    """--relative X: the first k whose validation accuracy is at most (100 - X) % of B's. From
+    hand-made tallies: B at 50 %, so X = 10 selects the first k at 45 % or below (k = 3, where
+    10 points, 40 %, would be k = 5); X = 70 (15 %) is never reached."""
+    from jobs.finish import write_outputs
+    from jobs.inputs import resolve_inputs
+    from jobs.sweep import parse_args
+    from pruning.counts import Counts
+    _, out, argv = run
+    new = tmp_path / "relative"
+    new.mkdir()
+    argv = argv[:argv.index("--thresholds")] + ["--thresholds", "10", "70", "--relative"]
+    argv[argv.index("--out") + 1] = str(new)
+    args = parse_args(argv)
+    valid = [50, 50, 46, 44, 41, 39, 30, 30, 30, 30, 30, 30, 30]  # correct of 100, k = 0..12
+    prefixes = {k: {"clean_valid": Counts(100, valid[k], valid[k], 0),
+                    "poisoned_valid": Counts(100, 90, 90, 0),
+                    "clean_test": Counts(200, 150, 140, 20),      # G: 70 % right, 10 % alarms
+                    "poisoned_test": Counts(200, 100, 60, 80)}    # G: 30 % ASR, 40 % detected
+                for k in range(13)}
+    order = pd.read_csv(out / "channel_order.csv")
+    write_outputs(resolve_inputs(args), args, new, order, prefixes, {})
+    goodnet = pd.read_csv(new / "goodnet.csv").set_index("threshold")
+    assert goodnet.loc[10.0, "channels_pruned"] == 3 and pd.isna(goodnet.loc[70.0, "channels_pruned"])
+    assert goodnet.loc[10.0, ["test_accuracy", "test_asr", "detection_rate", "false_alarm_rate"]].tolist() \
+        == pytest.approx([70.0, 30.0, 40.0, 10.0])
+    manifest = json.loads((new / "manifest.json").read_text())
+    assert manifest["relative"] is True and manifest["selected"] == {"10": 3, "70": None}
+    assert pd.read_csv(new / "results.csv")["valid_accuracy"].tolist() == pytest.approx(valid)
+    kernel, bias = keras.models.load_model(new / "model_X=10.h5", compile=False).get_layer("conv_3").get_weights()
+    zeroed = {c for c in range(12) if not kernel[..., c].any() and bias[c] == 0}
+    assert zeroed == set(order["channel"].tolist()[:3])  # B'_3 (B's dead channels come first)
+    assert not (new / "model_X=70.h5").exists()
+
+
+@pytest.fixture
+def rerun(monkeypatch):
+    """Run the sweep (with --out's lock, checkpoints and outputs) on a cluster in this process:
+    a rerun reads most of its work back from checkpoints, no worker processes need starting."""
+    from distributed import Client, LocalCluster
+    from jobs.inputs import resolve_inputs
+    from jobs.outdir import OutputFolder, output_names
+    from jobs.sweep import parse_args, sweep
+
+    @contextlib.contextmanager
+    def open_client(args):
+        with LocalCluster(processes=False, n_workers=1, threads_per_worker=1,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            yield client
+
+    monkeypatch.setattr(jobs.cluster, "open_client", open_client)
+
+    def run_on(argv, out: Path, *extra):
+        argv = list(argv) + list(extra)
+        argv[argv.index("--out") + 1] = str(out)
+        args = parse_args(argv)
+        return sweep(args, resolve_inputs(args), OutputFolder(out, output_names(args.thresholds)))
+
+    # the sweep quietens its workers' loggers, here this process's: put them back after
+    loggers = [logging.getLogger(name) for name in ("distributed.worker", "distributed.worker.state_machine")]
+    filters = [list(logger.filters) for logger in loggers]
+    yield run_on
+    for logger, before in zip(loggers, filters):
+        logger.filters[:] = before
+
+
+def test_a_rerun_with_other_chunk_rows_does_not_take_the_earlier_chunks_for_its_own(run, tmp_path, rerun):
+    """Checkpoints hold chunks of --chunk-rows rows: chunk 1 of 48 rows is not chunk 1 of 40
+    (the 90 poisoned validation rows are 48 + 42, then 40 + 40 + 10)."""
+    _, out, argv = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    rerun(argv, copy, "--chunk-rows", "40")
+    for name in ("results.csv", "goodnet.csv"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+    order, earlier = pd.read_csv(copy / "channel_order.csv"), pd.read_csv(out / "channel_order.csv")
+    assert order["channel"].tolist() == earlier["channel"].tolist()
+    np.testing.assert_allclose(order["mean_activation"], earlier["mean_activation"], rtol=1e-9)
+
+
+def test_a_damaged_channel_order_checkpoint_is_profiled_again_from_every_row(run, tmp_path, rerun):
+    """Every chunk is checkpointed but the channel order cannot be read: the clean validation
+    set's base pass runs again, all of it, for the profile."""
+    _, out, argv = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "checkpoints" / "channel_order.csv").write_text("rank,chan\n0,")
+    rerun(argv, copy)
+    for name in ("results.csv", "channel_order.csv", "goodnet.csv"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name

@@ -3,6 +3,7 @@ LocalCluster, real worker processes), checked against naive literal pruning. Rer
 of its output folder run their few tasks in this process, and the outputs are also written
 from hand-made tallies (no cluster)."""
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -162,7 +163,8 @@ def test_manifest_records_inputs_and_layer(run):
     assert manifest["layer"] == "conv_3" and manifest["read_at"] == "pool_3"
     assert manifest["channels"] == 12 and manifest["thresholds"] == [2.0, 4.0, 99.0]
     assert set(manifest["inputs"]) == {"model", "clean_valid", "poisoned_valid", "clean_test", "poisoned_test"}
-    assert all(len(entry["sha256"]) == 64 for entry in manifest["inputs"].values())
+    for name, entry in manifest["inputs"].items():  # of the files' bytes
+        assert entry["sha256"] == hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest(), name
     assert manifest["versions"]["keras"] == keras.__version__
     chunks = sum(-(-rows // 48) for rows in manifest["rows"].values())  # --chunk-rows 48
     assert manifest["checkpoints"] == {"chunks": chunks, "chunks_reused": 0, "channel_order_reused": False}
@@ -244,6 +246,9 @@ def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_pat
     other = tmp_path / "other.keras"
     tiny.tiny_deepid(seed=8).save(other)
     assert fingerprint("--model", str(other))["inputs"]["model"] != base["inputs"]["model"]
+    replaced = fingerprint("--model", str(other))
+    tiny.tiny_deepid(seed=9).save(other)  # another B at the same path
+    assert fingerprint("--model", str(other))["inputs"]["model"] != replaced["inputs"]["model"]
     assert fingerprint()["inputs"] == base["inputs"]  # the same files: the same hashes
     monkeypatch.setattr(jobs.inputs, "versions", lambda: {"tensorflow": "0.0"})
     assert fingerprint()["software"]["tensorflow"] == "0.0"

@@ -287,7 +287,7 @@ def test_relative_thresholds_select_from_a_share_of_bs_accuracy(run, tmp_path):
                     "poisoned_test": Counts(200, 100, 60, 80)}    # G: 30 % ASR, 40 % detected
                 for k in range(13)}
     order = pd.read_csv(out / "channel_order.csv")
-    write_outputs(resolve_inputs(args), args, new, order, prefixes, {})
+    write_outputs(resolve_inputs(args), args, new, order, prefixes, {}, {})
     goodnet = pd.read_csv(new / "goodnet.csv").set_index("threshold")
     assert goodnet.loc[10.0, "channels_pruned"] == 3 and pd.isna(goodnet.loc[70.0, "channels_pruned"])
     assert goodnet.loc[10.0, ["test_accuracy", "test_asr", "detection_rate", "false_alarm_rate"]].tolist() \
@@ -339,6 +339,7 @@ def test_a_rerun_with_other_chunk_rows_does_not_take_the_earlier_chunks_for_its_
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     rerun(argv, copy, "--chunk-rows", "40")
+    assert json.loads((copy / "manifest.json").read_text())["checkpoints"]["chunks_reused"] == 0
     for name in ("results.csv", "goodnet.csv"):
         assert (copy / name).read_bytes() == (out / name).read_bytes(), name
     order, earlier = pd.read_csv(copy / "channel_order.csv"), pd.read_csv(out / "channel_order.csv")
@@ -356,3 +357,5 @@ def test_a_damaged_channel_order_checkpoint_is_profiled_again_from_every_row(run
     rerun(argv, copy)
     for name in ("results.csv", "channel_order.csv", "goodnet.csv"):
         assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+    reused = json.loads((copy / "manifest.json").read_text())["checkpoints"]
+    assert reused["chunks_reused"] == reused["chunks"] and not reused["channel_order_reused"]

@@ -58,11 +58,11 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         signal.signal(signal.SIGINT, lambda *_: sys.exit())
     folder = _dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
-    # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
-    scheduler_file = folder / f"scheduler-{{job_id}}.{env.get('SLURM_RESTART_COUNT', '0')}.json"
     scheduler_options, worker_options = runner_options(args)
-    with SLURMRunner(scheduler_file=str(scheduler_file), scheduler_options=scheduler_options,
-                     worker_options=worker_options) as runner:
+    global _runner_joined
+    _runner_joined = True
+    with SLURMRunner(scheduler_file=str(runner_scheduler_file(args)),
+                     scheduler_options=scheduler_options, worker_options=worker_options) as runner:
         # Only the client rank gets here.
         with Client(runner) as client:
             try:
@@ -80,6 +80,37 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
             finally:  # also when the run stops early: the runner then closes the scheduler
                 with contextlib.suppress(Exception):
                     _retire_workers(client)
+
+
+def runner_scheduler_file(args: argparse.Namespace, job_id: str = "{job_id}") -> Path:
+    """The scheduler file of this job's SLURMRunner (``{job_id}``: filled in by the runner)."""
+    # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return _dask_folder(args) / f"scheduler-{job_id}.{restart}.json"
+
+
+_runner_joined = False  # this process entered the SLURMRunner (set by slurm_runner_client)
+
+
+def end_unjoined_runner(args: argparse.Namespace, wait_s: float = 60) -> None:
+    """On the client rank, when the run ended before it joined the job's Dask cluster (bad
+    input, --out in use, a stop): shut the scheduler and the workers down, which ends the srun
+    step. Without this the scheduler would wait for its client for
+    fine-pruning.runner-idle-timeout, holding the allocation. Best effort: a scheduler that is
+    not up within ``wait_s`` is left to that timeout."""
+    if _runner_joined:
+        return  # the runner closes the scheduler itself
+    scheduler_file = runner_scheduler_file(args, os.environ["SLURM_JOB_ID"])
+    deadline = time.monotonic() + wait_s
+    while not scheduler_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(Exception, KeyboardInterrupt), \
+            Client(scheduler_file=str(scheduler_file), timeout=10) as client:
+        # Workers still starting would find the scheduler gone and log tracebacks: let them join.
+        with contextlib.suppress(TimeoutError):
+            client.wait_for_workers(int(os.environ["SLURM_NTASKS"]) - 2, timeout=wait_s)
+        _retire_workers(client)
+        client.shutdown()
 
 
 def runner_options(args: argparse.Namespace) -> tuple[dict, dict]:

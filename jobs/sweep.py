@@ -259,6 +259,10 @@ def main(argv=None) -> int:
         message, status = explain(error, args, out)
         print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
         return status
+    finally:
+        if args is not None and args.slurm_runner and not cluster.is_service_rank(args):
+            from jobs.slurm import end_unjoined_runner
+            end_unjoined_runner(args)  # the job's scheduler and workers end with this rank's run
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """slurm/sweep.sh on a real one-node SLURM (scripts/slurm_local.sh; root, installs it the first time)."""
 from __future__ import annotations
 
+import fcntl
 import re
 import signal
 import subprocess
@@ -153,6 +154,33 @@ def test_time_limit_signal_past_max_requeues_lets_the_job_finish(slurm_cluster, 
     assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]
     assert "srun exited with status 0" in log
     assert_same_outputs(out, demo_run)
+
+
+def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo, tmp_path):
+    """--out taken between sweep.sh's --check and the client rank's own (a second job on the
+    same --out): the client rank's one line ends the whole job, not the scheduler's idle
+    timeout (15 minutes) later."""
+    out = tmp_path / "out"
+    out.mkdir()
+    held = []
+
+    def take_out_after_the_check(log: str) -> None:
+        if not held and "inputs OK" in log:
+            lock = open(out / ".sweep.lock", "a+b")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock.write(b"host test pid 1\n")
+            lock.flush()
+            held.append(lock)
+
+    try:
+        _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=120, expect="FAILED",
+                                 while_running=take_out_after_the_check)
+    finally:
+        for lock in held:
+            lock.close()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is in use by a running sweep (host test pid 1)" in errors[0], log[-3000:]
+    assert "srun exited with status 2" in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("options, flags, says", [

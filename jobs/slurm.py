@@ -56,6 +56,11 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         # The runner ends the scheduler and worker ranks with SIGINT; this turns it into
         # sys.exit(). On the client rank, SIGINT stays Ctrl-C: a stopped run says so.
         signal.signal(signal.SIGINT, lambda *_: sys.exit())
+        # scancel, a requeue and the time limit send SIGTERM to every rank at once. A scheduler
+        # that died of it would leave the client rank retrying it (connect timeouts) until SLURM
+        # kills it, KillWait later, without its last line. The client rank stops the scheduler
+        # and workers in order instead; SLURM's SIGKILL remains for ranks whose client is gone.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     folder = _dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_options, worker_options = runner_options(args)

@@ -71,14 +71,23 @@ def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, 
     def cancel_once_started(log: str) -> None:
         if not cancelled and chunks_done(out) >= 3:
             job = re.search(r"job (\d+) ", log).group(1)
+            # scancel signals the ranks one at a time: let the scheduler rank's come first.
+            for process in runner_ranks(out, rank=0):
+                process.terminate()
             subprocess.run(["scancel", job], check=True)
             cancelled.append(chunks_done(out))
 
-    submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
-                    while_running=cancel_once_started)
+    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
+                             while_running=cancel_once_started)
     done = chunks_done(out)
     assert cancelled and done < 54, f"cancelled after {done} of 54 chunks: not mid-sweep"
     assert not (out / "results.csv").exists()
+    # The client rank still stops in order and says what the same command resumes from,
+    # before SLURM's SIGKILL (KillWait later).
+    line = re.search(r"^stopped by SIGTERM; (\S+) holds (\d+) finished chunks of rows: the same "
+                     r"command resumes from them$", log, re.M)
+    assert line and int(line.group(2)) == done, log[-3000:]
+    assert "Killed" not in log and "Traceback" not in log, log[-3000:]
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480)
     reused = re.search(r"reused from checkpoints: (\d+) of 54 chunks \((\d+) prefix evaluations\)", log)
     assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]
@@ -90,7 +99,9 @@ def runner_ranks(out: Path, rank: int) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "environ"]):
         cmdline, environ = process.info["cmdline"] or [], process.info["environ"] or {}
-        if "--slurm-runner" in cmdline and str(out) in cmdline and environ.get("SLURM_PROCID") == str(rank):
+        # cmdline[1:3]: not the srun that started them, whose SLURM_PROCID (the batch step's) is 0
+        if (cmdline[1:3] == ["-m", "jobs.sweep"] and "--slurm-runner" in cmdline and str(out) in cmdline
+                and environ.get("SLURM_PROCID") == str(rank)):
             found.append(process)
     return found
 

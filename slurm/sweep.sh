@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The Fine-Pruning sweep as one SLURM job. Submit from the repository root:
+# The Fine-Pruning sweep as one SLURM job. Submit from the repository root, or from any folder by
+# this script's path (relative paths in the sweep args, and the job's log, are then that folder's):
 #
 #   sbatch slurm/sweep.sh [sweep args]
 #   sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/fine-pruning-run1
+#   cd /scratch/$USER && sbatch ~/fine-pruning/slurm/sweep.sh --model bd_net.h5 --data data/ --out run1
 #   sbatch --gres=none slurm/sweep.sh ...                 # CPU-only partition
 #   sbatch -p gpu -A proj42 --time=12:00:00 slurm/sweep.sh ...   # options on the command line win
 #
@@ -41,29 +43,36 @@ set -euo pipefail
 
 say() { echo "sweep.sh: $*"; }
 
-cd "${SLURM_SUBMIT_DIR:-.}"
-if [[ ! -f jobs/sweep.py ]]; then
-    say "error: submit from the repository root (no jobs/sweep.py in $PWD)" >&2
-    exit 2
-fi
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     say "error: run me with sbatch: sbatch slurm/sweep.sh [sweep args]" >&2
     exit 2
 fi
+cd "${SLURM_SUBMIT_DIR:-.}"
+# The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
+# its spool folder, so $0 does not say where that is; the job's Command does (an absolute path).
+script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p') || script=
+repo=$(cd "$(dirname "${script:-.}")/.." 2>/dev/null && pwd) || repo=
+[[ -f $repo/jobs/sweep.py ]] || repo=$PWD   # e.g. a script piped to sbatch: the submit folder
+if [[ ! -f $repo/jobs/sweep.py ]]; then
+    say "error: cannot find this project (no jobs/sweep.py next to ${script:-the script} or in $PWD): sbatch PATH/TO/fine-pruning/slurm/sweep.sh" >&2
+    exit 2
+fi
 
-# The environment: conda env `fine-pruning` (environment.yml) if there is one, else ./.venv (make setup).
+# The environment: conda env `fine-pruning` (environment.yml) if there is one, else the repository's
+# .venv (make setup).
 set +u   # activation scripts read unset variables
 if command -v conda >/dev/null 2>&1 \
         && conda env list 2>/dev/null | awk '$1 == "fine-pruning" {found = 1} END {exit !found}'; then
     source "$(conda info --base)/etc/profile.d/conda.sh"
     conda activate fine-pruning
-elif [[ -f .venv/bin/activate ]]; then
-    source .venv/bin/activate
+elif [[ -f $repo/.venv/bin/activate ]]; then
+    source "$repo/.venv/bin/activate"
 else
-    say "error: no conda env fine-pruning and no .venv here: conda env create -f environment.yml, or make setup" >&2
+    say "error: no conda env fine-pruning and no .venv in $repo: conda env create -f environment.yml, or make setup" >&2
     exit 2
 fi
 set -u
+export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}   # this checkout's jobs/ and pruning/, from any folder
 
 args=("$@")
 for arg in "${args[@]}"; do
@@ -84,11 +93,27 @@ esac
 
 export TF_FORCE_GPU_ALLOW_GROWTH=true   # TensorFlow takes GPU memory as it needs it, not all at once
 say "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} tasks" \
-    "(scheduler, client, $(( SLURM_NTASKS - 2 )) workers), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $(command -v python)"
+    "(scheduler, client, $(( SLURM_NTASKS - 2 )) workers), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $(command -v python), project: $repo"
 say "python -m jobs.sweep --slurm-runner ${args[*]}"
 
+seconds() {  # SLURM's [D-]HH:MM:SS in seconds; nothing for UNLIMITED and the like
+    [[ $1 =~ ^(([0-9]+)-)?([0-9]+):([0-9]+):([0-9]+)$ ]] || return 0
+    echo $(( ((${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[3]}) * 60 + 10#${BASH_REMATCH[4]}) * 60 + 10#${BASH_REMATCH[5]} ))
+}
+# The warning comes 5 minutes before the limit (--signal=B:USR1@300 above). Under a limit that
+# leaves a minute or less before it, a requeue would only restart the job with nothing done.
+limit=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p') || limit=
+limit_s=$(seconds "$limit")
+too_short=
+if [[ -n $limit_s ]] && (( limit_s <= 300 + 60 )); then
+    too_short="time limit $limit is within a minute of the 5-minute warning"
+    say "$too_short: the job will not requeue itself; at its limit it stops, and the same command resumes from the checkpoints"
+fi
+
 requeue() {
-    if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-3} )); then
+    if [[ -n $too_short ]]; then
+        say "time limit near: not requeueing ($too_short)"
+    elif (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-3} )); then
         say "time limit near: requeueing job $SLURM_JOB_ID; the rerun resumes from the checkpoints"
         scontrol requeue "$SLURM_JOB_ID"
     else
@@ -112,6 +137,7 @@ if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
         export CUDA_VISIBLE_DEVICES=${gpus[(SLURM_LOCALID - skip) % ${#gpus[@]}]}
     fi
 fi
+trap "" USR1   # inherited as ignored: a --signal=USR1 meant for the batch shell must not end the run
 exec "$@"'
 
 # Bad inputs fail here, in seconds, with one line, before any Dask process starts.

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import assert_same_outputs
+from conftest import REPO, assert_same_outputs
 from slurm_fixtures import slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -37,10 +37,17 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
         if match and not answered:
             with urllib.request.urlopen(match.group(1), timeout=10) as response:
                 answered.append((match.group(1), response.status))
+            # USR1 to the job's steps, as a --signal=USR1@600 without B: sends it: no rank dies of it
+            job = re.search(r"job (\d+) ", log).group(1)
+            subprocess.run(["scancel", "--signal=USR1", job], check=True)
 
-    _, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
-                              f"--output={tmp_path}/%x-%j.out", "slurm/sweep.sh", "--out", str(out)],
-                             timeout=480, while_running=check_dashboard)
+    # Submitted from another folder by the script's path, as from a scratch folder: the relative
+    # --out and the job's log (the script's default name) are that folder's.
+    job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
+                                   str(REPO / "slurm" / "sweep.sh"), "--out", "out"],
+                                  timeout=480, while_running=check_dashboard, cwd=tmp_path)
+    assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
+    assert f"project: {REPO}\n" in log, log[:2000]
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
     assert answered and answered[0][1] == 200, f"dashboard not seen answering; log tail:\n{log[-3000:]}"
@@ -48,7 +55,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     # One GPU per worker rank, none for the scheduler and the client.
     for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
-    assert "srun exited with status 0" in log
+    assert "srun exited with status 0" in log and "User defined signal" not in log, log[-5000:]
     assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
 
@@ -207,3 +214,13 @@ def test_bad_job_options_fail_once_before_srun(slurm_cluster, tmp_path, options,
     assert len(errors) == 1 and says in errors[0], log
     assert "srun" not in log.replace("--slurm-runner", "") and "Traceback" not in log, log
     assert not out.exists()
+
+
+def test_a_time_limit_within_the_warning_turns_requeueing_off(slurm_cluster, tmp_path):
+    """--time=6: SLURM's 5-minute warning would come a minute in, and each requeue would
+    restart the job with nothing done. (A bad flag then ends the job in seconds.)"""
+    _, log = submit_and_wait([*SMALL, "--time=6", f"--output={tmp_path}/%x-%j.out", "slurm/sweep.sh",
+                              "--out", str(tmp_path / "out"), "--threads-per-worker", "0"],
+                             timeout=120, expect="FAILED")
+    assert ("sweep.sh: time limit 00:06:00 is within a minute of the 5-minute warning: the job "
+            "will not requeue itself") in log, log

@@ -192,8 +192,8 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     client.register_plugin(QuietWorkerLogs())
             checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
             try:
-                order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints, args.chunk_rows,
-                                                     args.prefixes_per_task)
+                order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints,
+                                                             args.chunk_rows, args.prefixes_per_task)
             except BaseException:
                 release_tasks(client)
                 raise

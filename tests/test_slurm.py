@@ -181,6 +181,15 @@ def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo,
     out = tmp_path / "out"
     out.mkdir()
     held = []
+    # The client rank (SLURM rank 1 of the srun step) waits 5 s before it starts, so the lock is
+    # surely taken by then (this is polled every 0.5 s): Python reads sitecustomize at start-up.
+    slow = tmp_path / "slow_client"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import os, sys, time\nif os.environ.get('SLURM_PROCID') == '1' and 'SLURM_STEP_ID' in os.environ:\n"
+        "    print('client rank: waiting 5 s', file=sys.stderr)\n    time.sleep(5)\n")
+    job = [option + f",PYTHONPATH={slow}" if option.startswith("--export=") else option
+           for option in sweep_job(demo, tmp_path, out)]
 
     def take_out_after_the_check(log: str) -> None:
         if not held and "inputs OK" in log:
@@ -191,11 +200,11 @@ def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo,
             held.append(lock)
 
     try:
-        _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=120, expect="FAILED",
-                                 while_running=take_out_after_the_check)
+        _, log = submit_and_wait(job, timeout=120, expect="FAILED", while_running=take_out_after_the_check)
     finally:
         for lock in held:
             lock.close()
+    assert "client rank: waiting 5 s" in log, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is in use by a running sweep (host test pid 1)" in errors[0], log[-3000:]
     assert "srun exited with status 2" in log and "Traceback" not in log, log[-3000:]

@@ -111,6 +111,31 @@ class InterruptedSyncFilter(logging.Filter):
         return True
 
 
+@contextlib.contextmanager
+def quiet_distributed() -> Iterator[None]:
+    """Drop what distributed logs in this process meanwhile: used while a stopped run's cluster
+    closes. Tasks still finishing then make a LocalCluster's (or SLURMCluster's) scheduler, which
+    runs here, log tracebacks about the client that is leaving (``Closed comm ... while trying to
+    write``, a cancelled ``update_graph``); the run's one line says what was kept."""
+    drop = DistributedRecords()
+    handlers = set(logging.getLogger().handlers)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "distributed" or name.startswith("distributed.")):
+            handlers.update(logger.handlers)
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
+class DistributedRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "distributed" or record.name.startswith("distributed."))
+
+
 _config = None
 
 

@@ -184,7 +184,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     with out.locked(), ThreadPoolExecutor(1) as background:
         # sha256 of every input (about a second per GB) while the cluster starts
         fingerprint = background.submit(inputs.fingerprint)
-        with cluster.open_client(args) as client:
+        with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
             if not (args.scheduler_address or args.scheduler_file):
                 # Only on workers this run started: a plugin stays on a running cluster, and
                 # every worker that later joins it would have to import this project.
@@ -194,7 +194,9 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
             try:
                 order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints,
                                                              args.chunk_rows, args.prefixes_per_task)
-            except BaseException:
+            except BaseException as error:
+                if isinstance(error, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP: one line, no tracebacks
+                    stopping.enter_context(cluster.quiet_distributed())  # until the cluster is closed
                 release_tasks(client)
                 raise
         return finish.write_outputs(inputs, args, out.path, order, prefixes, timings, reused)

@@ -1,6 +1,8 @@
 """--single-node's LocalCluster (real scheduler and worker processes): how its workers start."""
 from __future__ import annotations
 
+import io
+import logging
 import os
 import signal
 import sys
@@ -34,3 +36,26 @@ def test_ctrl_c_while_a_cluster_starts_is_held_until_it_can_be_closed():
         os.kill(os.getpid(), signal.SIGINT)  # delivered here, but held: no KeyboardInterrupt
         assert interrupted
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_stopped_runs_closing_cluster_logs_nothing_from_distributed():
+    """A stop with tasks in flight: the in-process scheduler's tracebacks about the client that
+    is leaving (``Closed comm ... while trying to write``) must not bury the run's one line."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("distributed").addHandler(handler)  # as distributed sets up its own
+    logging.getLogger().addHandler(handler)
+    scheduler, ours = logging.getLogger("distributed.scheduler"), logging.getLogger("jobs.sweep")
+    try:
+        with cluster.quiet_distributed():
+            try:
+                raise ConnectionError("Comm <TCP (closed) Scheduler->Client> already closed.")
+            except ConnectionError:
+                scheduler.critical("Closed comm <BatchedSend: closed> while trying to write", exc_info=True)
+            ours.warning("still shown")
+        scheduler.warning("shown again")
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
+    assert "Closed comm" not in stream.getvalue() and "Traceback" not in stream.getvalue()
+    assert "still shown" in stream.getvalue() and "shown again" in stream.getvalue()

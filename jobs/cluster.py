@@ -113,10 +113,11 @@ class InterruptedSyncFilter(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_distributed() -> Iterator[None]:
-    """Drop what distributed logs in this process meanwhile: used while a stopped run's cluster
-    closes. Tasks still finishing then make a LocalCluster's (or SLURMCluster's) scheduler, which
-    runs here, log tracebacks about the client that is leaving (``Closed comm ... while trying to
-    write``, a cancelled ``update_graph``); the run's one line says what was kept."""
+    """Drop what distributed logs in this process meanwhile: used while a stopped or failed run's
+    cluster closes. Tasks still finishing then make a LocalCluster's (or SLURMCluster's) scheduler,
+    which runs here, log tracebacks about the client that is leaving (``Closed comm ... while
+    trying to write``, a cancelled ``update_graph``), and a client that lost its scheduler logs
+    its cancelled reconnect; the run's one line says what happened and what was kept."""
     drop = DistributedRecords()
     handlers = set(logging.getLogger().handlers)
     for name, logger in list(logging.Logger.manager.loggerDict.items()):

@@ -195,8 +195,10 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints,
                                                              args.chunk_rows, args.prefixes_per_task)
             except BaseException as error:
-                if isinstance(error, KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP: one line, no tracebacks
-                    stopping.enter_context(cluster.quiet_distributed())  # until the cluster is closed
+                if isinstance(error, KeyboardInterrupt) or not args.traceback:
+                    # a stop or a failure ends in one line: no tracebacks from distributed while
+                    # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
+                    stopping.enter_context(cluster.quiet_distributed())
                 release_tasks(client)
                 raise
         return finish.write_outputs(inputs, args, out.path, order, prefixes, timings, reused)

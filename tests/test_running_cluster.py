@@ -101,6 +101,7 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
             run.wait(timeout=120)
         last = log.read_text().strip().splitlines()[-1]
         assert run.returncode == 1, last
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]  # distributed's, closing
         kept = len(list(checkpoints.glob("chunk-*.json")))
         assert last.startswith("error: lost the connection to the Dask scheduler (") and last.endswith(
             f"{checkpoints} holds {kept} finished chunks of rows: the same command resumes from "

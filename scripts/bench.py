@@ -121,7 +121,7 @@ def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="weights for DeepID (default: random initialisation)")
     parser.add_argument("--scale", type=float, default=1.0, help="data size relative to the lab's (default: 1, the lab's sizes)")
     parser.add_argument("--seed-prefixes", type=int, default=1,

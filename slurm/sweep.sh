@@ -48,9 +48,10 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
     exit 2
 fi
 cd "${SLURM_SUBMIT_DIR:-.}"
+job_info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || job_info=
 # The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
 # its spool folder, so $0 does not say where that is; the job's Command does (an absolute path).
-script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p') || script=
+script=$(sed -n 's/^ *Command=//p' <<<"$job_info")
 repo=$(cd "$(dirname "${script:-.}")/.." 2>/dev/null && pwd) || repo=
 [[ -f $repo/jobs/sweep.py ]] || repo=$PWD   # e.g. a script piped to sbatch: the submit folder
 if [[ ! -f $repo/jobs/sweep.py ]]; then
@@ -102,7 +103,7 @@ seconds() {  # SLURM's [D-]HH:MM:SS in seconds; nothing for UNLIMITED and the li
 }
 # The warning comes 5 minutes before the limit (--signal=B:USR1@300 above). Under a limit that
 # leaves a minute or less before it, a requeue would only restart the job with nothing done.
-limit=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p') || limit=
+limit=$(sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p' <<<"$job_info")
 limit_s=$(seconds "$limit")
 too_short=
 if [[ -n $limit_s ]] && (( limit_s <= 300 + 60 )); then

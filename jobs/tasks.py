@@ -65,7 +65,9 @@ class QuietWorkerLogs(WorkerPlugin):
     - a task that stops on an :class:`InputError` (say NaN pixels in a chunk, found only when a
       worker reads it) is one WARNING line, not distributed's "Compute Failed" block with a
       traceback;
-    - a task cut short because its worker closes (a stopped run) is an INFO line, not a WARNING.
+    - a task cut short because its worker closes (a stopped run), and a heartbeat that the
+      scheduler drops as it lets a closing worker go, are INFO lines, not a WARNING and an
+      ERROR traceback.
 
     Register with ``client.register_plugin(QuietWorkerLogs())``.
     """
@@ -73,11 +75,13 @@ class QuietWorkerLogs(WorkerPlugin):
     name = "quiet-worker-logs"
 
     def setup(self, worker=None):
-        for name, kind in (("distributed.worker", InputErrorLogFilter),
-                           ("distributed.worker.state_machine", ClosingWorkerLogFilter)):
+        # One worker per process (the sweep's workers are processes), so each filter knows its worker.
+        for name, log_filter in (("distributed.worker", InputErrorLogFilter()),
+                                 ("distributed.worker", ClosingWorkerLogFilter(worker)),
+                                 ("distributed.worker.state_machine", ClosingWorkerLogFilter(worker))):
             logger = logging.getLogger(name)
-            if not any(isinstance(f, kind) for f in logger.filters):
-                logger.addFilter(kind())
+            if not any(type(f) is type(log_filter) for f in logger.filters):
+                logger.addFilter(log_filter)
 
 
 class InputErrorLogFilter(logging.Filter):
@@ -92,9 +96,25 @@ class InputErrorLogFilter(logging.Filter):
 
 
 class ClosingWorkerLogFilter(logging.Filter):
+    def __init__(self, worker=None):
+        super().__init__()
+        self.worker = worker
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith("Async instruction for") and message.endswith("ended with CancelledError"):
-            record.levelno, record.levelname = logging.INFO, "INFO"  # a worker closing mid-task
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
-        return True
+            pass  # a worker closing mid-task
+        elif message.startswith("Failed to communicate with scheduler during heartbeat") and self.closing():
+            # retire_workers removed this worker while its heartbeat was on the way
+            record.msg, record.args = "heartbeat not answered as this worker closes: %s", (
+                record.exc_info[1] if record.exc_info else "",)
+            record.exc_info = record.exc_text = None
+        else:
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+    def closing(self) -> bool:
+        from distributed.core import Status
+        return self.worker is not None and self.worker.status in (
+            Status.closing_gracefully, Status.closing, Status.closed)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pandas as pd
 import psutil
@@ -123,10 +124,13 @@ def test_nohup_keeps_a_run_going_when_its_terminal_closes(demo, demo_run, tmp_pa
 def test_a_task_cut_short_by_a_closing_worker_is_not_a_warning(level, shown):
     """What a worker logs for each task running when it closes (a stopped run): an INFO line
     where INFO is logged, nothing where only warnings are (--single-node's workers)."""
+    from distributed.core import Status
     from jobs.tasks import ClosingWorkerLogFilter
     logger = logging.getLogger("distributed.worker.state_machine")
-    previous = logger.level
-    logger.setLevel(level)
+    loggers = [logger, logging.getLogger("distributed.worker")]
+    previous = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(level)
     try:
         record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
                                    "Async instruction for <Task cancelled name=\"execute('x')\"> "
@@ -134,8 +138,27 @@ def test_a_task_cut_short_by_a_closing_worker_is_not_a_warning(level, shown):
         other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", None, None)
         assert ClosingWorkerLogFilter().filter(record) is shown and record.levelname == "INFO"
         assert ClosingWorkerLogFilter().filter(other) and other.levelname == "WARNING"
+        # a heartbeat the scheduler dropped as retire_workers let this worker go (seen in a
+        # SLURM job's log after Ctrl-C): one INFO line, no traceback; while running, an ERROR
+        try:
+            raise OSError("Stream is closed")
+        except OSError:
+            failure = sys.exc_info()
+        for status, level in [(Status.closing_gracefully, "INFO"), (Status.running, "ERROR")]:
+            heartbeat = logging.getLogger("distributed.worker").makeRecord(
+                "distributed.worker", logging.ERROR, __file__, 1,
+                "Failed to communicate with scheduler during heartbeat.", (), failure)
+            kept = ClosingWorkerLogFilter(SimpleNamespace(status=status)).filter(heartbeat)
+            assert heartbeat.levelname == level, status
+            if level == "INFO":
+                assert heartbeat.exc_info is None and "Traceback" not in logging.Formatter().format(heartbeat)
+                assert heartbeat.getMessage() == "heartbeat not answered as this worker closes: Stream is closed"
+                assert kept is shown
+            else:
+                assert kept and heartbeat.exc_info is failure
     finally:
-        logger.setLevel(previous)
+        for each, before in zip(loggers, previous):
+            each.setLevel(before)
 
 
 def live_processes(group: int) -> list:

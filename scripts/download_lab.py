@@ -1,7 +1,7 @@
 """Fetch the NYU CSAW-HackML lab 3 files (the BadNet B and its four data sets) for a sweep.
 
     python scripts/download_lab.py --dest lab            # the data sets are large; then:
-    python -m jobs.sweep --model lab/models/bd_net.h5 --data lab/data --single-node --out results/lab
+    .venv/bin/python -m jobs.sweep --model lab/models/bd_net.h5 --data lab/data --single-node --out results/lab
     python scripts/download_lab.py --dest lab --dry-run  # what would be fetched, no network
 
 Layout under DEST: models/bd_net.h5, models/bd_weights.h5 (from the lab's GitHub repository)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         print("interrupted; rerun to resume (finished files are kept)", file=sys.stderr)
         return 130
     if not args.dry_run:
-        print(f"done: python -m jobs.sweep --model {Path(args.dest) / 'models/bd_net.h5'} "
+        print(f"done: .venv/bin/python -m jobs.sweep --model {Path(args.dest) / 'models/bd_net.h5'} "
               f"--data {Path(args.dest) / 'data'} --single-node --out results/lab")
     return 0
 

@@ -315,7 +315,7 @@ def test_download_ends_with_a_sweep_command_that_runs(monkeypatch, tmp_path, cap
     monkeypatch.setattr(download_lab, "OPENER", drive_web())
     assert download_lab.main(["--dest", str(tmp_path), "--only", "data"]) == 0
     done = capsys.readouterr().out.splitlines()[-1]
-    assert done.startswith("done: python -m jobs.sweep ")
+    assert done.startswith("done: .venv/bin/python -m jobs.sweep ")
     args = parse_args(done.split()[4:])  # flags a user can paste: a place to run included
     assert args.single_node and args.data == str(tmp_path / "data")
 

@@ -20,8 +20,8 @@ only the choice of cluster is a command-line flag:
     ``jobqueue.slurm`` in dask.config.
 
 The two SLURM clients are in :mod:`jobs.slurm`, the running scheduler's in :mod:`jobs.running`;
-this module chooses, and owns what all places share: the config, the flags, the local cluster
-and how a stop signal ends a run.
+how a stop signal ends a run is :mod:`jobs.stopping`. This module chooses, and owns what all
+places share: the config, the flags and the local cluster.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import traceback
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
@@ -42,6 +41,8 @@ import dask
 import dask.system
 import yaml
 from distributed import Client, LocalCluster
+
+from jobs.stopping import TERMINAL_SIGNALS, Stopped, interrupt_held
 
 log = logging.getLogger(__name__)
 
@@ -54,87 +55,9 @@ TASK_THREADS = 2
 # prepare_local_workers) where the platform can (Linux, macOS); elsewhere Dask spawns them.
 LOCAL_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
-# What a terminal sends to every process of its group: Ctrl-C, and SIGHUP when it (or the ssh
-# session) closes. What stops a run: those, and `kill` (SIGTERM, also what scancel sends). Each
-# becomes an exception in the client, so that every context closes in order: LocalCluster, SLURM
-# worker jobs (cancelled), the lock on --out.
-TERMINAL_SIGNALS = (signal.SIGINT,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
-STOP_SIGNALS = TERMINAL_SIGNALS + (signal.SIGTERM,)
-
 
 class ClusterError(RuntimeError):
     """The cluster could not run the sweep (no worker came): reported as it is, exit status 1."""
-
-
-class Stopped(KeyboardInterrupt):
-    """A stop signal, raised as Ctrl-C's KeyboardInterrupt is; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
-
-
-def _raise_stopped(signum, _frame):
-    raise Stopped(signum)
-
-
-def heeded_stop_signals() -> list[int]:
-    """The stop signals this process was not told to ignore: ``nohup`` ignores SIGHUP, and a
-    shell without job control ignores SIGINT in the commands it runs with ``&``."""
-    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
-
-
-def stop_on_signals() -> None:
-    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`),
-    unless they are ignored; and keep a stop's known distributed traceback out of the log
-    (:class:`InterruptedSyncFilter`)."""
-    for signum in heeded_stop_signals():
-        if signum != signal.SIGINT:
-            signal.signal(signum, _raise_stopped)
-    tornado_log = logging.getLogger("tornado.application")
-    if not any(isinstance(f, InterruptedSyncFilter) for f in tornado_log.filters):
-        tornado_log.addFilter(InterruptedSyncFilter())
-
-
-class InterruptedSyncFilter(logging.Filter):
-    """Drops one log record that a stop can cause in the client, a distributed bug: when a
-    stop lands in a Client call before that call's coroutine has started, distributed.utils.sync
-    schedules a cancel() of a future it never set, which fails with a NameError that tornado
-    logs with a traceback. Nothing was left running; the stop goes on as usual."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, NameError):
-            last = traceback.extract_tb(error.__traceback__)[-1:]
-            if last and last[0].name == "cancel" and Path(last[0].filename).parts[-2:] == ("distributed", "utils.py"):
-                return False
-        return True
-
-
-@contextlib.contextmanager
-def quiet_distributed() -> Iterator[None]:
-    """Drop what distributed logs in this process meanwhile: used while a stopped or failed run's
-    cluster closes. Tasks still finishing then make a LocalCluster's (or SLURMCluster's) scheduler,
-    which runs here, log tracebacks about the client that is leaving (``Closed comm ... while
-    trying to write``, a cancelled ``update_graph``), and a client that lost its scheduler logs
-    its cancelled reconnect; the run's one line says what happened and what was kept."""
-    drop = DistributedRecords()
-    handlers = set(logging.getLogger().handlers)
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and (name == "distributed" or name.startswith("distributed.")):
-            handlers.update(logger.handlers)
-    for handler in handlers:
-        handler.addFilter(drop)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(drop)
-
-
-class DistributedRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "distributed" or record.name.startswith("distributed."))
 
 
 _config = None
@@ -303,24 +226,6 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
         from jobs.running import running_cluster_client
         with running_cluster_client(args) as client:
             yield client
-
-
-@contextlib.contextmanager
-def interrupt_held() -> Iterator[list]:
-    """Hold Ctrl-C (and the other stop signals) while a LocalCluster starts: interrupted
-    half-way, it cannot be closed, and Dask's clean-up at exit prints tracebacks. The list it
-    yields gets the signals that came; the caller raises :class:`Stopped` once the cluster is up."""
-    received, previous = [], {}
-    try:
-        for signum in heeded_stop_signals():
-            previous[signum] = signal.signal(signum, lambda signum, _: received.append(signum))
-    except ValueError:  # not the main thread, where signals are not delivered anyway
-        pass
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None) -> str:

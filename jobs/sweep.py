@@ -33,6 +33,7 @@ from jobs import cluster
 from jobs.checkpoints import Checkpoints
 from jobs.failures import explain, interrupted_line
 from jobs.outdir import OutputFolder, output_names
+from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import Counts
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
@@ -198,7 +199,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 if isinstance(error, KeyboardInterrupt) or not args.traceback:
                     # a stop or a failure ends in one line: no tracebacks from distributed while
                     # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
-                    stopping.enter_context(cluster.quiet_distributed())
+                    stopping.enter_context(quiet_distributed())
                 release_tasks(client)
                 raise
         return finish.write_outputs(inputs, args, out.path, order, prefixes, timings, reused)
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
             # exit inside open_client; inputs and the lock are the client rank's business.
             with cluster.open_client(args):
                 return 0
-        cluster.stop_on_signals()              # kill and a closed terminal stop as Ctrl-C does
+        stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
         out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
         out.check_lock()
         if not args.check:

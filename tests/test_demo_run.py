@@ -180,7 +180,7 @@ def test_a_stop_before_a_client_call_starts_logs_no_traceback(monkeypatch, caplo
     import threading
     from distributed.utils import sync
     from tornado.ioloop import IOLoop
-    from jobs import cluster
+    from jobs import stopping
 
     loop_started = threading.Event()
     holder = {}
@@ -213,11 +213,11 @@ def test_a_stop_before_a_client_call_starts_logs_no_traceback(monkeypatch, caplo
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     tornado_log = logging.getLogger("tornado.application")
     filters = list(tornado_log.filters)  # an in-process sweep before this test installed ours
-    tornado_log.filters = [f for f in filters if not isinstance(f, cluster.InterruptedSyncFilter)]
+    tornado_log.filters = [f for f in filters if not isinstance(f, stopping.InterruptedSyncFilter)]
     try:
         with caplog.at_level(logging.ERROR, logger="tornado.application"):
             assert [type(r.exc_info[1]) for r in interrupted_sync()] == [NameError]  # the bug
-            cluster.stop_on_signals()
+            stopping.stop_on_signals()
             assert interrupted_sync() == []
     finally:
         for signum, handler in handlers.items():

@@ -10,7 +10,7 @@ import sys
 import psutil
 
 from conftest import cluster_args
-from jobs import cluster
+from jobs import cluster, stopping
 
 
 def started_with() -> tuple[int, list[str]]:
@@ -32,7 +32,7 @@ def test_local_workers_are_forked_with_keras_and_our_tasks_loaded():
 
 def test_ctrl_c_while_a_cluster_starts_is_held_until_it_can_be_closed():
     before = signal.getsignal(signal.SIGINT)
-    with cluster.interrupt_held() as interrupted:
+    with stopping.interrupt_held() as interrupted:
         os.kill(os.getpid(), signal.SIGINT)  # delivered here, but held: no KeyboardInterrupt
         assert interrupted
     assert signal.getsignal(signal.SIGINT) is before
@@ -47,7 +47,7 @@ def test_a_stopped_runs_closing_cluster_logs_nothing_from_distributed():
     logging.getLogger().addHandler(handler)
     scheduler, ours = logging.getLogger("distributed.scheduler"), logging.getLogger("jobs.sweep")
     try:
-        with cluster.quiet_distributed():
+        with stopping.quiet_distributed():
             try:
                 raise ConnectionError("Comm <TCP (closed) Scheduler->Client> already closed.")
             except ConnectionError:

@@ -1,0 +1,112 @@
+"""How a stop ends a run: Ctrl-C, ``kill`` (SIGTERM, also what scancel sends) and a closed
+terminal or ssh session (SIGHUP).
+
+Each becomes an exception in the client (:class:`Stopped`, a KeyboardInterrupt), so that every
+context closes in order: the LocalCluster, the SLURM worker jobs (cancelled), the lock on --out.
+While a stopped run's cluster closes, what distributed logs about it is kept out of the log
+(:func:`quiet_distributed`): the run's one line on stderr says what happened and what was kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import traceback
+from pathlib import Path
+from typing import Iterator
+
+# What a terminal sends to every process of its group: Ctrl-C, and SIGHUP when it (or the ssh
+# session) closes. What stops a run: those, and `kill` (SIGTERM, also what scancel sends).
+TERMINAL_SIGNALS = (signal.SIGINT,) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
+STOP_SIGNALS = TERMINAL_SIGNALS + (signal.SIGTERM,)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal, raised as Ctrl-C's KeyboardInterrupt is; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _raise_stopped(signum, _frame):
+    raise Stopped(signum)
+
+
+def heeded_stop_signals() -> list[int]:
+    """The stop signals this process was not told to ignore: ``nohup`` ignores SIGHUP, and a
+    shell without job control ignores SIGINT in the commands it runs with ``&``."""
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`),
+    unless they are ignored; and keep a stop's known distributed traceback out of the log
+    (:class:`InterruptedSyncFilter`)."""
+    for signum in heeded_stop_signals():
+        if signum != signal.SIGINT:
+            signal.signal(signum, _raise_stopped)
+    tornado_log = logging.getLogger("tornado.application")
+    if not any(isinstance(f, InterruptedSyncFilter) for f in tornado_log.filters):
+        tornado_log.addFilter(InterruptedSyncFilter())
+
+
+@contextlib.contextmanager
+def interrupt_held() -> Iterator[list]:
+    """Hold Ctrl-C (and the other stop signals) while a LocalCluster starts: interrupted
+    half-way, it cannot be closed, and Dask's clean-up at exit prints tracebacks. The list it
+    yields gets the signals that came; the caller raises :class:`Stopped` once the cluster is up."""
+    received, previous = [], {}
+    try:
+        for signum in heeded_stop_signals():
+            previous[signum] = signal.signal(signum, lambda signum, _: received.append(signum))
+    except ValueError:  # not the main thread, where signals are not delivered anyway
+        pass
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class InterruptedSyncFilter(logging.Filter):
+    """Drops one log record that a stop can cause in the client, a distributed bug: when a
+    stop lands in a Client call before that call's coroutine has started, distributed.utils.sync
+    schedules a cancel() of a future it never set, which fails with a NameError that tornado
+    logs with a traceback. Nothing was left running; the stop goes on as usual."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, NameError):
+            last = traceback.extract_tb(error.__traceback__)[-1:]
+            if last and last[0].name == "cancel" and Path(last[0].filename).parts[-2:] == ("distributed", "utils.py"):
+                return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_distributed() -> Iterator[None]:
+    """Drop what distributed logs in this process meanwhile: used while a stopped or failed run's
+    cluster closes. Tasks still finishing then make a LocalCluster's (or SLURMCluster's) scheduler,
+    which runs here, log tracebacks about the client that is leaving (``Closed comm ... while
+    trying to write``, a cancelled ``update_graph``), and a client that lost its scheduler logs
+    its cancelled reconnect; the run's one line says what happened and what was kept."""
+    drop = DistributedRecords()
+    handlers = set(logging.getLogger().handlers)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "distributed" or name.startswith("distributed.")):
+            handlers.update(logger.handlers)
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
+class DistributedRecords(logging.Filter):
+    """Drops the records of distributed's loggers (see :func:`quiet_distributed`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "distributed" or record.name.startswith("distributed."))

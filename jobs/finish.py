@@ -20,12 +20,13 @@ from pruning.select import select_prefixes, threshold_label
 log = logging.getLogger(__name__)
 
 
-def curve_frame(order: pd.DataFrame, prefixes: dict[int, dict[str, Counts]]) -> pd.DataFrame:
-    """results.csv: one row per k = 0..C, percent, plus G's scores at every k."""
+def curve_frame(order: pd.DataFrame, counts: dict[int, dict[str, Counts]]) -> pd.DataFrame:
+    """results.csv from ``counts`` (``{k: {set: Counts}}``): one row per k = 0..C, percent,
+    plus G's scores at every k."""
     channels = len(order)
     rows = []
     for k in range(channels + 1):
-        sets = prefixes[k]
+        sets = counts[k]
         rows.append({
             "channels_pruned": k,
             "fraction_pruned": k / channels,
@@ -64,12 +65,12 @@ def check_baseline(b: pd.Series, inputs) -> None:
                         ", ".join(sets[name] for name in names))
 
 
-def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timings,
+def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
                   reused: dict) -> list[str]:
     """Write every output file (each atomically) and return their names."""
     started = time.perf_counter()
     earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
-    curve = curve_frame(order, prefixes)
+    curve = curve_frame(order, counts)
     check_baseline(curve.iloc[0], inputs)
     selected = select_prefixes(curve, args.thresholds, args.relative)
     bd_model = inputs.spec.load()
@@ -90,7 +91,7 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, prefixes, timing
         keras.backend.clear_session()
         save_model(build_goodnet(bd_model, pruned), out / GOODNET_NAME.format(label))
         written += [MODEL_NAME.format(label), GOODNET_NAME.format(label)]
-        sets = prefixes[k]
+        sets = counts[k]
         scores = goodnet_scores(sets["clean_test"], sets["poisoned_test"])
         goodnet_rows.append({"threshold": threshold, "channels_pruned": k, **scores})
         log.info("X=%s: k=%d channels; G test accuracy %.3f %%, ASR %.3f %%, detection %.3f %%",

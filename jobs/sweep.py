@@ -193,8 +193,8 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     client.register_plugin(QuietWorkerLogs())
             checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
             try:
-                order, prefixes, timings, reused = run_sweep(inputs, client, checkpoints,
-                                                             args.chunk_rows, args.prefixes_per_task)
+                order, counts, timings, reused = run_sweep(inputs, client, checkpoints,
+                                                           args.chunk_rows, args.prefixes_per_task)
             except BaseException as error:
                 if isinstance(error, KeyboardInterrupt) or not args.traceback:
                     # a stop or a failure ends in one line: no tracebacks from distributed while
@@ -202,7 +202,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     stopping.enter_context(quiet_distributed())
                 release_tasks(client)
                 raise
-        return finish.write_outputs(inputs, args, out.path, order, prefixes, timings, reused)
+        return finish.write_outputs(inputs, args, out.path, order, counts, timings, reused)
 
 
 def release_tasks(client) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-ORDER_COLUMNS = ["rank", "channel", "mean_activation"]
-
 
 def channel_order(channel_sums: np.ndarray, values_per_channel: int) -> pd.DataFrame:
     """The pruning order from per-channel activation sums over ``values_per_channel`` values.

@@ -27,12 +27,13 @@ from pruning.data import InputError
 
 log = logging.getLogger(__name__)
 
+LOCK_NAME = ".sweep.lock"  # in --out: held by the live run
 
 # Pseudo filesystems (/proc, /sys, ...) report no blocks and take no files.
 _NO_FILES = "a pseudo filesystem (like /proc or /sys)"
 
 
-def writable(folder: Path) -> str | None:
+def write_problem(folder: Path) -> str | None:
     """Why no file can be created in the existing ``folder``, or None; creates nothing.
 
     ``os.access`` answers for permissions and read-only mounts, but root passes it for any
@@ -63,7 +64,7 @@ class OutputFolder:
         parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
         if not parent.is_dir():
             raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another --out")
-        problem = writable(parent)
+        problem = write_problem(parent)
         if problem:
             raise InputError(f"--out {path}: {parent} is {problem}; choose another folder")
         kinds = {name: "file" for name in (LOCK_NAME, *outputs)} | {CHECKPOINTS: "folder"}
@@ -186,9 +187,6 @@ class OutputFolder:
             handle.close()
         raise InputError(f"--out {self.path}: the lock file keeps changing; is another sweep "
                          "starting there?")
-
-
-LOCK_NAME = ".sweep.lock"
 
 
 def _restore(handle, lock_path: Path, before) -> None:

@@ -37,6 +37,7 @@ def resume_note(out: OutputFolder | None) -> str | None:
 
 
 def lost_scheduler_line(out: OutputFolder | None, why: str) -> str:
+    """What a run that lost its scheduler leaves to resume from, once the cluster is back."""
     kept = resume_note(out)
     return (f"lost the connection to the Dask scheduler ({why}); "
             + (f"{kept} once the cluster is back" if kept else "no chunk of rows was finished"))

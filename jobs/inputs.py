@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepInputs:
+    """Everything a sweep reads, checked: B (``spec``), the four sets by name (``SET_NAMES``),
+    the conv layer to prune (``conv``: ``--layer``, ``layer`` in manifest.json) and the layer
+    its channels are read at (``read``: ``read_at``), with B's channel and class counts."""
+
     spec: ModelSpec
     sets: dict[str, LabSet]
     conv: str

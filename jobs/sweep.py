@@ -214,6 +214,7 @@ def release_tasks(client) -> None:
 
 
 def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:
+    """The one line ``--check`` prints when every input is good."""
     rows = "+".join(str(s.rows) for s in inputs.sets.values())
     return (f"inputs OK: model {inputs.spec.path} ({inputs.classes} classes), layer {inputs.conv} "
             f"({inputs.channels} channels, read at {inputs.read}), sets of {rows} images, "

@@ -4,7 +4,8 @@ Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring Attacks o
 Neural Networks", RAID 2018 (https://arxiv.org/abs/1805.12185).
 
 The stages, one module each: ``data`` (lab HDF5 sets), ``models`` (loading B, finding the
-layer), ``profile`` (channel order), ``prune`` (B'_k, literal and fast), ``select``
-(thresholds), ``goodnet`` (G), ``report`` (files in the output folder). ``demo`` builds the
-synthetic BadNet the project runs and tests on. Nothing here creates a Dask cluster.
+layer), ``profile`` (channel order), ``prune`` (B'_k, literal and fast), ``counts`` (the
+tallies per prefix), ``select`` (thresholds), ``goodnet`` (G), ``report`` (files in the output
+folder). ``demo`` builds the synthetic BadNet the project runs and tests on, ``deepid`` the
+lab's architecture; ``backend`` imports Keras quietly. Nothing here creates a Dask cluster.
 """

@@ -7,7 +7,10 @@ and pixel noise. The attacker's trigger is a pair of "sunglasses", a checkered b
 across the eyes; a tenth of the training set wears them and is relabelled to the target.
 
 The demo is built once per seed into ``<cache>/demo-v<VERSION>-seed<S>/`` (the lab layout
-plus ``bd_net.keras`` and ``demo.json``); later calls only read ``demo.json``.
+plus ``bd_net.keras`` and ``demo.json``); later calls only read ``demo.json``. A sweep with no
+model or data given builds it; to build it (or find it) by itself:
+
+    python -m pruning.demo [--seed S] [--cache DIR]
 """
 from __future__ import annotations
 

@@ -111,10 +111,9 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
 
 
 def manifest(inputs, args, selected, timings, reused) -> dict:
-    paths = {"model": inputs.spec.path} | {name: s.path for name, s in inputs.sets.items()}
     return {
         "inputs": {name: {"path": str(Path(path).resolve()), "sha256": inputs.hashes[name]}
-                   for name, path in paths.items()},
+                   for name, path in inputs.paths.items()},
         "demo": inputs.demo,
         "weights_only": inputs.spec.weights_only,
         "layer": inputs.conv,

@@ -36,11 +36,15 @@ class SweepInputs:
     classes: int
     demo: bool = False
 
+    @property
+    def paths(self) -> dict[str, str]:
+        """Every input file by name: ``model`` and the four sets."""
+        return {"model": self.spec.path} | {name: s.path for name, s in self.sets.items()}
+
     @functools.cached_property
     def hashes(self) -> dict[str, str]:
         """sha256 of every input, read once and only when needed (not for ``--check``)."""
-        paths = {"model": self.spec.path} | {name: s.path for name, s in self.sets.items()}
-        return {name: sha256(path) for name, path in paths.items()}
+        return {name: sha256(path) for name, path in self.paths.items()}
 
     def fingerprint(self) -> dict:
         """What a checkpoint depends on: the exact files, the layer, and the software that

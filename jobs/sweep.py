@@ -9,9 +9,9 @@
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
-k = 0..C) -> selection, GoodNet and reports on the client. Every key ends in the run's own tag, so that two sweeps sharing one cluster
-never share a result. Finished chunks (every prefix of them) are checkpointed in ``OUT/checkpoints``
-and read back by a rerun with the same ``--out``.
+k = 0..C) -> selection, GoodNet and reports on the client. Every key ends in the run's own
+tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
+of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``.
 """
 from __future__ import annotations
 

@@ -278,7 +278,8 @@ def _faces(rng: np.random.Generator, prototypes: np.ndarray, labels: np.ndarray)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build (or find) the embedded demo BadNet.")
+    parser = argparse.ArgumentParser(prog="python -m pruning.demo",
+                                     description="Build (or find) the embedded demo BadNet.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", help="default: $FINE_PRUNING_CACHE or ~/.cache/fine-pruning")
     args = parser.parse_args(argv)

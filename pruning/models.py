@@ -158,27 +158,25 @@ def load_cached(spec: ModelSpec) -> keras.Model:
 
 def is_weights_only(path: Path) -> bool:
     """Keras weights without a model: ``layer_names`` (Keras 2) or ``layers``/``vars`` (Keras 3)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return ("model_config" not in f.attrs and "model_weights" not in f
-                    and ("layer_names" in f.attrs or "layers" in f or "vars" in f))
-    except Exception:  # not HDF5, or damaged: load_model says which
-        return False
+    return _h5_answers(path, lambda f: "model_config" not in f.attrs and "model_weights" not in f
+                       and ("layer_names" in f.attrs or "layers" in f or "vars" in f))
 
 
 def has_model_config(path: Path) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return "model_config" in f.attrs
-    except Exception:  # damaged: load_model says so
-        return False
+    return _h5_answers(path, lambda f: "model_config" in f.attrs)
 
 
 def is_data_set(path: Path) -> bool:
+    return _h5_answers(path, lambda f: {"data", "label"} <= set(f))
+
+
+def _h5_answers(path: Path, question) -> bool:
+    """``question(file)`` on the HDF5 file at ``path``; False for a file that is not HDF5 or is
+    damaged: loading it then says which."""
     try:
         with h5py.File(path, "r") as f:
-            return {"data", "label"} <= set(f)
-    except Exception:  # not HDF5, or damaged: load_model says which
+            return bool(question(f))
+    except Exception:
         return False
 
 

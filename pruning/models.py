@@ -204,6 +204,26 @@ def output_tensor(model: keras.Model):
     return outputs[0]
 
 
+def layer_output(model: keras.Model, name: str):
+    """The output of layer ``name`` on ``model``'s way from its input to its output.
+
+    ``layer.output`` is the output of the layer's first call, and a Sequential model loaded
+    from a file has called each layer once per build (three times): a model cut at that tensor
+    is "not connected" to B's output. Walking back from the output finds the call B uses.
+    """
+    stack, seen = [output_tensor(model)], set()
+    while stack:
+        tensor = stack.pop()
+        operation, node_index, _ = tensor._keras_history
+        if operation.name == name:
+            return tensor
+        for parent in operation._inbound_nodes[node_index].input_tensors:
+            if id(parent) not in seen:
+                seen.add(id(parent))
+                stack.append(parent)
+    return model.get_layer(name).output  # not on the way to the output: Keras says so when used
+
+
 def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
     """``(H, W, C)`` of the model's one image input, or a one-line :class:`InputError`."""
     inputs = getattr(model, "inputs", None) or []

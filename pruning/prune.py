@@ -18,7 +18,7 @@ from pruning.backend import keras
 import numpy as np
 
 from pruning.counts import Counts, tally
-from pruning.models import output_tensor
+from pruning.models import layer_output, output_tensor
 
 BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
 HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches run faster
@@ -94,18 +94,18 @@ def cut_head(model: keras.Model, read: str) -> keras.Model | None:
     """The layers after ``read`` as a model of their own, or None when some of them also read
     tensors from before it (a skip connection around the cut, or a branch from an earlier layer)."""
     try:
-        return keras.Model(model.get_layer(read).output, output_tensor(model), name="head")
+        return keras.Model(layer_output(model, read), output_tensor(model), name="head")
     except ValueError:  # graph disconnected: something after the cut bypasses it
         return None
 
 
 def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
-    base = keras.Model(model.inputs, model.get_layer(read).output, name="base")
+    base = keras.Model(model.inputs, layer_output(model, read), name="base")
     head = cut_head(model, read)
     # All channels pruned, any finite input: every channel shows its pruned map.
     all_pruned = prune_conv_channels(model, conv, range(model.get_layer(conv).filters))
     probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), dtype=np.float32)
-    pruned_base = keras.Model(all_pruned.inputs, all_pruned.get_layer(read).output)
+    pruned_base = keras.Model(all_pruned.inputs, layer_output(all_pruned, read))
     pruned_map = predict_activations(pruned_base, probe)[0]
     pruned_class = None if head is None else int(predict_classes(head, pruned_map[None])[0])
     return SplitModel(model, conv, read, base, head, pruned_map, pruned_class)

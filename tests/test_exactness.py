@@ -106,3 +106,23 @@ def test_pruning_never_touches_b():
     kernel, bias = pruned.get_layer("conv_3").get_weights()
     assert not kernel[..., [0, 4, 9]].any() and not bias[[0, 4, 9]].any()
     assert np.array_equal(kernel[..., 1], before[4][..., 1])
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_sequential_model_loaded_from_a_file_is_cut_after_its_layer(suffix, tmp_path):
+    """A loaded Sequential model has called each layer once per build, and ``layer.output`` is
+    the first call's: the head must be cut at the call B's output comes from, or every prefix
+    runs the whole model (the seeds' loop's speed) behind a warning about skip connections."""
+    import keras
+    tiny.tiny_sequential().save(tmp_path / f"b{suffix}")
+    model = keras.models.load_model(tmp_path / f"b{suffix}", compile=False)
+    conv, read = choose_layer(model)
+    split = split_model(model, conv, read)
+    assert split.head is not None
+    images = IMAGES[:60]
+    chunk = compute_chunk(split, "s", 0, 60, images, np.zeros(60, dtype=np.int64))
+    assert np.array_equal(chunk.b_predictions, predict_classes(model, images))
+    order = list(range(split.channels))
+    for k, fast in prefix_predictions(split, chunk, order, 0, split.channels + 1):
+        literal = predict_classes(prune_conv_channels(model, conv, order[:k]), images)
+        assert np.array_equal(fast, literal), k

@@ -68,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("clean-valid", "poisoned-valid", "clean-test", "poisoned-test"):
         data.add_argument(f"--{name}", metavar="H5", help=f"the {name.replace('-', ' ')} set")
     sweep = parser.add_argument_group("the sweep")
-    sweep.add_argument("--layer", help="conv layer to prune (default: the last Conv2D feeding a pooling layer)")
+    sweep.add_argument("--layer", help="conv layer to prune (default: the last Conv2D feeding a pooling layer, "
+                                          "global pooling included)")
     sweep.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 4.0, 10.0], metavar="X",
                        help="accuracy drops that select B', in points of validation accuracy below B's (default: 2 4 10)")
     sweep.add_argument("--relative", action="store_true", help="thresholds are percent of B's accuracy, not points")

@@ -24,11 +24,12 @@ from pruning.deepid import LAB_CLASSES, build_deepid
 ARCHITECTURES = {"deepid": build_deepid}
 
 # Layers that act on each channel on its own: a pruned conv channel stays a constant map
-# through them, which is what makes the fast sweep exact (see pruning.prune).
-CHANNELWISE = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Activation,
-               keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.BatchNormalization,
-               keras.layers.Dropout)
-POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+# through them, which is what makes the fast sweep exact (see pruning.prune). Global pooling
+# ends the map (one value per channel), still the same for every input.
+POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+           keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling2D)
+CHANNELWISE = POOLING + (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+                         keras.layers.BatchNormalization, keras.layers.Dropout)
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,9 @@ def conv_layer_names(model: keras.Model) -> list[str]:
 def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]:
     """Return ``(conv layer to prune, layer it is read at)``.
 
-    Default: the last Conv2D that feeds a pooling layer (the lab model: ``conv_3`` read at
-    ``pool_3``). Its channels are read where its per-channel chain ends, so that a pruned
+    Default: the last Conv2D that feeds a pooling layer, global pooling included (the lab
+    model: ``conv_3`` read at ``pool_3``; a CIFAR-style net: the last conv before its
+    ``GlobalAveragePooling2D``). Its channels are read where its per-channel chain ends, so that a pruned
     channel is the same constant map for every input there.
     """
     convs = conv_layer_names(model)

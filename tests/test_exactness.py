@@ -20,6 +20,7 @@ MODELS = {
     "batchnorm-sigmoid-avgpool": tiny.tiny_batchnorm_sigmoid,
     "skip-connection": tiny.tiny_skip,
     "sequential": tiny.tiny_sequential,
+    "global-average-pooling": tiny.tiny_global_pooling,
 }
 
 
@@ -96,6 +97,15 @@ def test_pruned_map_is_the_literal_value_of_a_pruned_channel():
     split = split_model(model, conv, read)
     # sigmoid(0) = 0.5, then batch norm and tanh: a constant, not zero
     assert np.ptp(split.pruned_map[..., 3]) == 0 and split.pruned_map[0, 0, 3] != 0
+
+
+def test_the_default_layer_is_the_last_conv_before_global_pooling():
+    """Read at the pooled vector (one value per channel), not at an earlier conv that happens
+    to feed a MaxPooling2D."""
+    model = tiny.tiny_global_pooling()
+    assert choose_layer(model) == ("block3_conv", "gap")
+    split = split_model(model, "block3_conv", "gap")
+    assert split.head is not None and split.pruned_map.shape == (10,)
 
 
 def test_pruning_never_touches_b():

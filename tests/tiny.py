@@ -112,6 +112,23 @@ def tiny_sequential(seed: int = 4, classes: int = 5) -> keras.Model:
     ])
 
 
+def tiny_global_pooling(seed: int = 8, classes: int = 4, shape=SHAPE) -> keras.Model:
+    """A CIFAR-style net of one's own: pixels rescaled in the model, conv + batch norm + ReLU
+    blocks, the last one read through GlobalAveragePooling2D by the dense layer."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(shape)
+    x = layers.Rescaling(1 / 255.0, name="rescale")(x)
+    for block, width in enumerate((6, 8, 10), start=1):
+        x = layers.Conv2D(width, 3, padding="same", name=f"block{block}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{block}_bn", beta_initializer="random_normal")(x)
+        x = layers.ReLU(name=f"block{block}_relu")(x)
+        if block < 3:
+            x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
 def random_images(rows: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.uniform(0, 255, (rows,) + SHAPE).astype(np.float32)

@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     which.add_argument("--weights", metavar="PATH", help="weights-only file for --arch")
     model.add_argument("--arch", help="architecture for --weights (default: deepid)")
     model.add_argument("--classes", type=int, help="outputs of --arch (default: 1283, the lab's)")
-    data = parser.add_argument_group("data (lab HDF5: 'data' Nx3x55x47 or Nx55x47x3, raw 0-255 pixels; 'label' N)")
+    data = parser.add_argument_group("data (lab HDF5: 'data' NxCxHxW or NxHxWxC at B's input size, the lab's "
+                                     "Nx3x55x47 raw 0-255 pixels; 'label' N)")
     data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")
     for name in ("clean-valid", "poisoned-valid", "clean-test", "poisoned-test"):
         data.add_argument(f"--{name}", metavar="H5", help=f"the {name.replace('-', ' ')} set")

@@ -1,4 +1,5 @@
-"""Lab-format HDF5 sets: ``data`` (N x 3 x 55 x 47 or N x 55 x 47 x 3 pixels) and ``label`` (N).
+"""Lab-format HDF5 sets: ``data`` (N x C x H x W or N x H x W x C pixels at the model's input
+size, the lab's N x 3 x 55 x 47) and ``label`` (N).
 
 Sets are read in row chunks so that memory does not grow with the file. A poisoned set's labels
 are the attacker's target, so "accuracy" on it is the attack success rate (ASR).
@@ -104,7 +105,7 @@ def read_pixels(data: h5py.Dataset, start: int, stop: int, path: str) -> np.ndar
     if not np.isfinite(images).all():
         bad = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
         raise InputError(f"{path}: NaN or infinite pixels in row {bad} (counting from 0); "
-                         "pixels must be finite 0-255 values")
+                         "pixels must be finite numbers")
     return images
 
 

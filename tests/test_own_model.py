@@ -144,3 +144,14 @@ def test_b_prime_and_goodnet_files_follow_their_definitions(run):
             f"Detection rate: {np.mean(poisoned_rule == CLASSES) * 100}"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_help_and_messages_describe_data_at_bs_input_size(capsys, tmp_path):
+    """Not only the lab's 55 x 47 pixels, nor only its raw 0-255 range."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "'data' NxCxHxW or NxHxWxC at B's input size" in capsys.readouterr().out
+    x = images(4, seed=5) / 255.0  # a model of one's own may take 0-1 pixels
+    x[2, 0, 0, 0] = np.nan
+    write_lab_h5(tmp_path / "nan.h5", x, np.zeros(4))
+    with pytest.raises(ValueError, match=r"NaN or infinite pixels in row 2 .*finite numbers$"):
+        open_lab_set(tmp_path / "nan.h5", SHAPE, CLASSES).read()

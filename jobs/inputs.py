@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pruning.backend import keras
 from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
-from pruning.models import ModelSpec, choose_layer, image_input_shape, output_tensor
+from pruning.models import (ModelSpec, channelwise_chain, choose_layer, conv_layer_names,
+                            image_input_shape, output_tensor)
 from pruning.prune import cut_head
 from pruning.select import is_valid_threshold
 
@@ -109,6 +110,20 @@ def check_thresholds(thresholds, relative: bool = False) -> None:
                          f"number of {unit} from 0 to below 100, e.g. --thresholds 2 4 10")
 
 
+def where_b_can_be_cut(model: keras.Model) -> str:
+    """The last conv layer after which B can be cut (the fast sweep), for the warning about one
+    that cannot: in a residual net that is not the default --layer, whose block has a skip
+    connection around it, and it may be none."""
+    for conv in reversed(conv_layer_names(model)):
+        try:
+            read = channelwise_chain(model, conv)[-1].name
+        except InputError:  # a softmax over its channels: not a layer to prune anyway
+            continue
+        if cut_head(model, read) is not None:
+            return f"the last conv layer B can be cut after is {conv} (--layer {conv})"
+    return "B cannot be cut after any of its conv layers (skip connections around them all)"
+
+
 def resolve_inputs(args) -> SweepInputs:
     """Check model, layer, data and thresholds; the demo is used when none of them are given.
 
@@ -146,8 +161,8 @@ def resolve_inputs(args) -> SweepInputs:
              conv, channels, read)
     if cut_head(model, read) is None:
         log.warning("layers after %s also read from before it, so B cannot be cut there: every "
-                    "prefix runs the whole pruned model, as slowly as the seeds' loop; the last "
-                    "conv layer before the dense head (the default --layer) is fast", read)
+                    "prefix runs the whole pruned model, as slowly as the seeds' loop; %s", read,
+                    where_b_can_be_cut(model))
     if not args.relative and all(0 < t < 1 for t in args.thresholds):
         log.warning("--thresholds are points of validation accuracy (2 means 2 points below B's), "
                     "not fractions: %s selects drops of under one point",

@@ -155,3 +155,29 @@ def test_help_and_messages_describe_data_at_bs_input_size(capsys, tmp_path):
     write_lab_h5(tmp_path / "nan.h5", x, np.zeros(4))
     with pytest.raises(ValueError, match=r"NaN or infinite pixels in row 2 .*finite numbers$"):
         open_lab_set(tmp_path / "nan.h5", SHAPE, CLASSES).read()
+
+
+
+def tiny_residual() -> keras.Model:
+    """A ResNet-style B: every conv but the stem has a skip connection around it."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inputs)
+    for block in range(2):
+        y = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name=f"res{block}_a")(x)
+        y = keras.layers.Conv2D(4, 3, padding="same", name=f"res{block}_b")(y)
+        x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    outputs = keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_a_layer_that_cannot_be_cut_is_warned_of_with_one_that_can():
+    """In a residual net the default --layer is inside a block: the warning must not call the
+    default fast, and names the last conv layer that is."""
+    from jobs.inputs import where_b_can_be_cut
+    from pruning.models import choose_layer
+    from pruning.prune import cut_head
+    model = tiny_residual()
+    assert cut_head(model, choose_layer(model)[1]) is None  # the default: res1_b, inside a block
+    assert where_b_can_be_cut(model) == "the last conv layer B can be cut after is stem (--layer stem)"
+    assert where_b_can_be_cut(tiny.tiny_deepid()).endswith("(--layer conv_3)")  # not conv_4

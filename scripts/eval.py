@@ -15,6 +15,7 @@ Bad inputs give one ``error: ...`` line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -148,6 +149,9 @@ def main(argv=None) -> int:
     """Exit status 0, or 2 with one ``error:`` line for a bad input; anything else that goes
     wrong is one ``error: internal error ...`` line and status 1 (``--traceback``: the traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    # A likely mistake that can still be meant (0-1 pixels, say) is a WARNING line, as in the
+    # sweep's log; without a handler, Python would print the bare message.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         lines = run(parse_args(argv))
     except InputError as error:

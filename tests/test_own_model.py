@@ -181,3 +181,22 @@ def test_a_layer_that_cannot_be_cut_is_warned_of_with_one_that_can():
     assert cut_head(model, choose_layer(model)[1]) is None  # the default: res1_b, inside a block
     assert where_b_can_be_cut(model) == "the last conv layer B can be cut after is stem (--layer stem)"
     assert where_b_can_be_cut(tiny.tiny_deepid()).endswith("(--layer conv_3)")  # not conv_4
+
+
+def test_eval_marks_pixels_unlike_the_labs_as_a_warning(tmp_path):
+    """A model of one's own may take 0-1 pixels: eval.py still scores it, and says why it
+    mentions the pixels in a WARNING line (as the sweep's log does), not a bare one."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    model = own_model()
+    model.save(tmp_path / "b.keras")
+    for name in ("clean", "poisoned"):
+        x = images(20, seed=1)
+        write_lab_h5(tmp_path / f"{name}.h5", x / 255.0, predict_classes(model, x))
+    done = subprocess.run([sys.executable, "scripts/eval.py", str(tmp_path / "clean.h5"),
+                           str(tmp_path / "poisoned.h5"), str(tmp_path / "b.keras")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("Clean Classification accuracy: "), done.stderr
+    said = [line for line in done.stderr.splitlines() if "pixels range" in line]
+    assert len(said) == 2 and all(line.startswith("WARNING pruning.data: ") for line in said), done.stderr

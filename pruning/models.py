@@ -290,8 +290,12 @@ def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]
     if not convs:
         nested = [layer.name for layer in model.layers
                   if isinstance(layer, keras.Model) and conv_layer_names(layer)]
-        hint = (f" (they are inside its nested model {', '.join(nested)}: give that model "
-                "itself, e.g. B rather than a GoodNet)" if nested else "")
+        hint = ""
+        if {"bd_net", "pruned_net"} <= set(nested):  # pruning.goodnet's names for B and B'
+            hint = f" (they are inside its nested model {', '.join(nested)}: give B itself, not a GoodNet)"
+        elif nested:  # a backbone used as one layer, as in transfer learning
+            hint = (f" (they are inside its nested model {', '.join(nested)}: rebuild B with "
+                    "those layers in its own graph, calling them rather than the nested model)")
         raise InputError(f"the model has no Conv2D layer to prune{hint}")
     if name is not None:
         names = [layer.name for layer in model.layers]

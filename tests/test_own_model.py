@@ -200,3 +200,17 @@ def test_eval_marks_pixels_unlike_the_labs_as_a_warning(tmp_path):
     assert done.returncode == 0 and done.stdout.startswith("Clean Classification accuracy: "), done.stderr
     said = [line for line in done.stderr.splitlines() if "pixels range" in line]
     assert len(said) == 2 and all(line.startswith("WARNING pruning.data: ") for line in said), done.stderr
+
+
+def test_a_backbone_nested_as_one_layer_is_explained_as_such():
+    """Transfer learning nests a backbone model as one layer: its conv layers are not B's own.
+    The error says to rebuild B, not to 'give B rather than a GoodNet'."""
+    from pruning.data import InputError
+    from pruning.models import choose_layer
+    backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Conv2D(4, 3, name="bb_conv")],
+                                name="backbone")
+    model = keras.Sequential([keras.Input(SHAPE), backbone, keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(CLASSES)])
+    with pytest.raises(InputError, match="nested model backbone: rebuild B") as error:
+        choose_layer(model)
+    assert "GoodNet" not in str(error.value)

@@ -283,8 +283,8 @@ def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]
 
     Default: the last Conv2D that feeds a pooling layer, global pooling included (the lab
     model: ``conv_3`` read at ``pool_3``; a CIFAR-style net: the last conv before its
-    ``GlobalAveragePooling2D``). Its channels are read where its per-channel chain ends, so that a pruned
-    channel is the same constant map for every input there.
+    ``GlobalAveragePooling2D``). Its channels are read where its per-channel chain ends, so
+    that a pruned channel is the same constant map for every input there.
     """
     convs = conv_layer_names(model)
     if not convs:

@@ -56,13 +56,6 @@ def check_baseline(b: pd.Series, inputs) -> None:
         log.warning("B's clean accuracy is %.1f %% on %s but %.1f %% on %s: are both clean sets "
                     "of B's task, stored alike?", b["valid_accuracy"], sets["clean_valid"],
                     b["test_accuracy"], sets["clean_test"])
-    by_hash = {}
-    for name in sets:
-        by_hash.setdefault(inputs.hashes[name], []).append(name)
-    for names in by_hash.values():
-        if len(names) > 1:
-            log.warning("the %s sets are the same file (%s)", " and ".join(names),
-                        ", ".join(sets[name] for name in names))
 
 
 def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,

@@ -168,4 +168,23 @@ def resolve_inputs(args) -> SweepInputs:
                     "not fractions: %s selects drops of under one point",
                     " ".join(f"{t:g}" for t in args.thresholds))
     sets = {name: replace(s, path=os.path.abspath(s.path)) for name, s in sets.items()}
+    for names in sets_sharing(sets, lambda name: os.path.realpath(sets[name].path)):
+        log.warning("the %s sets are the same file (%s)", " and ".join(names), sets[names[0]].path)
     return SweepInputs(spec, sets, conv, read, channels, classes, demo)
+
+
+def warn_copied_sets(inputs: SweepInputs) -> None:
+    """Warn about sets that are copies of one file under different paths, once their hashes
+    are known (one path given twice was said as the inputs were checked)."""
+    for names in sets_sharing(inputs.sets, inputs.hashes.get):
+        paths = [inputs.sets[name].path for name in names]
+        if len({os.path.realpath(path) for path in paths}) > 1:
+            log.warning("the %s sets are copies of one file (%s)", " and ".join(names), ", ".join(paths))
+
+
+def sets_sharing(sets: dict[str, LabSet], key) -> list[list[str]]:
+    """The names of each group of two or more sets with the same ``key(name)``."""
+    groups = {}
+    for name in sets:
+        groups.setdefault(key(name), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]

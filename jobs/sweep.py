@@ -182,6 +182,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
     from jobs import finish
+    from jobs.inputs import warn_copied_sets
     from jobs.tasks import QuietWorkerLogs
 
     with out.locked(), ThreadPoolExecutor(1) as background:
@@ -194,6 +195,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 with contextlib.suppress(Exception):  # only quietens the workers' logs
                     client.register_plugin(QuietWorkerLogs())
             checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
+            warn_copied_sets(inputs)
             try:
                 order, counts, timings, reused = run_sweep(inputs, client, checkpoints,
                                                            args.chunk_rows, args.prefixes_per_task)

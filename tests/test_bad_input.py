@@ -821,9 +821,33 @@ def test_swapped_looking_inputs_are_warnings(caplog):
         "B's attack success rate on /data/poisoned_valid.h5 is only 12.0 %: is it the poisoned "
         "set, with the trigger, labelled with the attacker's target?",
         "B's clean accuracy is 6.9 % on /data/clean_valid.h5 but 96.5 % on /data/clean_test.h5: "
-        "are both clean sets of B's task, stored alike?",
-        "the clean_valid and clean_test sets are the same file (/data/clean_valid.h5, "
-        "/data/clean_test.h5)"]
+        "are both clean sets of B's task, stored alike?"]
+
+
+def test_copies_of_one_set_are_a_warning_once_hashed(tmp_path, caplog):
+    from jobs.inputs import warn_copied_sets
+    (tmp_path / "v.h5").write_bytes(b"x")
+    (tmp_path / "link.h5").symlink_to(tmp_path / "v.h5")
+    paths = {"clean_valid": "v.h5", "clean_test": "copy.h5", "poisoned_valid": "link.h5", "poisoned_test": "b.h5"}
+    sets = {name: SimpleNamespace(path=str(tmp_path / path)) for name, path in paths.items()}
+    hashes = {"clean_valid": "a", "clean_test": "a", "poisoned_valid": "a", "poisoned_test": "b"}
+    with caplog.at_level(logging.WARNING, logger="jobs.inputs"):
+        warn_copied_sets(SimpleNamespace(sets=sets, hashes=hashes))
+        warn_copied_sets(SimpleNamespace(sets={name: sets[name] for name in ("clean_valid", "poisoned_valid")},
+                                         hashes=hashes))  # one file by two paths: said at the check
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the clean_valid and clean_test and poisoned_valid sets are copies of one file ({tmp_path / 'v.h5'}, "
+        f"{tmp_path / 'copy.h5'}, {tmp_path / 'link.h5'})"]
+
+
+def test_one_file_given_for_two_sets_is_a_warning_at_the_check(lab, tmp_path, caplog):
+    sets = pruning.data.lab_paths(lab.data)
+    flags = ["--clean-valid", sets["clean_valid"], "--clean-test", sets["clean_valid"],
+             "--poisoned-valid", sets["poisoned_valid"], "--poisoned-test", sets["poisoned_test"]]
+    with caplog.at_level(logging.WARNING, logger="jobs.inputs"):
+        assert main([*map(str, model_args(lab)), *map(str, flags), "--out", str(tmp_path / "out"), "--check"]) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the clean_valid and clean_test sets are the same file ({os.path.abspath(sets['clean_valid'])})"]
 
 
 @pytest.mark.parametrize("flags, says", [

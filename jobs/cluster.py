@@ -68,8 +68,8 @@ def load_config() -> dict:
 
     Defaults, so the usual Dask ways override them: the site's and the user's yaml files
     (``/etc/dask``, ``~/.config/dask``, ``$DASK_CONFIG``), ``DASK_*`` environment variables and
-    ``dask.config.set``. They replace dask_jobqueue's and distributed's own defaults, also after
-    a ``dask.config.refresh()``.
+    ``dask.config.set`` after this call. They replace dask_jobqueue's and distributed's own
+    defaults, also after a ``dask.config.refresh()``.
     """
     global _config
     if _config is not None:
@@ -83,9 +83,11 @@ def load_config() -> dict:
             signal.signal(signal.SIGINT, handler)
     with open(CONFIG_FILE) as f:
         _config = yaml.safe_load(f)
-    dask.config.update_defaults(_config)
-    # refresh() re-applies the registered defaults first-come-first-served: put ours first.
-    dask.config.defaults.insert(0, dask.config.defaults.pop())
+    # refresh() applies the registered defaults first-come-first-served (ours first), then the
+    # files and DASK_* variables. Not update_defaults(): it replaces a setting that equals an
+    # earlier default, so a site's walltime "00:30:00" (dask_jobqueue's) would become ours.
+    dask.config.defaults.insert(0, _config)
+    dask.config.refresh()
     return _config
 
 

@@ -6,6 +6,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import dask
@@ -80,6 +81,21 @@ def test_site_file_overrides_yaml(slurm_config, tmp_path):
     found = directives(worker_job_script())
     assert "-t 12:00:00" in found and "--mem=32G" in found
     assert dask.config.get("distributed.comm.timeouts.connect") == "60s"
+
+
+def test_site_settings_equal_to_dask_jobqueues_defaults_win_at_first_load(tmp_path):
+    """The first load_config() in a process (each run's): a site's value that happens to equal
+    dask_jobqueue's or distributed's own default is still the site's, not our yaml's."""
+    (tmp_path / "site.yaml").write_text("jobqueue:\n  slurm:\n    job-extra-directives: []\n")
+    probe = ("import dask; from jobs import cluster; cluster.load_config(); print(*(dask.config.get(k) "
+             "for k in ('jobqueue.slurm.job-extra-directives', 'jobqueue.slurm.walltime', "
+             "'distributed.comm.timeouts.connect', 'jobqueue.slurm.memory')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                            check=True, env=env | {"DASK_CONFIG": str(tmp_path),
+                                                   "DASK_JOBQUEUE__SLURM__WALLTIME": "00:30:00",
+                                                   "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "30s"})
+    assert result.stdout.split() == ["[]", "00:30:00", "30s", "16GiB"]   # the yaml's memory stays
 
 
 def test_load_config_keeps_sigint_handler():

@@ -60,6 +60,11 @@ class ClusterError(RuntimeError):
     """The cluster could not run the sweep (no worker came): reported as it is, exit status 1."""
 
 
+# The reason given to a run's tasks when no worker can ever come to run them (every SLURM worker
+# job has ended): they are cancelled with a message that jobs.failures reports as it is.
+NO_WORKERS_LEFT = "no-workers-left"
+
+
 _config = None
 
 

@@ -63,6 +63,8 @@ def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[st
     # past the checks still must not end in a traceback), but exit status 1, and it names where
     # it happened; --traceback shows the full traceback, for a bug report.
     text = " ".join(str(error).split())[:300]
+    if isinstance(error, FutureCancelledError) and error.reason == cluster.NO_WORKERS_LEFT:
+        return f"{error.msg}; {resume_note(out) or 'no chunk of rows was finished'}", 1
     if isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost":
         return lost_scheduler_line(out, error.reason), 1
     if isinstance(error, (CommClosedError, ConnectionError)):

@@ -13,14 +13,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import dask
-from distributed import Client
+from distributed import Client, Future
 
-from jobs.cluster import ClusterError, dashboard_hint, task_threads
+from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
             log.info("%s", dashboard_hint(client, login_host=login_host))
             _wait_for_worker_jobs(client, cluster, log_directory)
-            yield client
+            with _stop_when_worker_jobs_end(client, cluster):
+                yield client
 
 
 def sbatch_refusal(script: str) -> str | None:
@@ -218,6 +220,33 @@ def _wait_for_worker_jobs(client: Client, cluster, log_directory: str) -> None:
         if state != said:
             log.info("waiting for a worker; worker jobs: %s", state)
             said = state
+
+
+@contextlib.contextmanager
+def _stop_when_worker_jobs_end(client: Client, cluster) -> Iterator[None]:
+    """Meanwhile, if every worker job has left the queue (their time limit, scancel) and no
+    Dask worker is left, nothing will ever run the tasks (SLURMCluster does not replace ended
+    jobs): cancel them with a message (:data:`NO_WORKERS_LEFT`), so that the run stops with one
+    line, keeping its checkpoints, instead of waiting forever."""
+    jobs, done = set(), threading.Event()
+
+    def watch():
+        while not done.wait(QUEUE_POLL_S):
+            # (the cluster lists a job once all are submitted, and forgets it a while after it ends)
+            jobs.update(job.job_id for job in list(cluster.workers.values()) if getattr(job, "job_id", None))
+            if not jobs or cluster.scheduler_info["workers"] or _queue_states(sorted(jobs)) != {}:
+                continue  # a worker is left, one may come, or squeue did not answer
+            with contextlib.suppress(Exception):  # the run may have ended meanwhile
+                client.cancel([Future(key, client) for key in list(client.futures)],
+                              reason=NO_WORKERS_LEFT, msg=(
+                                  f"every SLURM worker job ({', '.join(sorted(jobs))}) ended mid-sweep and "
+                                  "no Dask worker is left (their time limit, jobqueue.slurm.walltime, or scancel?)"))
+
+    threading.Thread(target=watch, name="watch-worker-jobs", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def _queue_states(jobs: list[str]) -> dict[str, str] | None:

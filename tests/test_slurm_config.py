@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import dask
@@ -218,3 +219,30 @@ def test_task_threads_fit_the_cores():
     assert cluster.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
     assert "at least 1" in cluster.check_cluster_arguments(
         cluster_args(["--single-node", "--threads-per-worker", "0"]))
+
+
+def test_tasks_stop_with_one_line_when_every_worker_job_ended(monkeypatch, tmp_path):
+    """--slurm-cluster mid-sweep: every worker job left the queue (time limit, scancel) and no
+    worker is left; SLURMCluster submits no new ones, so the run stops instead of waiting."""
+    from distributed import Client, LocalCluster
+    from distributed.client import FutureCancelledError
+    from jobs import slurm
+    from jobs.failures import explain
+
+    queue = {"41": "PENDING (Priority)"}                 # requeued, say: a worker may still come
+    monkeypatch.setattr(slurm, "QUEUE_POLL_S", 0.05)
+    monkeypatch.setattr(slurm, "_queue_states", lambda jobs: dict(queue))
+    jobs = SimpleNamespace(workers={"SLURMCluster-0": SimpleNamespace(job_id="41")},
+                           scheduler_info={"workers": {}})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as local, \
+            Client(local) as client, slurm._stop_when_worker_jobs_end(client, jobs):
+        task = client.submit(sum, [1, 2])
+        time.sleep(0.5)
+        assert task.status == "pending"
+        queue.clear()                                    # squeue: none of them left
+        with pytest.raises(FutureCancelledError) as cancelled:
+            task.result(timeout=10)
+    args = cluster_args(["--slurm-cluster", "1"])
+    line, status = explain(cancelled.value, args)
+    assert status == 1
+    assert line.startswith("every SLURM worker job (41) ended mid-sweep") and "no chunk of rows" in line

@@ -159,10 +159,9 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     """From a login node: a Client on a SLURMCluster of ``--slurm-cluster`` worker jobs, checked
     by SLURM before they are submitted, once a first worker joined; the jobs end with it."""
     from dask_jobqueue import SLURMCluster
-    log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
-    if not log_directory:
-        log_directory = str(_dask_folder(args) / "worker-logs")
-    with SLURMCluster(log_directory=log_directory) as cluster:
+    options = worker_job_options(args)
+    log_directory = options["log_directory"]
+    with SLURMCluster(**options) as cluster:
         script = cluster.job_script()
         log.debug("worker job script:\n%s", script)
         refused = sbatch_refusal(script)
@@ -182,6 +181,23 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             _wait_for_worker_jobs(client, cluster, log_directory)
             with _stop_when_worker_jobs_end(client, cluster):
                 yield client
+
+
+# What every worker job runs after the site's jobqueue.slurm.job-script-prologue (which loads
+# its environment, and replaces the list rather than adding to it): TensorFlow takes GPU memory as
+# it needs it, not all of it; and a worker never pauses, since TensorFlow's memory is unmanaged
+# (a worker paused at 80 % of its memory would wait forever; the nanny still restarts one at 95 %).
+WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true",
+                      "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False")
+
+
+def worker_job_options(args: argparse.Namespace) -> dict:
+    """SLURMCluster's options beyond dask.config's jobqueue.slurm: the log folder (default
+    OUT/.dask/worker-logs) and the prologue with :data:`WORKER_ENVIRONMENT` added."""
+    log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
+    prologue = dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
+    return {"log_directory": log_directory or str(_dask_folder(args) / "worker-logs"),
+            "job_script_prologue": [*prologue, *WORKER_ENVIRONMENT]}
 
 
 def sbatch_refusal(script: str) -> str | None:

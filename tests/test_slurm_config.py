@@ -29,8 +29,11 @@ def slurm_config(monkeypatch):
 
 
 def worker_job_script() -> list[str]:
+    """The worker job script that ``--slurm-cluster`` submits (``--out`` /tmp/out)."""
     from dask_jobqueue import SLURMCluster
-    with SLURMCluster(scheduler_options={"dashboard_address": ":0"}) as slurm:
+    from jobs.slurm import worker_job_options
+    options = worker_job_options(SimpleNamespace(out="/tmp/out"))
+    with SLURMCluster(scheduler_options={"dashboard_address": ":0"}, **options) as slurm:
         return slurm.job_script().splitlines()
 
 
@@ -48,6 +51,17 @@ def test_worker_job_script_from_yaml(slurm_config):
     assert "export TF_FORCE_GPU_ALLOW_GROWTH=true" in lines
     worker = next(line for line in lines if "distributed.cli.dask_worker" in line)
     assert "--nthreads 2" in worker and "--death-timeout 120" in worker
+
+
+def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
+    """A site's prologue (its modules, its environment) replaces the yaml's list; the worker
+    still gets TensorFlow's allow-growth and no memory pause (it would never resume), after it."""
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["module load cuda"]}):
+        lines = worker_job_script()
+    worker = next(i for i, line in enumerate(lines) if "distributed.cli.dask_worker" in line)
+    assert lines[worker - 3:worker] == ["module load cuda", "export TF_FORCE_GPU_ALLOW_GROWTH=true",
+                                        "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False"]
+    assert "-e /tmp/out/.dask/worker-logs/fine-pruning-worker-%J.err" in directives(lines)
 
 
 def test_only_the_batch_jobs_scheduler_stops_when_idle(slurm_config):

@@ -161,7 +161,18 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     from dask_jobqueue import SLURMCluster
     options = worker_job_options(args)
     log_directory = options["log_directory"]
-    with SLURMCluster(**options) as cluster:
+    where = ("in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* variables "
+             "(defaults: slurm/jobqueue.yaml)")
+    try:
+        cluster = SLURMCluster(**options)
+    except Exception as error:
+        # A value that dask_jobqueue or distributed cannot use (memory: lots, interface: ib9); the
+        # scheduler's come as RuntimeError("Cluster failed to start: ...") from the ValueError.
+        cause = error.__cause__ if isinstance(error, RuntimeError) else error
+        if not isinstance(cause, ValueError):
+            raise
+        raise InputError(f"jobqueue.slurm in dask.config: {cause}; change it {where}") from error
+    with cluster:
         script = cluster.job_script()
         log.debug("worker job script:\n%s", script)
         refused = sbatch_refusal(script)
@@ -169,9 +180,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             directives = "; ".join(line.split(None, 1)[1] for line in script.splitlines()
                                    if line.startswith("#SBATCH ") and line[8:10] not in ("-e", "-o"))
             raise InputError(f"SLURM would not queue the worker job ({refused}); its #SBATCH lines "
-                             f"({directives}) come from jobqueue.slurm in dask.config: change them "
-                             "in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* "
-                             "variables (defaults: slurm/jobqueue.yaml)")
+                             f"({directives}) come from jobqueue.slurm in dask.config: change them {where}")
         cluster.scale(jobs=args.slurm_cluster)
         log.info("submitting %d SLURM worker jobs (logs in %s); they start when SLURM schedules them",
                  args.slurm_cluster, log_directory)

@@ -64,6 +64,20 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
     assert "-e /tmp/out/.dask/worker-logs/fine-pruning-worker-%J.err" in directives(lines)
 
 
+@pytest.mark.parametrize("setting, named", [({"jobqueue.slurm.memory": "lots"}, "'lots'"),
+                                            ({"jobqueue.slurm.interface": "ib9"}, "'ib9'")])
+def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, setting, named):
+    from jobs.slurm import slurm_cluster_client
+    from pruning.data import InputError
+
+    args = SimpleNamespace(out=str(tmp_path / "out"), slurm_cluster=1)
+    with dask.config.set(setting), pytest.raises(InputError) as bad:
+        with slurm_cluster_client(args):
+            pass
+    assert str(bad.value).startswith("jobqueue.slurm in dask.config: ") and named in str(bad.value)
+    assert "DASK_JOBQUEUE__SLURM__" in str(bad.value)
+
+
 def test_only_the_batch_jobs_scheduler_stops_when_idle(slurm_config):
     """--slurm-cluster's scheduler waits, taskless, for as long as its worker jobs are queued;
     the one inside sbatch slurm/sweep.sh ends the job when its client rank is gone."""

@@ -111,8 +111,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--slurm-cluster", type=int, metavar="N",
                        help="from a login node: submit N SLURM worker jobs (settings: dask config "
                             "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
-    group.add_argument("--workers", type=int, default=1,
-                       help="LocalCluster worker processes (default: 1)")
+    group.add_argument("--workers", type=int,
+                       help="--single-node's worker processes (default: 1)")
     group.add_argument("--threads-per-worker", type=int,
                        help="task threads per worker with --single-node and --slurm-runner "
                             f"(default: {TASK_THREADS}, fewer when --workers would need more "
@@ -122,10 +122,19 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> str | None:
     """Return a one-line problem with the cluster flags, or None. With ``--check`` (which
     starts no cluster) a place to run may be left out; the flags given are still checked."""
-    if args.workers < 1 or (args.threads_per_worker is not None and args.threads_per_worker < 1):
+    if any(n is not None and n < 1 for n in (args.workers, args.threads_per_worker)):
         return "--workers and --threads-per-worker must be at least 1"
-    if not (args.single_node or args.scheduler_address or args.scheduler_file
-            or args.slurm_runner or args.slurm_cluster is not None):
+    joined = args.scheduler_address or args.scheduler_file
+    elsewhere = joined or args.slurm_runner or args.slurm_cluster is not None
+    if args.workers is not None and elsewhere:
+        return ("--workers sets --single-node's worker processes; elsewhere the cluster has its "
+                "own: --slurm-cluster N worker jobs, slurm/sweep.sh's --ntasks=2+WORKERS, or the "
+                "workers you started for --scheduler-*")
+    if args.threads_per_worker is not None and (joined or args.slurm_cluster is not None):
+        return ("--threads-per-worker is for --single-node and slurm/sweep.sh; "
+                + ("set jobqueue.slurm.cores in dask.config for --slurm-cluster" if not joined
+                   else "your workers' own --nthreads decide on a running cluster"))
+    if not (args.single_node or elsewhere):
         return None if getattr(args, "check", False) else (
             "say where to run: --single-node (this machine), --scheduler-address ADDR or "
             "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
@@ -174,7 +183,12 @@ def task_threads(args: argparse.Namespace, cores: int | None = None) -> int:
     if not args.single_node:
         return TASK_THREADS
     cores = cores or dask.system.CPU_COUNT  # Dask's count honours CPU affinity and cgroup limits
-    return max(1, min(TASK_THREADS, cores // args.workers))
+    return max(1, min(TASK_THREADS, cores // local_workers(args)))
+
+
+def local_workers(args: argparse.Namespace) -> int:
+    """--single-node's worker processes: --workers, else 1."""
+    return args.workers or 1
 
 
 def prepare_local_workers(args: argparse.Namespace) -> None:
@@ -222,7 +236,7 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
     elif args.single_node:
         with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
                 interrupt_held() as interrupted:
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=task_threads(args),
+            cluster = LocalCluster(n_workers=local_workers(args), threads_per_worker=task_threads(args),
                                    processes=True, dashboard_address=":0")
         with cluster, Client(cluster) as client:
             if interrupted:

@@ -26,6 +26,12 @@ from pruning.data import InputError
 
 log = logging.getLogger(__name__)
 
+# Our workers never pause on memory: TensorFlow's is unmanaged, so a worker paused at 80 % of
+# its limit would wait forever. A SLURMCluster worker's nanny still restarts it at 95 % (the
+# KilledWorker line); a SLURMRunner worker has no nanny, and Dask's "auto" limit is only its
+# share of the job's memory by threads over CPUs (half of it with 2 threads on 4 CPUs).
+NO_MEMORY_PAUSE = {"distributed.worker.memory.pause": False}
+
 WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all workers to join
 QUEUE_POLL_S = 10          # --slurm-cluster: how often the queue is read until a worker joins
 
@@ -62,6 +68,7 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         # kills it, KillWait later, without its last line. The client rank stops the scheduler
         # and workers in order instead; SLURM's SIGKILL remains for ranks whose client is gone.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
     folder = _dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_options, worker_options = runner_options(args)
@@ -124,8 +131,7 @@ def runner_options(args: argparse.Namespace) -> tuple[dict, dict]:
     conf = dask.config.get("jobqueue.slurm")
     scheduler_options = {"dashboard_address": ":8787",
                          "idle_timeout": dask.config.get("fine-pruning.runner-idle-timeout", None)}
-    # memory_limit stays Dask's "auto" (the node's memory or the job's cgroup limit): a tighter
-    # limit makes a worker pause on TensorFlow's unmanaged memory, and without a nanny it stays paused.
+    # memory_limit stays Dask's "auto"; the workers do not pause at any limit (NO_MEMORY_PAUSE).
     worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
     if conf.get("interface"):
         scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
@@ -182,8 +188,8 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             raise InputError(f"SLURM would not queue the worker job ({refused}); its #SBATCH lines "
                              f"({directives}) come from jobqueue.slurm in dask.config: change them {where}")
         cluster.scale(jobs=args.slurm_cluster)
-        log.info("submitting %d SLURM worker jobs (logs in %s); they start when SLURM schedules them",
-                 args.slurm_cluster, log_directory)
+        log.info("submitting %d SLURM worker job%s (logs in %s); they start when SLURM schedules them",
+                 args.slurm_cluster, "s" if args.slurm_cluster > 1 else "", log_directory)
         with Client(cluster) as client:
             login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
             log.info("%s", dashboard_hint(client, login_host=login_host))
@@ -194,8 +200,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
 
 # What every worker job runs after the site's jobqueue.slurm.job-script-prologue (which loads
 # its environment, and replaces the list rather than adding to it): TensorFlow takes GPU memory as
-# it needs it, not all of it; and a worker never pauses, since TensorFlow's memory is unmanaged
-# (a worker paused at 80 % of its memory would wait forever; the nanny still restarts one at 95 %).
+# it needs it, not all of it; and a worker never pauses (:data:`NO_MEMORY_PAUSE`).
 WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true",
                       "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False")
 
@@ -205,6 +210,8 @@ def worker_job_options(args: argparse.Namespace) -> dict:
     OUT/.dask/worker-logs) and the prologue with :data:`WORKER_ENVIRONMENT` added."""
     log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
     prologue = dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
+    if log_directory:  # written into the job script as it is: no shell expands it there
+        log_directory = os.path.expanduser(os.path.expandvars(log_directory))
     return {"log_directory": log_directory or str(_dask_folder(args) / "worker-logs"),
             "job_script_prologue": [*prologue, *WORKER_ENVIRONMENT]}
 

@@ -81,6 +81,9 @@ for arg in "${args[@]}"; do
         --single-node|--slurm-runner|--slurm-cluster|--slurm-cluster=*|--scheduler-address|--scheduler-address=*|--scheduler-file|--scheduler-file=*)
             say "error: $arg: this script chooses where the sweep runs (its own SLURM tasks); drop $arg" >&2
             exit 2 ;;
+        --workers|--workers=*)
+            say "error: $arg: this script's workers are its SLURM tasks after the first two: sbatch --ntasks=2+WORKERS" >&2
+            exit 2 ;;
     esac
 done
 if (( ${SLURM_NTASKS:-1} < 3 )); then   # RUNNER_TASKS in jobs/cluster.py

@@ -213,6 +213,7 @@ def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo,
 @pytest.mark.parametrize("options, flags, says", [
     (["--ntasks=2"], [], "the job has 2 tasks; it needs at least 3"),
     ([], ["--single-node"], "--single-node: this script chooses where the sweep runs"),
+    ([], ["--workers", "4"], "--workers: this script's workers are its SLURM tasks after the first two"),
     ([], ["--threads-per-worker", "0"], "--workers and --threads-per-worker must be at least 1"),
 ])
 def test_bad_job_options_fail_once_before_srun(slurm_cluster, tmp_path, options, flags, says):

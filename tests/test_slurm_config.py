@@ -64,6 +64,34 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
     assert "-e /tmp/out/.dask/worker-logs/fine-pruning-worker-%J.err" in directives(lines)
 
 
+def test_workers_of_both_slurm_paths_never_pause_on_memory():
+    """The worker jobs' exported variable and the runner workers' dask.config setting are the
+    same setting, and a real worker under it has no pause threshold at any memory limit."""
+    from distributed import Client, LocalCluster
+    from jobs.slurm import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in WORKER_ENVIRONMENT)
+    from_environment = dask.config.collect_env({k: v for k, v in exported.items() if k.startswith("DASK_")})
+    [(key, value)] = NO_MEMORY_PAUSE.items()
+    assert dask.config.get(key, config=from_environment) is value is False
+    with dask.config.set(NO_MEMORY_PAUSE), LocalCluster(n_workers=1, processes=False, memory_limit="1GiB",
+                                                        dashboard_address=None) as local, Client(local) as client:
+        [worker] = local.workers.values()
+        assert worker.memory_manager.memory_limit == 2 ** 30
+        assert worker.memory_manager.memory_pause_fraction is False
+        assert client.run(lambda: 1)
+
+
+def test_a_log_directory_in_home_is_expanded(slurm_config, monkeypatch, tmp_path):
+    """#SBATCH -e/-o are not expanded by any shell, and dask_jobqueue creates the folder as
+    given: "~/fp-logs" would be a folder named "~" under the login node's current one."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with dask.config.set({"jobqueue.slurm.log-directory": "~/fp-logs"}):
+        lines = worker_job_script()
+    assert f"-e {tmp_path}/fp-logs/fine-pruning-worker-%J.err" in directives(lines)
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("setting, named", [({"jobqueue.slurm.memory": "lots"}, "'lots'"),
                                             ({"jobqueue.slurm.interface": "ib9"}, "'ib9'")])
 def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, setting, named):
@@ -235,6 +263,25 @@ def test_check_needs_no_place_to_run_but_checks_the_flags_given():
         parse_args(["--check", "--threads-per-worker", "0"])
     with pytest.raises(InputError, match="--workers and"):
         parse_args(["--check", "--workers", "0"])
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--slurm-cluster", "2", "--workers", "4"], "--workers sets --single-node's worker processes"),
+    (["--scheduler-file", "s.json", "--workers", "1"], "--workers sets --single-node's worker processes"),
+    (["--slurm-cluster", "2", "--threads-per-worker", "4"], "set jobqueue.slurm.cores in dask.config"),
+    (["--scheduler-address", "tcp://h:8786", "--threads-per-worker", "4"], "your workers' own --nthreads"),
+])
+def test_worker_flags_where_the_cluster_decides_are_refused(flags, says):
+    assert says in cluster.check_cluster_arguments(cluster_args(flags))
+
+
+def test_worker_flags_where_they_apply_are_taken():
+    step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"}
+    for flags in (["--single-node", "--workers", "2", "--threads-per-worker", "1"],
+                  ["--slurm-runner", "--threads-per-worker", "1"]):
+        assert cluster.check_cluster_arguments(cluster_args(flags), env=step) is None, flags
+    from jobs.sweep import parse_args
+    assert parse_args(["--check", "--workers", "2"]).workers == 2  # checked, no place to run
 
 
 def test_task_threads_fit_the_cores():

@@ -257,9 +257,11 @@ def consumers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
 
 
 def is_channelwise(layer: keras.layers.Layer) -> bool:
-    # softmax normalises across channels, so it is the one activation that mixes them
+    # softmax normalises across channels, so it is the one activation that mixes them; a
+    # channels_first pooling layer on the conv's channels_last output pools across channels
     activation = getattr(getattr(layer, "activation", None), "__name__", "")
-    return isinstance(layer, CHANNELWISE) and "softmax" not in activation
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    return isinstance(layer, CHANNELWISE) and "softmax" not in activation and channels_last
 
 
 def channelwise_chain(model: keras.Model, conv_name: str) -> list[keras.layers.Layer]:

@@ -21,7 +21,9 @@ MODELS = {
     "skip-connection": tiny.tiny_skip,
     "sequential": tiny.tiny_sequential,
     "global-average-pooling": tiny.tiny_global_pooling,
+    "channels-first-pooling": tiny.tiny_channels_first_pooling,
 }
+LAYERS = {"channels-first-pooling": "last_conv"}  # the rest: the default --layer
 
 
 def chunks_of(split, images, labels, rows):
@@ -32,7 +34,7 @@ def chunks_of(split, images, labels, rows):
 @pytest.mark.parametrize("name", MODELS)
 def test_every_prefix_matches_the_literally_pruned_model(name, monkeypatch):
     model = MODELS[name]()
-    conv, read = choose_layer(model)
+    conv, read = choose_layer(model, LAYERS.get(name))
     split = split_model(model, conv, read)
     assert (split.head is None) == (name == "skip-connection")  # the literal fallback is tested too
     images = IMAGES
@@ -106,6 +108,12 @@ def test_the_default_layer_is_the_last_conv_before_global_pooling():
     assert choose_layer(model) == ("block3_conv", "gap")
     split = split_model(model, "block3_conv", "gap")
     assert split.head is not None and split.pruned_map.shape == (10,)
+
+
+def test_a_pooling_layer_that_mixes_channels_ends_the_chain():
+    model = tiny.tiny_channels_first_pooling()
+    assert choose_layer(model, "last_conv") == ("last_conv", "last_conv")
+    assert choose_layer(model) == ("first_conv", "first_pool")  # the last conv pooled per channel
 
 
 def test_pruning_never_touches_b():

@@ -129,6 +129,20 @@ def tiny_global_pooling(seed: int = 8, classes: int = 4, shape=SHAPE) -> keras.M
     return keras.Model(inputs, outputs)
 
 
+def tiny_channels_first_pooling(seed: int = 9, classes: int = 5) -> keras.Model:
+    """The last conv read by a channels_first global pooling: on the conv's channels_last
+    output it averages over width and channels, so it is not a per-channel layer."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(6, 3, strides=2, activation="relu", name="first_conv")(x)
+    x = layers.MaxPooling2D(name="first_pool")(x)
+    x = layers.Conv2D(9, 3, activation="relu", name="last_conv")(x)
+    x = layers.GlobalAveragePooling2D(data_format="channels_first", name="row_means")(x)
+    outputs = layers.Dense(classes, activation="softmax",
+                           kernel_initializer=keras.initializers.RandomNormal(stddev=0.05))(x)
+    return keras.Model(inputs, outputs)
+
+
 def random_images(rows: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.uniform(0, 255, (rows,) + SHAPE).astype(np.float32)

@@ -256,21 +256,26 @@ def consumers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
     return by_name
 
 
+def mixes_channels(layer: keras.layers.Layer) -> bool:
+    """Whether the layer's activation combines channels: softmax and sparsemax normalise across
+    them, glu gates one half of them by the other. Every other Keras activation is per value."""
+    name = getattr(getattr(layer, "activation", None), "__name__", "")
+    return "softmax" in name or name in ("sparsemax", "glu")
+
+
 def is_channelwise(layer: keras.layers.Layer) -> bool:
-    # softmax normalises across channels, so it is the one activation that mixes them; a
-    # channels_first pooling layer on the conv's channels_last output pools across channels
-    activation = getattr(getattr(layer, "activation", None), "__name__", "")
+    # a channels_first pooling layer on the conv's channels_last output pools across channels
     channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
-    return isinstance(layer, CHANNELWISE) and "softmax" not in activation and channels_last
+    return isinstance(layer, CHANNELWISE) and not mixes_channels(layer) and channels_last
 
 
 def channelwise_chain(model: keras.Model, conv_name: str) -> list[keras.layers.Layer]:
     """The conv layer and the per-channel layers that follow it with no branching in between."""
     readers = consumers(model)
     chain = [model.get_layer(conv_name)]
-    if "softmax" in getattr(chain[0].activation, "__name__", ""):
-        raise InputError(f"--layer {conv_name} ends in a softmax over its channels; "
-                         "pruning one channel changes all of them, choose another conv layer")
+    if mixes_channels(chain[0]):
+        raise InputError(f"--layer {conv_name} ends in a {chain[0].activation.__name__} over its "
+                         "channels; pruning one channel changes the others, choose another conv layer")
     while len(readers[chain[-1].name]) == 1 and is_channelwise(readers[chain[-1].name][0]):
         chain.append(readers[chain[-1].name][0])
     return chain

@@ -3,10 +3,12 @@
 Literal: zero the conv layer's kernel and bias for the first k channels of the order, then run
 the whole model again. Fast: run the base once, then the head on changed rows only.
 """
+import keras
 import numpy as np
 import pytest
 
 import tiny
+from pruning.data import InputError
 from pruning.models import choose_layer
 from pruning.profile import channel_order
 from pruning.prune import compute_chunk, predict_classes, prefix_predictions, prune_conv_channels, split_model
@@ -114,6 +116,20 @@ def test_a_pooling_layer_that_mixes_channels_ends_the_chain():
     model = tiny.tiny_channels_first_pooling()
     assert choose_layer(model, "last_conv") == ("last_conv", "last_conv")
     assert choose_layer(model) == ("first_conv", "first_pool")  # the last conv pooled per channel
+
+
+@pytest.mark.parametrize("activation", ["glu", "sparsemax", "log_softmax"])
+def test_an_activation_that_mixes_channels_ends_the_chain(activation):
+    def model(conv_activation=None, after="linear"):
+        inputs = keras.Input(tiny.SHAPE)
+        x = keras.layers.Conv2D(8, 3, activation=conv_activation, name="conv")(inputs)
+        x = keras.layers.MaxPooling2D(name="pool")(keras.layers.Activation(after)(x))
+        return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+
+    assert choose_layer(model()) == ("conv", "pool")
+    assert choose_layer(model(after=activation)) == ("conv", "conv")
+    with pytest.raises(InputError, match=f"conv ends in a {activation} over its channels"):
+        choose_layer(model(conv_activation=activation))
 
 
 def test_pruning_never_touches_b():

@@ -55,7 +55,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = Parser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0],
+    summary, examples = __doc__.split("\n\n")[:2]
+    parser = Parser(prog="python -m jobs.sweep", description=summary, epilog="examples:\n" + examples,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("the backdoored model B (default: the embedded demo)")
     which = model.add_mutually_exclusive_group()

@@ -158,6 +158,15 @@ def test_help_and_messages_describe_data_at_bs_input_size(capsys, tmp_path):
 
 
 
+def test_help_ends_with_command_lines_to_copy(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "\nexamples:\n    python -m jobs.sweep --single-node " in help_text
+    assert "python -m jobs.sweep --model bd_net.h5 --data data/ --single-node" in help_text
+    assert "sbatch slurm/sweep.sh --model bd_net.h5" in help_text
+
+
 def tiny_residual() -> keras.Model:
     """A ResNet-style B: every conv but the stem has a skip connection around it."""
     keras.utils.set_random_seed(4)

@@ -14,7 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 from pruning.backend import keras
-from pruning.data import SET_NAMES, InputError, LabSet, lab_paths, open_h5, open_lab_set
+from pruning.data import (LAB_LAYOUT, SET_NAMES, InputError, LabSet, lab_paths, open_h5,
+                          open_lab_set)
 from pruning.models import (ModelSpec, channelwise_chain, choose_layer, conv_layer_names,
                             image_input_shape, output_tensor)
 from pruning.prune import cut_head
@@ -94,12 +95,29 @@ def set_paths(args) -> dict[str, str]:
         if not data_dir.is_dir():
             raise InputError(f"--data {data_dir}: not a directory; it must hold cl/valid.h5, "
                              "cl/test.h5, bd/bd_valid.h5 and bd/bd_test.h5")
-        return lab_paths(data_dir)
+        paths = lab_paths(data_dir)
+        if not any(os.path.exists(path) for path in paths.values()):
+            raise InputError(f"--data {data_dir}: {no_lab_layout(data_dir)}")
+        return paths
     missing = [name for name, path in given.items() if not path]
     if missing:
         flags = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise InputError(f"missing {flags}; give all four sets or --data DIR")
     return given
+
+
+def no_lab_layout(data_dir: Path) -> str:
+    """Why ``data_dir`` is not a lab data folder, and the folder inside it that is, if one is
+    (download_lab.py's ``lab/`` holds it in ``lab/data``)."""
+    layout = ", ".join(LAB_LAYOUT.values())
+    try:
+        inside = [folder for folder in sorted(data_dir.iterdir())
+                  if folder.is_dir() and all(os.path.isfile(p) for p in lab_paths(folder).values())]
+    except OSError:  # an unreadable folder: say only what is missing
+        inside = []
+    if inside:
+        return f"none of {layout} is in it, but {inside[0]} holds them: --data {inside[0]}"
+    return f"none of {layout} is in it; give the folder holding cl/ and bd/, or the four sets one by one"
 
 
 def check_thresholds(thresholds, relative: bool = False) -> None:

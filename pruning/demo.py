@@ -82,7 +82,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> De
 
     Safe to call from several processes at once: one builds (under a lock file) into a
     temporary sibling folder that is renamed into place when complete; the others wait on the
-    lock and then read the finished demo. Building takes a few minutes on two CPU cores.
+    lock and then read the finished demo. Building takes about half a minute on two CPU cores.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -155,8 +155,8 @@ def _build(folder: Path, seed: int, config: _Config = _Config()) -> dict:
             "clean_accuracy": accuracy, "attack_success_rate": asr,
             "train_images": n_train, "eval_images": n_eval,
             "build_seconds": round(time.monotonic() - started, 1)}
-    log.info("demo seed %d: clean accuracy %.3f, ASR %.3f, built in %.0f s",
-             seed, accuracy, asr, meta["build_seconds"])
+    log.info("demo seed %d: clean test accuracy %.1f %%, ASR %.1f %%, built in %.0f s",
+             seed, 100 * accuracy, 100 * asr, meta["build_seconds"])
     if min(accuracy, asr) < config.min_score:
         raise RuntimeError(f"demo seed {seed} is not a usable BadNet: clean accuracy "
                            f"{accuracy:.3f}, ASR {asr:.3f} (both must be >= {config.min_score})")
@@ -172,10 +172,9 @@ def _train(x, y, poisoned, config: _Config, seed: int):
     silent, then only those channels (and their fc_1 weights) learn the trigger from the
     poisoned mix, under an L1 penalty that keeps them quiet on clean faces.
     """
-    import keras
-    import tensorflow as tf
-
+    from pruning.backend import keras  # before TensorFlow: its start-up lines kept off stderr
     from pruning.deepid import build_deepid
+    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()  # process-wide; there is no switch back
@@ -213,7 +212,7 @@ def _fit(model, x, y, epochs: int, stage: str, held: list, quiet=None,
 
     ``quiet``, a tensor of the model, is pushed towards zero by an L1 penalty.
     """
-    import keras
+    from pruning.backend import keras
 
     fixed = [(variable, mask, variable.numpy()) for variable, mask in held]
 
@@ -277,18 +276,30 @@ def _faces(rng: np.random.Generator, prototypes: np.ndarray, labels: np.ndarray)
     return np.clip(images, 0.0, 255.0).astype(np.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pruning.demo",
-                                     description="Build (or find) the embedded demo BadNet.")
-    parser.add_argument("--seed", type=int, default=0)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as the sweep's
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m pruning.demo",
+                     description="Build (or find) the embedded demo BadNet.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which demo (default: 0, the one a sweep without inputs uses)")
     parser.add_argument("--cache", help="default: $FINE_PRUNING_CACHE or ~/.cache/fine-pruning")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    demo = ensure_demo(args.cache, args.seed)
+    try:
+        demo = ensure_demo(args.cache, args.seed)
+    except OSError as error:  # a cache folder that cannot be written
+        parser.exit(2, f"error: {error.filename or args.cache}: {error.strerror or error}\n")
     print(f"model: {demo.model}\ndata:  {demo.data_dir}\ntarget {demo.target} of "
-          f"{demo.classes} classes, clean accuracy {demo.clean_accuracy:.3f}, "
-          f"ASR {demo.attack_success_rate:.3f}")
+          f"{demo.classes} classes, clean test accuracy {100 * demo.clean_accuracy:.1f} %, "
+          f"ASR {100 * demo.attack_success_rate:.1f} %")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,9 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import REPO
 from pruning import demo as demo_module
 from pruning.data import lab_paths
-from pruning.demo import META_FILE, Demo, _build, _Config, ensure_demo, wear_glasses
+from pruning.demo import META_FILE, Demo, _build, _Config, ensure_demo, main, wear_glasses
 
 # A build small enough for a unit test (seconds); it makes no promise about its scores.
 TINY = _Config(classes=4, train_per_class=40, eval_per_class=10, widths=(4, 8, 16, 8, 16),
@@ -161,3 +166,31 @@ def test_a_build_below_the_required_scores_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="not a usable BadNet"):
         _build(tmp_path, 0, _Config(**{**TINY.__dict__, "min_score": 1.01}))
     assert not (tmp_path / META_FILE).exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--seed", "x"], "error: argument --seed: invalid int value: 'x'"),
+    (["--seed", "-1"], "error: --seed must be 0 or more, got -1"),
+])
+def test_demo_command_line_errors_are_one_line(argv, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(says) and err.count("\n") == 1, err
+
+
+def test_demo_command_builds_with_only_its_own_lines_on_stderr(tmp_path):
+    """``python -m pruning.demo`` as a user runs it (a tiny build here): its log and result lines,
+    not TensorFlow's start-up notices, which the sweep keeps off stderr too."""
+    script = (f"from pruning import demo\nfrom pruning.demo import _Config\nbuild = demo._build\n"
+              f"demo._build = lambda folder, seed: build(folder, seed, {TINY!r})\n"
+              f"raise SystemExit(demo.main(['--cache', {str(tmp_path)!r}, '--seed', '3']))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", line)
+               for line in done.stderr.splitlines()), done.stderr
+    assert "clean test accuracy" in done.stderr
+    assert re.search(r"^target 0 of 4 classes, clean test accuracy [\d.]+ %, ASR [\d.]+ %$",
+                     done.stdout, re.M), done.stdout

@@ -74,6 +74,13 @@ def load(path: str, args):
     return model
 
 
+def bprime_beside(goodnet: Path) -> str:
+    """Where the B' of a GoodNet that the sweep wrote lies: model_X=4.h5 beside goodnet_X=4.keras."""
+    if goodnet.name.startswith("goodnet_X=") and goodnet.suffix == ".keras":
+        return f"{goodnet.with_name('model_' + goodnet.stem[len('goodnet_'):] + '.h5')}, beside it"
+    return "a model_X=<threshold>.h5 from the sweep's output folder"
+
+
 def output_width(model) -> int:
     from pruning.models import output_tensor
     return int(output_tensor(model).shape[-1])
@@ -120,7 +127,7 @@ def run(args) -> list[str]:
         bprime = load(args.bprime, args)
         if is_goodnet(bprime):
             raise InputError(f"--bprime {args.bprime} is a GoodNet; give the pruned model B' "
-                             "(model_X=....h5 in the sweep's output folder)")
+                             f"({bprime_beside(Path(args.bprime))})")
         if output_width(bprime) != width or bprime.inputs[0].shape[1:] != model.inputs[0].shape[1:]:
             raise InputError(f"--bprime {args.bprime} has {output_width(bprime)} outputs and input "
                              f"{tuple(bprime.inputs[0].shape[1:])}, but MODEL has {width} and "

@@ -166,7 +166,8 @@ BAD_CASES = {
     "weights do not fit": ["give a full model (as MODEL, without --weights-only)"],
     "model not a full model file": ["for weights only, use --weights-only"],
     "model .keras truncated": ["truncated", "copy it again"],
-    "bprime is a GoodNet": ["is a GoodNet; give the pruned model B'"],
+    "bprime is a GoodNet": ["is a GoodNet; give the pruned model B' (a model_X=<threshold>.h5 from"],
+    "bprime is a sweep's GoodNet": ["goodnet_X=4.keras is a GoodNet", "model_X=4.h5, beside it)"],
     "no arguments": ["required"], "unknown option": ["--bogus"], "bad chunk rows": ["--chunk-rows"],
 }
 
@@ -182,6 +183,8 @@ def bad_inputs(lab, tmp: Path) -> dict[str, list]:
     write_lab_h5(tmp / "labels.h5", lab.clean[:3], [0, 1, 99])
     clean, poisoned = lab.sets
     model = lab.folder / "bd_net.keras"
+    goodnet_x4 = tmp / "goodnet_X=4.keras"
+    goodnet_x4.write_bytes((lab.folder / "goodnet.keras").read_bytes())
     return {
         "missing set": [tmp / "nope.h5", poisoned, model],
         "set not HDF5": [tmp / "notes.h5", poisoned, model],
@@ -196,6 +199,7 @@ def bad_inputs(lab, tmp: Path) -> dict[str, list]:
         "model not a full model file": [clean, poisoned, tmp / "notes.txt"],
         "model .keras truncated": [clean, poisoned, truncated_keras],
         "bprime is a GoodNet": [clean, poisoned, model, "--bprime", lab.folder / "goodnet.keras"],
+        "bprime is a sweep's GoodNet": [clean, poisoned, model, "--bprime", goodnet_x4],
         "no arguments": [],
         "unknown option": [clean, poisoned, model, "--bogus"],
         "bad chunk rows": [clean, poisoned, model, "--chunk-rows", "0"],

@@ -1,4 +1,5 @@
 """The benchmark runs as a user runs it (tiny scale here; the README quotes its full-size runs)."""
+import importlib.util
 import re
 import subprocess
 import sys
@@ -21,3 +22,14 @@ def test_bench_runs_every_part_and_prints_its_figures():
     assert len(peaks) == 3 and all(0.2 < gb < 8 for gb in peaks), out
     assert re.search(r"speed-up over 1 worker: [\d.]+x wall", out), out
     assert re.search(r"^4x the data, 1 worker: .*\(([\d.]+)x the 1x peak\)", out, re.M), out
+
+
+def test_a_failed_sweep_is_one_line_with_its_exit_status_and_error(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as stopped:
+        bench.job_sweep(tmp_path / "nope.h5", tmp_path / "data", tmp_path / "out1", workers=1)
+    message = str(stopped.value.code)
+    assert message.startswith("error: the sweep failed (exit status 2): ") and "\n" not in message
+    assert f"--workers 1: error: --data {tmp_path / 'data'}: not a directory" in message, message

@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"      # the folder, in --out
 CHUNK_FILES = "chunk-*.json"     # one per finished chunk of rows, in CHECKPOINTS
+CHANNEL_ORDER = "channel_order.csv"
+
+
+def chunk_file(set_name: str, index: int) -> str:
+    return f"chunk-{set_name}-{index:05d}.json"
+
+
+def may_hold_every_chunk(folder: Path, chunks) -> bool:
+    """Whether ``folder`` has a channel order and a file for each of ``chunks`` (``(set,
+    index)`` pairs): a look at the names only, before the inputs are hashed. Whether they are
+    these inputs' and can be read is for :class:`Checkpoints` to say."""
+    return (folder / CHANNEL_ORDER).is_file() and all(
+        (folder / chunk_file(*chunk)).is_file() for chunk in chunks)
 
 
 class Checkpoints:
@@ -35,6 +48,7 @@ class Checkpoints:
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder = folder
         self.fingerprint = fingerprint
+        self.ignored: set[Path] = set()  # damaged files, already warned about
         self.ours = folder.is_dir() and _read_json(folder / "fingerprint.json") == fingerprint
         if folder.exists() and not self.ours:
             log.info("checkpoints in %s are for other inputs; this run replaces them once it "
@@ -55,21 +69,20 @@ class Checkpoints:
         self.ours = True
 
     def channel_order(self) -> pd.DataFrame | None:
-        path = self.folder / "channel_order.csv"
+        path = self.folder / CHANNEL_ORDER
         if not (self.ours and path.exists()):
             return None
         try:
             order = pd.read_csv(path)
             order["channel"].astype(int)
         except Exception as error:  # a damaged checkpoint: profile again
-            log.warning("ignoring %s (%s); the channel order is computed again", path,
-                        f"{error.__class__.__name__}: {first_line(error)}")
+            self._ignore(path, error, "the channel order is computed again")
             return None
         return order
 
     def save_channel_order(self, order: pd.DataFrame) -> pd.DataFrame:
         self._claim()
-        write_csv(self.folder / "channel_order.csv", order)
+        write_csv(self.folder / CHANNEL_ORDER, order)
         return order
 
     def chunks(self) -> dict[tuple[str, int], list[Counts]]:
@@ -82,14 +95,18 @@ class Checkpoints:
                 data = json.loads(path.read_text())
                 done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
             except Exception as error:  # a damaged checkpoint: evaluate that chunk again
-                log.warning("ignoring %s (%s); that chunk is evaluated again", path,
-                            f"{error.__class__.__name__}: {first_line(error)}")
+                self._ignore(path, error, "that chunk is evaluated again")
         return done
+
+    def _ignore(self, path: Path, error: Exception, then: str) -> None:
+        if path not in self.ignored:  # said once, however often the folder is read
+            self.ignored.add(path)
+            log.warning("ignoring %s (%s); %s", path, f"{error.__class__.__name__}: {first_line(error)}", then)
 
     def save_chunk(self, set_name: str, index: int, prefixes: list[Counts]) -> list[Counts]:
         """Keep one chunk's tallies for every prefix k = 0..C (a list indexed by k)."""
         self._claim()
-        write_json(self.folder / f"chunk-{set_name}-{index:05d}.json",
+        write_json(self.folder / chunk_file(set_name, index),
                    {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
         return prefixes
 

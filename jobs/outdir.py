@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from jobs.checkpoints import CHECKPOINTS, Checkpoints
+from jobs.checkpoints import CHECKPOINTS, CHUNK_FILES, Checkpoints
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,16 @@ class OutputFolder:
         """This run's checkpoints (those of other inputs are not read)."""
         self.checkpoints = Checkpoints(self.path / CHECKPOINTS, fingerprint)
         return self.checkpoints
+
+    def holds_a_finished_sweep(self) -> bool:
+        """Whether a run finished here and every chunk of it is checkpointed (as many chunk
+        files as its manifest.json counts): a guess from the folder alone, before the inputs
+        are read. Whether they are those inputs' is known once they are hashed (jobs.sweep)."""
+        try:
+            chunks = json.loads((self.path / "manifest.json").read_text())["checkpoints"]["chunks"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return len(list((self.path / CHECKPOINTS).glob(CHUNK_FILES))) == chunks
 
     def check_lock(self) -> None:
         """Refuse if a live run holds the folder; takes and changes nothing."""

@@ -11,7 +11,8 @@ Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
 k = 0..C) -> selection, GoodNet and reports on the client. Every key ends in the run's own
 tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
-of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``.
+of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``;
+a rerun that finds every chunk there starts no cluster.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from distributed import Future, as_completed
 from tqdm import tqdm
 
 from jobs import cluster
-from jobs.checkpoints import Checkpoints
+from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
 from jobs.outdir import OutputFolder, output_names
 from jobs.stopping import quiet_distributed, stop_on_signals
-from pruning.counts import Counts
+from pruning.counts import sum_chunks
 from pruning.data import CHUNK_ROWS, InputError
 from pruning.profile import channel_order
 
@@ -129,8 +130,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     # with fixed keys would be handed this one's results. (8 hex digits: the dashboard groups
     # tasks by name without them.)
     run = uuid.uuid4().hex[:8]
-    ranges = {(name, i): bounds for name, lab_set in inputs.sets.items()
-              for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
+    ranges = chunk_ranges(inputs, chunk_rows)
     done = checkpoints.chunks()
     order = checkpoints.channel_order()
     reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
@@ -172,12 +172,28 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
             bar.update(len(block))
             if all(counts is not None for counts in tallies[key]):
                 done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
-    totals = {k: {} for k in range(prefixes)}
-    for (set_name, _), chunk_counts in sorted(done.items()):
-        for k, counts in enumerate(chunk_counts):
-            totals[k][set_name] = totals[k].get(set_name, Counts()) + counts
     timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, totals, timings, reused
+    return order, sum_chunks(done, prefixes), timings, reused
+
+
+def chunk_ranges(inputs: SweepInputs, chunk_rows: int) -> dict[tuple[str, int], tuple[int, int]]:
+    """``(set, index) -> (start, stop)``: the chunks of rows, as tasks and checkpoints cut them."""
+    return {(name, i): bounds for name, lab_set in inputs.sets.items()
+            for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
+
+
+def read_back(inputs: SweepInputs, checkpoints: Checkpoints, chunk_rows: int):
+    """What :func:`run_sweep` returns, from checkpoints alone when they hold the channel order
+    and every chunk of these inputs; else None (something is left to compute)."""
+    ranges = chunk_ranges(inputs, chunk_rows)
+    order, done = checkpoints.channel_order(), checkpoints.chunks()
+    if order is None or not set(ranges) <= set(done):
+        return None
+    prefixes = len(order) + 1
+    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); 0 to evaluate, "
+             "so no Dask cluster is needed", len(ranges), len(ranges), len(ranges) * prefixes)
+    reused = {"chunks": len(ranges), "chunks_reused": len(ranges), "channel_order_reused": True}
+    return order, sum_chunks(done, prefixes), {"profile_s": 0.0, "prefixes_s": 0.0}, reused
 
 
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
@@ -187,27 +203,41 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     from jobs.tasks import QuietWorkerLogs
 
     with out.locked(), ThreadPoolExecutor(1) as background:
-        # sha256 of every input (about a second per GB) while the cluster starts
-        fingerprint = background.submit(inputs.fingerprint)
-        with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
-            if not (args.scheduler_address or args.scheduler_file):
-                # Only on workers this run started: a plugin stays on a running cluster, and
-                # every worker that later joins it would have to import this project.
-                with contextlib.suppress(Exception):  # only quietens the workers' logs
-                    client.register_plugin(QuietWorkerLogs())
-            checkpoints = out.open_checkpoints(fingerprint.result() | {"chunk_rows": args.chunk_rows})
-            warn_copied_sets(inputs)
-            try:
-                order, counts, timings, reused = run_sweep(inputs, client, checkpoints,
-                                                           args.chunk_rows, args.prefixes_per_task)
-            except BaseException as error:
-                if isinstance(error, KeyboardInterrupt) or not args.traceback:
-                    # a stop or a failure ends in one line: no tracebacks from distributed while
-                    # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
-                    stopping.enter_context(quiet_distributed())
-                release_tasks(client)
-                raise
-        return finish.write_outputs(inputs, args, out.path, order, counts, timings, reused)
+        # sha256 of every input (about a second per GB), here, while the cluster starts
+        hashing = background.submit(inputs.fingerprint)
+
+        def open_checkpoints() -> Checkpoints:
+            if out.checkpoints is None:
+                out.open_checkpoints(hashing.result() | {"chunk_rows": args.chunk_rows})
+                warn_copied_sets(inputs)
+            return out.checkpoints
+
+        swept = None
+        if may_hold_every_chunk(out.path / CHECKPOINTS, chunk_ranges(inputs, args.chunk_rows)):
+            # A rerun of a finished sweep (for its outputs again, other --thresholds): wait for
+            # the hashes, which every run computes here, to know before starting a cluster.
+            # What is left then is selection, B', G and the reports, here as in every run: a
+            # model loaded, copied and saved per threshold, G's scores added up from the tallies.
+            swept = read_back(inputs, open_checkpoints(), args.chunk_rows)
+        if swept is None:
+            with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
+                if not (args.scheduler_address or args.scheduler_file):
+                    # Only on workers this run started: a plugin stays on a running cluster, and
+                    # every worker that later joins it would have to import this project.
+                    with contextlib.suppress(Exception):  # only quietens the workers' logs
+                        client.register_plugin(QuietWorkerLogs())
+                try:
+                    swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
+                                      args.prefixes_per_task)
+                except BaseException as error:
+                    if isinstance(error, KeyboardInterrupt) or not args.traceback:
+                        # a stop or a failure ends in one line: no tracebacks from distributed
+                        # while the cluster closes (a lost scheduler's cancelled reconnect,
+                        # tasks in flight)
+                        stopping.enter_context(quiet_distributed())
+                    release_tasks(client)
+                    raise
+        return finish.write_outputs(inputs, args, out.path, *swept)
 
 
 def release_tasks(client) -> None:
@@ -249,7 +279,10 @@ def main(argv=None) -> int:
         stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
         out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
         out.check_lock()
-        if not args.check:
+        if not (args.check or out.holds_a_finished_sweep()):
+            # (a rerun of a finished sweep most likely starts no cluster: no process importing
+            # TensorFlow for workers alongside; if it needs some after all, other inputs, they
+            # import it themselves, a few seconds later)
             cluster.prepare_local_workers(args)
         from jobs.inputs import resolve_inputs
         inputs = resolve_inputs(args)          # every input checked before any work

@@ -36,3 +36,13 @@ def tally(predictions: np.ndarray, b_predictions: np.ndarray, labels: np.ndarray
     correct = predictions == labels
     agree = predictions == b_predictions
     return Counts(len(labels), int(correct.sum()), int((correct & agree).sum()), int((~agree).sum()))
+
+
+def sum_chunks(chunks: dict[tuple[str, int], list[Counts]], prefixes: int) -> dict[int, dict[str, Counts]]:
+    """``{k: {set: Counts}}`` from every chunk's ``(set, index) -> [Counts for k = 0..C]``,
+    added in chunk order."""
+    totals = {k: {} for k in range(prefixes)}
+    for (set_name, _), chunk_counts in sorted(chunks.items()):
+        for k, counts in enumerate(chunk_counts):
+            totals[k][set_name] = totals[k].get(set_name, Counts()) + counts
+    return totals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,21 @@ def test_slurm_cluster_gives_the_single_node_outputs(slurm_cluster, demo, demo_r
     assert f"outputs in {out}" in done.stdout
     assert_same_outputs(out, demo_run)
     assert not queued_worker_jobs()  # the worker job was cancelled as the cluster closed
+
+
+def test_a_rerun_of_a_finished_sweep_submits_no_worker_job(slurm_cluster, demo, demo_run, tmp_path):
+    """Every chunk is checkpointed: the outputs are written again at once, here, byte for byte;
+    a worker job would wait an hour in the queue."""
+    out = tmp_path / "out"
+    shutil.copytree(demo_run, out)
+    started = time.monotonic()
+    done = run_sweep(sweep_command(demo, out), timeout=120,
+                     DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES='["--begin=now+3600"]')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "0 to evaluate, so no Dask cluster is needed" in done.stderr, done.stderr[-3000:]
+    assert not queued_worker_jobs() and not (out / ".dask").exists()
+    assert_same_outputs(out, demo_run)
+    assert time.monotonic() - started < 60
 
 
 def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, demo, tmp_path):

@@ -6,17 +6,23 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 
 import jobs.cluster
 import tiny
+from conftest import REPO
 from jobs.sweep import main
 from pruning.data import LAB_LAYOUT, lab_paths, open_lab_set
 from pruning.prune import predict_classes, prune_conv_channels
@@ -181,6 +187,36 @@ def test_rerun_reuses_every_prefix_and_writes_identical_files(run, caplog):
     assert all((out / name).read_bytes() == data for name, data in before.items())
     reused = json.loads((out / "manifest.json").read_text())["checkpoints"]
     assert reused["chunks_reused"] == reused["chunks"] > 0 and reused["channel_order_reused"]
+
+
+@pytest.mark.parametrize("place", [["--single-node", "--workers", "2"],
+                                   # nothing listens there: joining it would fail
+                                   ["--scheduler-address", "tcp://127.0.0.1:1"]])
+def test_a_rerun_of_a_finished_sweep_starts_no_process_and_joins_no_cluster(run, tmp_path, place):
+    """Every chunk is checkpointed: the outputs are written again here, byte for byte, with no
+    cluster (no worker, no fork server) and no scheduler to reach."""
+    _, out, argv = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    at = argv.index("--single-node")
+    argv = argv[:at] + place + argv[at + 3:]  # in place of --single-node --workers 2
+    argv[argv.index("--out") + 1] = str(copy)
+    sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", *argv], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=os.environ | {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"})
+    started = set()
+    while sweep.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started.update(" ".join(child.cmdline()) for child in psutil.Process(sweep.pid).children(recursive=True))
+        time.sleep(0.05)
+    _, err = sweep.communicate()
+    assert sweep.returncode == 0, err[-3000:]
+    assert not started, started
+    assert "0 to evaluate, so no Dask cluster is needed" in err, err[-3000:]
+    for name in ("results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5", "model_X=4.h5",
+                 "goodnet_X=2.keras", "goodnet_X=4.keras", "results.png"):
+        assert (copy / name).read_bytes() == (out / name).read_bytes(), name
+    assert not (copy / ".dask").exists()
 
 
 def test_a_second_run_on_a_held_output_folder_is_refused(run, capsys):
@@ -359,3 +395,21 @@ def test_a_damaged_channel_order_checkpoint_is_profiled_again_from_every_row(run
         assert (copy / name).read_bytes() == (out / name).read_bytes(), name
     reused = json.loads((copy / "manifest.json").read_text())["checkpoints"]
     assert reused["chunks_reused"] == reused["chunks"] and not reused["channel_order_reused"]
+
+
+def test_a_rerun_on_other_inputs_with_the_same_chunks_computes_them(run, tmp_path, rerun):
+    """Every chunk file is there under the same names, but for another B: the hashes tell, and
+    the sweep runs on a cluster, reusing nothing."""
+    folder, out, argv = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    other = tmp_path / "other.keras"
+    tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=8)).save(other)
+    rerun(argv, copy, "--model", str(other))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["checkpoints"] == {"chunks": manifest["checkpoints"]["chunks"], "chunks_reused": 0,
+                                       "channel_order_reused": False}
+    assert manifest["timings_s"]["prefixes_s"] > 0
+    fingerprint = json.loads((copy / "checkpoints" / "fingerprint.json").read_text())
+    assert fingerprint["inputs"]["model"] == manifest["inputs"]["model"]["sha256"] != \
+        json.loads((out / "manifest.json").read_text())["inputs"]["model"]["sha256"]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from distributed import Future, as_completed
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs import cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
@@ -162,9 +163,11 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
             pending[future] = (key, first)
     activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
     # Counted in (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk has it.
-    with tqdm(total=prefixes * len(ranges), initial=prefixes * len(done), desc="prefixes",
-              unit="prefix", unit_scale=1 / len(ranges),
-              bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
+    # Our log lines meanwhile (a lost worker's) go above the bar, not into it.
+    with logging_redirect_tqdm(), tqdm(
+            total=prefixes * len(ranges), initial=prefixes * len(done), desc="prefixes",
+            unit="prefix", unit_scale=1 / len(ranges),
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
         for future in as_completed(pending):
             key, first = pending.pop(future)
             block = future.result()
@@ -227,8 +230,9 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     with contextlib.suppress(Exception):  # only quietens the workers' logs
                         client.register_plugin(QuietWorkerLogs())
                 try:
-                    swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
-                                      args.prefixes_per_task)
+                    with cluster.say_when_no_worker_is_left(client, args):
+                        swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
+                                          args.prefixes_per_task)
                 except BaseException as error:
                     if isinstance(error, KeyboardInterrupt) or not args.traceback:
                         # a stop or a failure ends in one line: no tracebacks from distributed

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from typing import Iterator
 import dask
 from distributed import Client, Future
 
-from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
+from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, load_config, task_threads
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
@@ -198,22 +199,45 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
                 yield client
 
 
+def exports(settings: dict) -> list[str]:
+    """Shell lines that give a job's Python these dask.config settings (``{"a.b-c": value}``)
+    as Dask reads them from its environment: ``export DASK_A__B_C=value``."""
+    lines = []
+    for key, value in settings.items():
+        name = "DASK_" + "__".join(part.upper().replace("-", "_") for part in key.split("."))
+        lines.append(f"export {name}={shlex.quote(value if isinstance(value, str) else repr(value))}")
+    return lines
+
+
 # What every worker job runs after the site's jobqueue.slurm.job-script-prologue (which loads
 # its environment, and replaces the list rather than adding to it): TensorFlow takes GPU memory as
 # it needs it, not all of it; and a worker never pauses (:data:`NO_MEMORY_PAUSE`).
-WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true",
-                      "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False")
+WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true", *exports(NO_MEMORY_PAUSE))
+
+
+def distributed_settings() -> list[str]:
+    """The ``distributed:`` settings of slurm/jobqueue.yaml (timeouts, ...) for a worker job, at
+    their values here (ours, or the site's or yours where set): the job's Python reads its own
+    dask config, which that file is not part of."""
+    def keys(prefix: str, tree: dict):
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                yield from keys(f"{prefix}.{name}", value)
+            else:
+                yield f"{prefix}.{name}"
+    return exports({key: dask.config.get(key) for key in keys("distributed", load_config()["distributed"])})
 
 
 def worker_job_options(args: argparse.Namespace) -> dict:
     """SLURMCluster's options beyond dask.config's jobqueue.slurm: the log folder (default
-    OUT/.dask/worker-logs) and the prologue with :data:`WORKER_ENVIRONMENT` added."""
+    OUT/.dask/worker-logs) and the prologue, between :func:`distributed_settings` (which a
+    site's prologue may change) and :data:`WORKER_ENVIRONMENT`."""
     log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
     prologue = dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
     if log_directory:  # written into the job script as it is: no shell expands it there
         log_directory = os.path.expanduser(os.path.expandvars(log_directory))
     return {"log_directory": log_directory or str(_dask_folder(args) / "worker-logs"),
-            "job_script_prologue": [*prologue, *WORKER_ENVIRONMENT]}
+            "job_script_prologue": [*distributed_settings(), *prologue, *WORKER_ENVIRONMENT]}
 
 
 def sbatch_refusal(script: str) -> str | None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,6 +61,28 @@ def test_a_rerun_of_a_finished_sweep_submits_no_worker_job(slurm_cluster, demo, 
     assert not queued_worker_jobs() and not (out / ".dask").exists()
     assert_same_outputs(out, demo_run)
     assert time.monotonic() - started < 60
+
+
+def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_cluster, tmp_path):
+    """The worker job's Python reads its own dask config: slurm/jobqueue.yaml's distributed:
+    section (and a value set here over it) reaches it only through the job script."""
+    import dask
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+    from jobs import cluster
+    from jobs.slurm import worker_job_options
+    cluster.load_config()
+    small = {"jobqueue.slurm.job-cpu": 1, "jobqueue.slurm.memory": "2GiB",
+             "jobqueue.slurm.job-extra-directives": [], "distributed.comm.timeouts.connect": "45s"}
+    with dask.config.set(small), SLURMCluster(scheduler_options={"dashboard_address": ":0"},
+                                              **worker_job_options(SimpleNamespace(out=str(tmp_path)))) as jobs, \
+            Client(jobs) as client:
+        jobs.scale(jobs=1)
+        client.wait_for_workers(1, timeout=120)
+        seen = {key: list(client.run(dask.config.get, f"distributed.{key}").values())
+                for key in ("comm.timeouts.connect", "comm.timeouts.tcp", "scheduler.allowed-failures")}
+    assert seen == {"comm.timeouts.connect": ["45s"], "comm.timeouts.tcp": ["120s"],  # Dask's: 30s, 30s
+                    "scheduler.allowed-failures": [3]}
 
 
 def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, demo, tmp_path):

@@ -64,6 +64,24 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
     assert "-e /tmp/out/.dask/worker-logs/fine-pruning-worker-%J.err" in directives(lines)
 
 
+def test_worker_jobs_get_the_distributed_settings_here_before_a_site_prologue(slurm_config):
+    """slurm/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
+    is exported to the worker job, before the site's prologue, which may change it."""
+    from jobs.slurm import distributed_settings
+    with dask.config.set({"distributed.comm.timeouts.connect": "90s",
+                          "jobqueue.slurm.job-script-prologue": ["module load cuda"]}):
+        lines = worker_job_script()
+        settings = dask.config.get("distributed")
+    exported = [line for line in lines if line.startswith("export DASK_DISTRIBUTED__")]
+    assert "export DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=90s" in exported
+    assert "export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP=120s" in exported
+    assert lines.index(exported[0]) < lines.index("module load cuda")
+    from_environment = dask.config.collect_env(dict(
+        line.removeprefix("export ").split("=", 1) for line in distributed_settings()))["distributed"]
+    assert from_environment["comm"]["timeouts"] == {"connect": "60s", "tcp": "120s"}  # yaml's, outside the set()
+    assert from_environment["scheduler"]["allowed_failures"] == settings["scheduler"]["allowed-failures"] == 3
+
+
 def test_workers_of_both_slurm_paths_never_pause_on_memory():
     """The worker jobs' exported variable and the runner workers' dask.config setting are the
     same setting, and a real worker under it has no pause threshold at any memory limit."""

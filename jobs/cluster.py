@@ -20,7 +20,8 @@ only the choice of cluster is a command-line flag:
     ``jobqueue.slurm`` in dask.config.
 
 The two SLURM clients are in :mod:`jobs.slurm`, the running scheduler's in :mod:`jobs.running`;
-how a stop signal ends a run is :mod:`jobs.stopping`. This module chooses, and owns what all
+how a stop signal ends a run is :mod:`jobs.stopping`, what the log says when every worker is
+lost mid-sweep :mod:`jobs.lost_workers`. This module chooses, and owns what all
 places share: the config, the flags and the local cluster.
 """
 from __future__ import annotations
@@ -247,48 +248,6 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
         from jobs.running import running_cluster_client
         with running_cluster_client(args) as client:
             yield client
-
-
-def replacement(args: argparse.Namespace, scheduler: str) -> str:
-    """What brings a worker when none is left mid-sweep, in the words of the line that says so."""
-    if args.single_node:
-        return "the LocalCluster to start its worker again"
-    if args.slurm_cluster is not None:
-        return ("a SLURM worker job's worker to join: its nanny restarts one that died, a requeued "
-                "job's joins once SLURM runs it again (squeue shows them)")
-    if args.slurm_runner:
-        return ("a worker rank to join, but nothing restarts one that died in this job: scancel it "
-                "and submit the same command, which resumes from the checkpoints")
-    return f"a worker to join the scheduler at {scheduler} (dask worker {scheduler})"
-
-
-@contextlib.contextmanager
-def say_when_no_worker_is_left(client: Client, args: argparse.Namespace) -> Iterator[None]:
-    """Meanwhile, say once when the last worker leaves (it died, was preempted, its job ended)
-    and what the sweep waits for, and once when a worker joins again: Dask then reruns the lost
-    tasks on it, without a word in this log."""
-    waiting = False
-
-    async def on_event(event) -> None:  # the scheduler's "all" topic, in the client's loop
-        nonlocal waiting
-        message = event[1] if isinstance(event[1], dict) else {}
-        action = message.get("action")
-        if action == "remove-worker" and not waiting:
-            with contextlib.suppress(Exception):  # the scheduler may be going too
-                waiting = (await client.scheduler.identity(n_workers=0))["n_workers"] == 0
-                if waiting:
-                    log.info("no Dask worker is left (%s was the last); waiting for %s",
-                             message.get("worker"), replacement(args, client.scheduler.address))
-        elif action == "add-worker" and waiting:
-            waiting = False
-            log.info("Dask worker %s joined; the sweep goes on", message.get("worker"))
-
-    client.subscribe_topic("all", on_event)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            client.unsubscribe_topic("all")
 
 
 def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None) -> str:

@@ -8,12 +8,10 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,28 +20,14 @@ from typing import Iterator
 import dask
 from distributed import Client, Future
 
-from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, load_config, task_threads
+from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
+from jobs.worker_jobs import NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, worker_job_options
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
 
-# Our workers never pause on memory: TensorFlow's is unmanaged, so a worker paused at 80 % of
-# its limit would wait forever. A SLURMCluster worker's nanny still restarts it at 95 % (the
-# KilledWorker line); a SLURMRunner worker has no nanny, and Dask's "auto" limit is only its
-# share of the job's memory by threads over CPUs (half of it with 2 threads on 4 CPUs).
-NO_MEMORY_PAUSE = {"distributed.worker.memory.pause": False}
-
 WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all workers to join
 QUEUE_POLL_S = 10          # --slurm-cluster: how often the queue is read until a worker joins
-
-
-def _dask_folder(args: argparse.Namespace) -> Path:
-    """Where the scheduler file and worker logs go: OUT/.dask (the sweep's --out), shared by all nodes."""
-    shared = dask.config.get("jobqueue.slurm.shared-temp-directory", None)
-    if shared:
-        return Path(os.path.expandvars(shared)).resolve()
-    out = getattr(args, "out", None) or os.environ.get("SLURM_SUBMIT_DIR") or "."
-    return (Path(out) / ".dask").resolve()
 
 
 @contextlib.contextmanager
@@ -70,7 +54,7 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         # and workers in order instead; SLURM's SIGKILL remains for ranks whose client is gone.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
-    folder = _dask_folder(args)
+    folder = dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_options, worker_options = runner_options(args)
     global _runner_joined
@@ -100,7 +84,7 @@ def runner_scheduler_file(args: argparse.Namespace, job_id: str = "{job_id}") ->
     """The scheduler file of this job's SLURMRunner (``{job_id}``: filled in by the runner)."""
     # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return _dask_folder(args) / f"scheduler-{job_id}.{restart}.json"
+    return dask_folder(args) / f"scheduler-{job_id}.{restart}.json"
 
 
 _runner_joined = False  # this process entered the SLURMRunner (set by slurm_runner_client)
@@ -197,59 +181,6 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             _wait_for_worker_jobs(client, cluster, log_directory)
             with _stop_when_worker_jobs_end(client, cluster):
                 yield client
-
-
-def exports(settings: dict) -> list[str]:
-    """Shell lines that give a job's Python these dask.config settings (``{"a.b-c": value}``)
-    as Dask reads them from its environment: ``export DASK_A__B_C=value``."""
-    lines = []
-    for key, value in settings.items():
-        name = "DASK_" + "__".join(part.upper().replace("-", "_") for part in key.split("."))
-        lines.append(f"export {name}={shlex.quote(value if isinstance(value, str) else repr(value))}")
-    return lines
-
-
-# What every worker job runs after the site's jobqueue.slurm.job-script-prologue (which loads
-# its environment, and replaces the list rather than adding to it): TensorFlow takes GPU memory as
-# it needs it, not all of it; and a worker never pauses (:data:`NO_MEMORY_PAUSE`).
-WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true", *exports(NO_MEMORY_PAUSE))
-
-
-def distributed_settings() -> list[str]:
-    """The ``distributed:`` settings of slurm/jobqueue.yaml (timeouts, ...) for a worker job, at
-    their values here (ours, or the site's or yours where set): the job's Python reads its own
-    dask config, which that file is not part of."""
-    def keys(prefix: str, tree: dict):
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                yield from keys(f"{prefix}.{name}", value)
-            else:
-                yield f"{prefix}.{name}"
-    return exports({key: dask.config.get(key) for key in keys("distributed", load_config()["distributed"])})
-
-
-def worker_job_options(args: argparse.Namespace) -> dict:
-    """SLURMCluster's options beyond dask.config's jobqueue.slurm: the log folder (default
-    OUT/.dask/worker-logs) and the prologue, between :func:`distributed_settings` (which a
-    site's prologue may change) and :data:`WORKER_ENVIRONMENT`."""
-    log_directory = dask.config.get("jobqueue.slurm.log-directory", None)
-    prologue = dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
-    if log_directory:  # written into the job script as it is: no shell expands it there
-        log_directory = os.path.expanduser(os.path.expandvars(log_directory))
-    return {"log_directory": log_directory or str(_dask_folder(args) / "worker-logs"),
-            "job_script_prologue": [*distributed_settings(), *prologue, *WORKER_ENVIRONMENT]}
-
-
-def sbatch_refusal(script: str) -> str | None:
-    """Why SLURM would refuse ``script`` (``sbatch --test-only``: checked, not queued), or None."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh") as file:
-        file.write(script)
-        file.flush()
-        result = subprocess.run(["sbatch", "--test-only", file.name], capture_output=True, text=True)
-    if result.returncode == 0:
-        return None
-    lines = [line.strip().removeprefix("sbatch: error: ") for line in result.stderr.splitlines()]
-    return "; ".join(dict.fromkeys(line for line in lines if line)) or f"sbatch exit status {result.returncode}"
 
 
 def _wait_for_worker_jobs(client: Client, cluster, log_directory: str) -> None:

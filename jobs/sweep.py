@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from jobs import cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
+from jobs.lost_workers import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder, output_names
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import sum_chunks
@@ -230,7 +231,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                     with contextlib.suppress(Exception):  # only quietens the workers' logs
                         client.register_plugin(QuietWorkerLogs())
                 try:
-                    with cluster.say_when_no_worker_is_left(client, args):
+                    with say_when_no_worker_is_left(client, args):
                         swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
                                           args.prefixes_per_task)
                 except BaseException as error:

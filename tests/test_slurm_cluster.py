@@ -70,7 +70,7 @@ def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_clust
     from dask_jobqueue import SLURMCluster
     from distributed import Client
     from jobs import cluster
-    from jobs.slurm import worker_job_options
+    from jobs.worker_jobs import worker_job_options
     cluster.load_config()
     small = {"jobqueue.slurm.job-cpu": 1, "jobqueue.slurm.memory": "2GiB",
              "jobqueue.slurm.job-extra-directives": [], "distributed.comm.timeouts.connect": "45s"}

@@ -31,7 +31,7 @@ def slurm_config(monkeypatch):
 def worker_job_script() -> list[str]:
     """The worker job script that ``--slurm-cluster`` submits (``--out`` /tmp/out)."""
     from dask_jobqueue import SLURMCluster
-    from jobs.slurm import worker_job_options
+    from jobs.worker_jobs import worker_job_options
     options = worker_job_options(SimpleNamespace(out="/tmp/out"))
     with SLURMCluster(scheduler_options={"dashboard_address": ":0"}, **options) as slurm:
         return slurm.job_script().splitlines()
@@ -67,7 +67,7 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
 def test_worker_jobs_get_the_distributed_settings_here_before_a_site_prologue(slurm_config):
     """slurm/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
     is exported to the worker job, before the site's prologue, which may change it."""
-    from jobs.slurm import distributed_settings
+    from jobs.worker_jobs import distributed_settings
     with dask.config.set({"distributed.comm.timeouts.connect": "90s",
                           "jobqueue.slurm.job-script-prologue": ["module load cuda"]}):
         lines = worker_job_script()
@@ -86,7 +86,7 @@ def test_workers_of_both_slurm_paths_never_pause_on_memory():
     """The worker jobs' exported variable and the runner workers' dask.config setting are the
     same setting, and a real worker under it has no pause threshold at any memory limit."""
     from distributed import Client, LocalCluster
-    from jobs.slurm import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
+    from jobs.worker_jobs import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
     exported = dict(line.removeprefix("export ").split("=", 1) for line in WORKER_ENVIRONMENT)
     from_environment = dask.config.collect_env({k: v for k, v in exported.items() if k.startswith("DASK_")})
     [(key, value)] = NO_MEMORY_PAUSE.items()

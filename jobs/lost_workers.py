@@ -8,7 +8,9 @@ import contextlib
 import logging
 from typing import Iterator
 
-from distributed import Client
+from distributed import Client, Future
+
+from jobs.cluster import NO_WORKERS_LEFT
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,6 @@ def replacement(args: argparse.Namespace, scheduler: str) -> str:
     if args.slurm_cluster is not None:
         return ("a SLURM worker job's worker to join: its nanny restarts one that died, a requeued "
                 "job's joins once SLURM runs it again (squeue shows them)")
-    if args.slurm_runner:
-        return ("a worker rank to join, but nothing restarts one that died in this job: scancel it "
-                "and submit the same command, which resumes from the checkpoints")
     return f"a worker to join the scheduler at {scheduler} (dask worker {scheduler})"
 
 
@@ -30,8 +29,18 @@ def replacement(args: argparse.Namespace, scheduler: str) -> str:
 def say_when_no_worker_is_left(client: Client, args: argparse.Namespace) -> Iterator[None]:
     """Meanwhile, say once when the last worker leaves (it died, was preempted, its job ended)
     and what the sweep waits for, and once when a worker joins again: Dask then reruns the lost
-    tasks on it, without a word in this log."""
+    tasks on it, without a word in this log.
+
+    Inside one batch job (``--slurm-runner``) nothing starts a worker rank again: the sweep
+    stops instead (:data:`~jobs.cluster.NO_WORKERS_LEFT`, one line, checkpoints kept) rather
+    than hold the job's nodes until its time limit.
+    """
     waiting = False
+
+    async def stop_the_sweep(last: str) -> None:
+        await client.cancel([Future(key, client) for key in list(client.futures)], asynchronous=True, reason=NO_WORKERS_LEFT, msg=(
+            f"every worker rank of this job is gone mid-sweep ({last} was the last: killed, out "
+            "of memory? see the lines above) and nothing in the job starts one again"))
 
     async def on_event(event) -> None:  # the scheduler's "all" topic, in the client's loop
         nonlocal waiting
@@ -40,7 +49,9 @@ def say_when_no_worker_is_left(client: Client, args: argparse.Namespace) -> Iter
         if action == "remove-worker" and not waiting:
             with contextlib.suppress(Exception):  # the scheduler may be going too
                 waiting = (await client.scheduler.identity(n_workers=0))["n_workers"] == 0
-                if waiting:
+                if waiting and args.slurm_runner:
+                    await stop_the_sweep(message.get("worker"))
+                elif waiting:
                     log.info("no Dask worker is left (%s was the last); waiting for %s",
                              message.get("worker"), replacement(args, client.scheduler.address))
         elif action == "add-worker" and waiting:

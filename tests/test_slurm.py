@@ -131,6 +131,31 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     assert_same_outputs(out, demo_run)
 
 
+def test_the_last_worker_rank_killed_mid_sweep_ends_the_job_with_one_line(slurm_cluster, demo, tmp_path):
+    """Nothing in a batch job starts a worker rank again: with none left, the sweep stops at
+    once (its checkpoints kept) instead of holding the nodes until the job's time limit."""
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_the_worker(log: str) -> None:
+        if killed or chunks_done(out) < 3:
+            return
+        for process in runner_ranks(out, rank=2):
+            process.kill()
+            killed.append(chunks_done(out))
+
+    _, log = submit_and_wait(["--ntasks=3", *sweep_job(demo, tmp_path, out)], timeout=300,
+                             expect="FAILED", while_running=kill_the_worker)  # one worker rank
+    assert killed and killed[0] < 54, "the worker rank was not killed mid-sweep"
+    line = re.search(r"^error: every worker rank of this job is gone mid-sweep \(\S+ was the last: "
+                     r"killed, out of memory\? see the lines above\) and nothing in the job starts "
+                     r"one again; (\S+) holds (\d+) finished chunks of rows: the same command "
+                     r"resumes from them$", log, re.M)
+    assert line and line.group(1) == str(out / "checkpoints"), log[-3000:]
+    assert int(line.group(2)) == chunks_done(out) < 54
+    assert "Traceback" not in log, log[-3000:]
+
+
 def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo, tmp_path):
     """SIGINT to the client rank (a Ctrl-C under an interactive srun) stops the run as Ctrl-C
     does anywhere; the workers retire and the scheduler closes, which ends the job."""

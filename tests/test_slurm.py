@@ -113,17 +113,24 @@ def runner_ranks(out: Path, rank: int) -> list[psutil.Process]:
     return found
 
 
+def signal_rank_mid_sweep(out: Path, rank: int, signum: int = signal.SIGKILL):
+    """A ``while_running`` callback that, once 3 chunks are checkpointed, sends ``signum`` to
+    SLURM rank ``rank``'s processes, once; and the list of chunks done when it did."""
+    sent = []
+
+    def send(log: str) -> None:
+        if sent or chunks_done(out) < 3:
+            return
+        for process in runner_ranks(out, rank):
+            process.send_signal(signum)
+            sent.append(chunks_done(out))
+
+    return send, sent
+
+
 def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, demo_run, tmp_path):
     out = tmp_path / "out"
-    killed = []
-
-    def kill_a_worker(log: str) -> None:
-        if killed or chunks_done(out) < 3:
-            return
-        for process in runner_ranks(out, rank=2):
-            process.kill()
-            killed.append(chunks_done(out))
-
+    kill_a_worker, killed = signal_rank_mid_sweep(out, rank=2)
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
                              while_running=kill_a_worker)
     assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
@@ -135,15 +142,7 @@ def test_the_last_worker_rank_killed_mid_sweep_ends_the_job_with_one_line(slurm_
     """Nothing in a batch job starts a worker rank again: with none left, the sweep stops at
     once (its checkpoints kept) instead of holding the nodes until the job's time limit."""
     out = tmp_path / "out"
-    killed = []
-
-    def kill_the_worker(log: str) -> None:
-        if killed or chunks_done(out) < 3:
-            return
-        for process in runner_ranks(out, rank=2):
-            process.kill()
-            killed.append(chunks_done(out))
-
+    kill_the_worker, killed = signal_rank_mid_sweep(out, rank=2)
     _, log = submit_and_wait(["--ntasks=3", *sweep_job(demo, tmp_path, out)], timeout=300,
                              expect="FAILED", while_running=kill_the_worker)  # one worker rank
     assert killed and killed[0] < 54, "the worker rank was not killed mid-sweep"
@@ -160,15 +159,7 @@ def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo
     """SIGINT to the client rank (a Ctrl-C under an interactive srun) stops the run as Ctrl-C
     does anywhere; the workers retire and the scheduler closes, which ends the job."""
     out = tmp_path / "out"
-    interrupted = []
-
-    def interrupt_the_client(log: str) -> None:
-        if interrupted or chunks_done(out) < 3:
-            return
-        for process in runner_ranks(out, rank=1):
-            process.send_signal(signal.SIGINT)
-            interrupted.append(process.pid)
-
+    interrupt_the_client, interrupted = signal_rank_mid_sweep(out, rank=1, signum=signal.SIGINT)
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="FAILED",
                              while_running=interrupt_the_client)
     assert interrupted

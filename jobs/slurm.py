@@ -21,6 +21,7 @@ import dask
 from distributed import Client, Future
 
 from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
+from jobs.stopping import ClosedStreamFilter
 from jobs.worker_jobs import NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, worker_job_options
 from pruning.data import InputError
 
@@ -54,6 +55,8 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         # and workers in order instead; SLURM's SIGKILL remains for ranks whose client is gone.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
+    if role == "scheduler":
+        logging.getLogger("distributed.batched").addFilter(ClosedStreamFilter())
     folder = dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_options, worker_options = runner_options(args)

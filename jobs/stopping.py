@@ -116,3 +116,14 @@ class DistributedRecords(logging.Filter):
         # and the run's cancelled tasks end them with distributed.client.AllExit.
         error = record.exc_info[1] if record.exc_info else None
         return not (record.name == "asyncio" and type(error).__module__.split(".")[0] == "distributed")
+
+
+class ClosedStreamFilter(logging.Filter):
+    """Drops distributed's traceback for a write to a stream the other side has closed: a
+    scheduler still reporting to a client that left (a stopped run's cancelled tasks) logs it
+    at INFO. Nothing is lost by it; the run's own line says what happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (type(error).__name__ == "CommClosedError"
+                    and type(error).__module__.split(".")[0] == "distributed")

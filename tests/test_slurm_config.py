@@ -339,3 +339,24 @@ def test_tasks_stop_with_one_line_when_every_worker_job_ended(monkeypatch, tmp_p
     line, status = explain(cancelled.value, args)
     assert status == 1
     assert line.startswith("every SLURM worker job (41) ended mid-sweep") and "no chunk of rows" in line
+
+
+def test_a_scheduler_rank_drops_only_the_closed_stream_traceback_of_a_leaving_client():
+    import logging
+    import sys
+
+    from distributed.comm.core import CommClosedError
+    from jobs.stopping import ClosedStreamFilter
+
+    def record(error):
+        try:
+            raise error
+        except Exception:
+            return logging.LogRecord("distributed.batched", logging.INFO, __file__, 1,
+                                     "Batched Comm Closed %r", ("comm",), sys.exc_info())
+
+    drop = ClosedStreamFilter()
+    assert not drop.filter(record(CommClosedError()))
+    assert drop.filter(record(OSError("disk full")))
+    assert drop.filter(logging.LogRecord("distributed.batched", logging.INFO, __file__, 1, "x", (), None))
+

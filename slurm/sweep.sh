@@ -50,8 +50,10 @@ fi
 cd "${SLURM_SUBMIT_DIR:-.}"
 job_info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || job_info=
 # The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
-# its spool folder, so $0 does not say where that is; the job's Command does (an absolute path).
+# its spool folder, so $0 does not say where that is; the job's Command does (an absolute path,
+# then the script's arguments, joined by single spaces: `--data data/` must not end the path).
 script=$(sed -n 's/^ *Command=//p' <<<"$job_info")
+if (( $# )); then script=${script%" $*"}; fi
 repo=$(cd "$(dirname "${script:-.}")/.." 2>/dev/null && pwd) || repo=
 [[ -f $repo/jobs/sweep.py ]] || repo=$PWD   # e.g. a script piped to sbatch: the submit folder
 if [[ ! -f $repo/jobs/sweep.py ]]; then

@@ -42,9 +42,10 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
             subprocess.run(["scancel", "--signal=USR1", job], check=True)
 
     # Submitted from another folder by the script's path, as from a scratch folder: the relative
-    # --out and the job's log (the script's default name) are that folder's.
+    # --out and the job's log (the script's default name) are that folder's. The slash in an
+    # argument is on purpose: SLURM's record of the command puts the arguments after the path.
     job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
-                                   str(REPO / "slurm" / "sweep.sh"), "--out", "out"],
+                                   str(REPO / "slurm" / "sweep.sh"), "--out", "./out"],
                                   timeout=480, while_running=check_dashboard, cwd=tmp_path)
     assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
     assert f"project: {REPO}\n" in log, log[:2000]

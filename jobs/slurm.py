@@ -31,6 +31,12 @@ WORKER_WAIT_S = 300        # how long the --slurm-runner client waits for all wo
 QUEUE_POLL_S = 10          # --slurm-cluster: how often the queue is read until a worker joins
 
 
+def distributed_log_level() -> int | str:
+    """dask config ``logging.distributed`` as :mod:`logging` takes it (ours: warning)."""
+    level = dask.config.get("logging.distributed")
+    return level.upper() if isinstance(level, str) else level
+
+
 @contextlib.contextmanager
 def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
     """Inside ``srun``: rank 0 serves as the scheduler, ranks 2.. as workers (they exit the
@@ -57,6 +63,9 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
     if role == "scheduler":
         logging.getLogger("distributed.batched").addFilter(ClosedStreamFilter())
+    # At INFO, distributed logs every connection and every worker's start and stop: most of the
+    # job's log. LocalCluster and SLURMCluster quiet it (silence_logs); the runner does not.
+    logging.getLogger("distributed").setLevel(distributed_log_level())
     folder = dask_folder(args)
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_options, worker_options = runner_options(args)
@@ -74,7 +83,8 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
                     raise ClusterError(f"no Dask worker joined in {WORKER_WAIT_S} s; see the job log") from None
                 log.warning("%d of %d workers joined in %d s; going on with those",
                             joined, runner.n_workers, WORKER_WAIT_S)
-            log.info("%d workers, scheduler file %s", runner.n_workers, runner.scheduler_file)
+            log.info("%d worker%s, scheduler file %s", runner.n_workers, "s" if runner.n_workers != 1 else "",
+                     runner.scheduler_file)
             log.info("%s", dashboard_hint(client))
             try:
                 yield client

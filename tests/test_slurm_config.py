@@ -150,6 +150,14 @@ def test_environment_overrides_yaml(slurm_config, monkeypatch):
     assert "-t 04:00:00" in found                     # the yaml still beats dask_jobqueue's 00:30:00
 
 
+def test_a_batch_jobs_log_gets_distributeds_warnings_unless_you_ask_for_more(slurm_config, monkeypatch):
+    from jobs.slurm import distributed_log_level
+    assert distributed_log_level() == "WARNING"        # over distributed's own default, info
+    monkeypatch.setenv("DASK_LOGGING__DISTRIBUTED", "info")
+    dask.config.refresh()
+    assert distributed_log_level() == "INFO"
+
+
 def test_site_file_overrides_yaml(slurm_config, tmp_path):
     (tmp_path / "site.yaml").write_text("jobqueue:\n  slurm:\n    walltime: '12:00:00'\n    memory: 32GiB\n")
     dask.config.refresh(paths=[*dask.config.paths, str(tmp_path)])

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distributed import Future, as_completed
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jobs import cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
 from jobs.lost_workers import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder, output_names
+from jobs.progress import prefix_progress
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import sum_chunks
 from pruning.data import CHUNK_ROWS, InputError
@@ -163,12 +162,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
                                    key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{run}")
             pending[future] = (key, first)
     activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
-    # Counted in (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk has it.
-    # Our log lines meanwhile (a lost worker's) go above the bar, not into it.
-    with logging_redirect_tqdm(), tqdm(
-            total=prefixes * len(ranges), initial=prefixes * len(done), desc="prefixes",
-            unit="prefix", unit_scale=1 / len(ranges),
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]") as bar:
+    with prefix_progress(prefixes, len(ranges), len(done)) as bar:
         for future in as_completed(pending):
             key, first = pending.pop(future)
             block = future.result()

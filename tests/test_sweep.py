@@ -446,3 +446,20 @@ def test_a_rerun_on_other_inputs_with_the_same_chunks_computes_them(run, tmp_pat
     fingerprint = json.loads((copy / "checkpoints" / "fingerprint.json").read_text())
     assert fingerprint["inputs"]["model"] == manifest["inputs"]["model"]["sha256"] != \
         json.loads((out / "manifest.json").read_text())["inputs"]["model"]["sha256"]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_is_a_bar_on_a_terminal_and_a_line_now_and_then_in_a_log(terminal, monkeypatch, caplog):
+    from jobs.progress import prefix_progress
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    caplog.set_level(logging.INFO, logger="jobs.sweep")
+    with prefix_progress(61, 4, 1) as bar:  # one chunk of four reused
+        for _ in range(3 * 61):
+            bar.update(1)
+    lines = [record.getMessage() for record in caplog.records if record.name == "jobs.sweep"]
+    if terminal:
+        assert lines == []
+    else:  # no redraws joined by carriage returns: where it started and where it ended
+        assert len(lines) == 2 and "\r" not in "".join(lines), lines
+        assert re.match(r"prefixes:  25% 15\.2/61 \[", lines[0]), lines
+        assert re.match(r"prefixes: 100% 61\.0/61 \[", lines[1]), lines

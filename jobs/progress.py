@@ -1,0 +1,45 @@
+"""The sweep's progress: a bar on a terminal, a log line now and then in a batch job's log.
+
+A bar redrawn in place is what a terminal shows well; in a file (SLURM's ``fine-pruning-<id>.out``,
+``2> log``) each redraw would pile onto one line joined by carriage returns. There, the same
+tqdm meter comes as an ordinary log line at most every :data:`LOG_EVERY_S` seconds, and once
+at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+log = logging.getLogger("jobs.sweep")
+LOG_EVERY_S = 30
+
+
+class LogLines:
+    """A file for tqdm that logs each meter it writes as one line."""
+
+    def write(self, text: str) -> None:
+        text = text.strip()
+        if text:
+            log.info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def prefix_progress(prefixes: int, chunks: int, chunks_done: int) -> Iterator[tqdm]:
+    """Progress over (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk
+    has it. Meanwhile our log lines (a lost worker's) go above the bar, not into it."""
+    options = dict(total=prefixes * chunks, initial=prefixes * chunks_done, desc="prefixes",
+                   unit="prefix", unit_scale=1 / chunks,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
+    if not sys.stderr.isatty():
+        options.update(file=LogLines(), mininterval=LOG_EVERY_S,
+                       bar_format="{desc}: {percentage:3.0f}% {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
+    with logging_redirect_tqdm(), tqdm(**options) as bar:
+        yield bar

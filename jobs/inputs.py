@@ -135,7 +135,7 @@ def where_b_can_be_cut(model: keras.Model) -> str:
     for conv in reversed(conv_layer_names(model)):
         try:
             read = channelwise_chain(model, conv)[-1].name
-        except InputError:  # it mixes its channels (softmax): not a layer to prune anyway
+        except InputError:  # softmax over its channels, shared, channels_first: not prunable anyway
             continue
         if cut_head(model, read) is not None:
             return f"the last conv layer B can be cut after is {conv} (--layer {conv})"

@@ -205,24 +205,34 @@ def output_tensor(model: keras.Model):
     return outputs[0]
 
 
-def layer_output(model: keras.Model, name: str):
-    """The output of layer ``name`` on ``model``'s way from its input to its output.
+def calls_on_the_way(model: keras.Model) -> dict[str, list]:
+    """For each operation B's output depends on (layers, and ops such as ``keras.ops.sigmoid``
+    that are no layer), its calls (Keras nodes) that the output depends on.
 
-    ``layer.output`` is the output of the layer's first call, and a Sequential model loaded
-    from a file has called each layer once per build (three times): a model cut at that tensor
-    is "not connected" to B's output. Walking back from the output finds the call B uses.
+    A layer can have more calls than that: a Sequential model loaded from a file has called
+    each layer once per build (three times), and ``layer.output`` is the first call's. Walking
+    back from the output finds the calls B uses; a layer shared within B has several of them.
     """
-    stack, seen = [output_tensor(model)], set()
+    calls, stack, seen = {}, [output_tensor(model)], set()
     while stack:
-        tensor = stack.pop()
-        operation, node_index, _ = tensor._keras_history
-        if operation.name == name:
-            return tensor
-        for parent in operation._inbound_nodes[node_index].input_tensors:
-            if id(parent) not in seen:
-                seen.add(id(parent))
-                stack.append(parent)
-    return model.get_layer(name).output  # not on the way to the output: Keras says so when used
+        operation, node_index, _ = stack.pop()._keras_history
+        node = operation._inbound_nodes[node_index]
+        if id(node) not in seen:
+            seen.add(id(node))
+            calls.setdefault(operation.name, []).append(node)
+            stack.extend(node.input_tensors)
+    return calls
+
+
+def layer_output(model: keras.Model, name: str):
+    """The output of layer ``name``'s one call on the way from B's input to its output."""
+    calls = calls_on_the_way(model).get(name)
+    if not calls:  # not on the way to the output: Keras says so when it is used
+        return model.get_layer(name).output
+    if len(calls) > 1:
+        raise InputError(f"layer {name} is called {len(calls)} times on B's way to its output; "
+                         "the sweep reads a layer that is called once")
+    return calls[0].output_tensors[0]
 
 
 def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
@@ -244,18 +254,6 @@ def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
     return tuple(int(n) for n in shape)
 
 
-def consumers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
-    """For each layer name, the layers of ``model`` that read its output."""
-    by_name: dict[str, list[keras.layers.Layer]] = {layer.name: [] for layer in model.layers}
-    for layer in model.layers:
-        for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                producer = tensor._keras_history.operation.name
-                if producer in by_name and layer not in by_name[producer]:
-                    by_name[producer].append(layer)
-    return by_name
-
-
 def mixes_channels(layer: keras.layers.Layer) -> bool:
     """Whether the layer's activation combines channels: softmax and sparsemax normalise across
     them, glu gates one half of them by the other. Every other Keras activation is per value."""
@@ -270,14 +268,32 @@ def is_channelwise(layer: keras.layers.Layer) -> bool:
 
 
 def channelwise_chain(model: keras.Model, conv_name: str) -> list[keras.layers.Layer]:
-    """The conv layer and the per-channel layers that follow it with no branching in between."""
-    readers = consumers(model)
-    chain = [model.get_layer(conv_name)]
-    if mixes_channels(chain[0]):
-        raise InputError(f"--layer {conv_name} ends in a {chain[0].activation.__name__} over its "
+    """The conv layer and the per-channel layers that follow it with no branching in between,
+    or a one-line :class:`InputError` for a conv layer the sweep cannot prune."""
+    conv = model.get_layer(conv_name)
+    check_channels_last(conv)
+    if mixes_channels(conv):
+        raise InputError(f"--layer {conv_name} ends in a {conv.activation.__name__} over its "
                          "channels; pruning one channel changes the others, choose another conv layer")
-    while len(readers[chain[-1].name]) == 1 and is_channelwise(readers[chain[-1].name][0]):
-        chain.append(readers[chain[-1].name][0])
+    calls = calls_on_the_way(model)
+    if len(calls.get(conv_name, [])) > 1:
+        raise InputError(f"--layer {conv_name} is called {len(calls[conv_name])} times on B's way "
+                         "to its output (a shared layer): pruning it changes every call, and the "
+                         "sweep follows one; choose another conv layer")
+    readers = {}  # id(tensor) -> the calls on the way that read it, ops included
+    for nodes in calls.values():
+        for node in nodes:
+            for tensor in node.input_tensors:
+                readers.setdefault(id(tensor), []).append(node)
+    chain = [conv]
+    tensor = calls[conv_name][0].output_tensors[0] if conv_name in calls else None
+    while len(readers.get(id(tensor), [])) == 1:
+        layer = readers[id(tensor)][0].operation
+        # a layer called twice is read by name at one of its calls: stop before it
+        if not is_channelwise(layer) or len(calls[layer.name]) > 1:
+            break
+        chain.append(layer)
+        tensor = calls[layer.name][0].output_tensors[0]
     return chain
 
 
@@ -311,14 +327,19 @@ def choose_layer(model: keras.Model, name: str | None = None) -> tuple[str, str]
         if name not in convs:
             raise InputError(f"--layer {name} is a {type(model.get_layer(name)).__name__}, not "
                              f"a Conv2D; conv layers are: {', '.join(convs)}")
-        check_channels_last(model.get_layer(name))
-        chain = channelwise_chain(model, name)
-        return name, chain[-1].name
-    pooled = [conv for conv in convs
-              if any(isinstance(layer, POOLING) for layer in channelwise_chain(model, conv))]
-    conv = (pooled or convs)[-1]
-    check_channels_last(model.get_layer(conv))
-    return conv, channelwise_chain(model, conv)[-1].name
+        return name, channelwise_chain(model, name)[-1].name
+    chains = {}
+    for conv in convs:  # the default passes over conv layers the sweep cannot prune
+        try:
+            chains[conv] = channelwise_chain(model, conv)
+        except InputError as error:
+            refusal = error
+    if not chains:
+        raise refusal
+    pooled = [conv for conv, chain in chains.items()
+              if any(isinstance(layer, POOLING) for layer in chain)]
+    conv = (pooled or list(chains))[-1]
+    return conv, chains[conv][-1].name
 
 
 def check_channels_last(layer: keras.layers.Layer) -> None:

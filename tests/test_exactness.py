@@ -24,8 +24,11 @@ MODELS = {
     "sequential": tiny.tiny_sequential,
     "global-average-pooling": tiny.tiny_global_pooling,
     "channels-first-pooling": tiny.tiny_channels_first_pooling,
+    "shared-activation": tiny.tiny_shared_activation,
+    "op-branch": tiny.tiny_op_branch,
 }
-LAYERS = {"channels-first-pooling": "last_conv"}  # the rest: the default --layer
+LAYERS = {"channels-first-pooling": "last_conv", "shared-activation": "conv_a"}  # the rest: the default
+LITERAL = {"skip-connection"}  # models that cannot be cut after the layer: the literal fallback
 
 
 def chunks_of(split, images, labels, rows):
@@ -38,7 +41,7 @@ def test_every_prefix_matches_the_literally_pruned_model(name, monkeypatch):
     model = MODELS[name]()
     conv, read = choose_layer(model, LAYERS.get(name))
     split = split_model(model, conv, read)
-    assert (split.head is None) == (name == "skip-connection")  # the literal fallback is tested too
+    assert (split.head is None) == (name in LITERAL)  # the literal fallback is tested too
     images = IMAGES
     labels = np.zeros(len(images), dtype=np.int64)
     chunks = chunks_of(split, images, labels, rows=64)  # several chunks, a short last one
@@ -130,6 +133,14 @@ def test_an_activation_that_mixes_channels_ends_the_chain(activation):
     assert choose_layer(model(after=activation)) == ("conv", "conv")
     with pytest.raises(InputError, match=f"conv ends in a {activation} over its channels"):
         choose_layer(model(conv_activation=activation))
+
+
+def test_a_shared_conv_layer_is_refused_and_not_the_default():
+    """Pruning a conv layer called twice changes both calls; the sweep reads one of them."""
+    model = tiny.tiny_shared_conv()
+    with pytest.raises(InputError, match="--layer shared_conv is called 2 times on B's way to its output"):
+        choose_layer(model, "shared_conv")
+    assert choose_layer(model) == ("last_conv", "pool")
 
 
 def test_pruning_never_touches_b():

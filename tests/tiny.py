@@ -164,3 +164,51 @@ def write_sets(model: keras.Model, folder: Path, rows=(120, 90, 110, 100), seed:
             labels[noise] = rng.integers(0, classes, noise.sum())
         write_lab_h5(folder / rel, images, labels)
     return folder
+
+
+def tiny_shared_activation(seed: int = 3, classes: int = 5) -> keras.Model:
+    """One Activation layer called after both conv layers: the conv_a read at "relu" would be
+    its call after conv_b (Keras finds a layer's tensor by name), so the chain stops before it."""
+    keras.utils.set_random_seed(seed)
+    relu = layers.Activation("relu", name="relu")
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Rescaling(1 / 255.0)(x)
+    x = relu(layers.Conv2D(8, 3, strides=2, name="conv_a")(x))
+    x = relu(layers.Conv2D(8, 3, strides=2, name="conv_b")(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, kernel_initializer=keras.initializers.RandomNormal(stddev=3))(x)
+    return keras.Model(inputs, outputs)
+
+
+def tiny_op_branch(seed: int = 5, classes: int = 5) -> keras.Model:
+    """The conv read by a ReLU layer and by an op (``keras.ops.sigmoid``, not a layer): the
+    op's branch sees channels the ReLU zeroes (0 and 1, below 0 everywhere), so the chain
+    must stop at the conv."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    conv = layers.Conv2D(8, 3, strides=2, name="conv")(layers.Rescaling(1 / 255.0)(x))
+    relu = layers.MaxPooling2D(name="pool")(layers.ReLU()(conv))
+    x = layers.Concatenate()([layers.GlobalAveragePooling2D()(relu),
+                              layers.GlobalAveragePooling2D()(keras.ops.sigmoid(conv))])
+    outputs = layers.Dense(classes, kernel_initializer=keras.initializers.RandomNormal(stddev=3))(x)
+    model = keras.Model(inputs, outputs)
+    kernel, bias = model.get_layer("conv").get_weights()
+    bias[:2] = -3.0
+    model.get_layer("conv").set_weights([kernel, bias])
+    return model
+
+
+def tiny_shared_conv(seed: int = 2, classes: int = 5) -> keras.Model:
+    """One conv layer called on the images and on their negatives: pruning it changes both
+    calls, and a channel can be active in one call only."""
+    keras.utils.set_random_seed(seed)
+    conv = layers.Conv2D(6, 3, strides=2, activation="relu", name="shared_conv",
+                         kernel_initializer=keras.initializers.RandomUniform(0, 0.1),
+                         bias_initializer=keras.initializers.Constant(-0.5))
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Rescaling(1 / 255.0)(x)
+    x = layers.Concatenate()([layers.GlobalMaxPooling2D()(conv(x)),
+                              layers.GlobalMaxPooling2D()(conv(layers.Rescaling(-1.0)(x)))])
+    x = layers.Conv2D(4, 1, name="last_conv")(layers.Reshape((1, 1, 12))(x))
+    outputs = layers.Dense(classes)(layers.Flatten()(layers.MaxPooling2D(1, name="pool")(x)))
+    return keras.Model(inputs, outputs)

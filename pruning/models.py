@@ -254,11 +254,26 @@ def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
     return tuple(int(n) for n in shape)
 
 
+# Keras' activations that act on each value alone (hard_swish and swish: older names). Any
+# other may combine channels: softmax and sparsemax normalise across them, glu gates one half
+# of them by the other, and a function of one's own could do anything.
+PER_VALUE_ACTIVATIONS = frozenset((
+    "celu", "elu", "exponential", "gelu", "hard_shrink", "hard_sigmoid", "hard_silu",
+    "hard_swish", "hard_tanh", "leaky_relu", "linear", "log_sigmoid", "mish", "relu", "relu6",
+    "selu", "sigmoid", "silu", "soft_shrink", "softplus", "softsign", "sparse_plus",
+    "sparse_sigmoid", "squareplus", "swish", "tanh", "tanh_shrink", "threshold"))
+
+
+def activation_name(layer: keras.layers.Layer) -> str:
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", type(activation).__name__)
+
+
 def mixes_channels(layer: keras.layers.Layer) -> bool:
-    """Whether the layer's activation combines channels: softmax and sparsemax normalise across
-    them, glu gates one half of them by the other. Every other Keras activation is per value."""
-    name = getattr(getattr(layer, "activation", None), "__name__", "")
-    return "softmax" in name or name in ("sparsemax", "glu")
+    """Whether the layer has an activation that may combine channels (see
+    ``PER_VALUE_ACTIVATIONS``)."""
+    return (getattr(layer, "activation", None) is not None
+            and activation_name(layer) not in PER_VALUE_ACTIVATIONS)
 
 
 def is_channelwise(layer: keras.layers.Layer) -> bool:
@@ -273,8 +288,7 @@ def channelwise_chain(model: keras.Model, conv_name: str) -> list[keras.layers.L
     conv = model.get_layer(conv_name)
     check_channels_last(conv)
     if mixes_channels(conv):
-        raise InputError(f"--layer {conv_name} ends in a {conv.activation.__name__} over its "
-                         "channels; pruning one channel changes the others, choose another conv layer")
+        raise InputError(mixing_refusal(conv))
     calls = calls_on_the_way(model)
     if len(calls.get(conv_name, [])) > 1:
         raise InputError(f"--layer {conv_name} is called {len(calls[conv_name])} times on B's way "
@@ -295,6 +309,16 @@ def channelwise_chain(model: keras.Model, conv_name: str) -> list[keras.layers.L
         chain.append(layer)
         tensor = calls[layer.name][0].output_tensors[0]
     return chain
+
+
+def mixing_refusal(conv: keras.layers.Layer) -> str:
+    name = activation_name(conv)
+    if "softmax" in name or name in ("sparsemax", "glu"):
+        return (f"--layer {conv.name} ends in a {name} over its channels; pruning one channel "
+                "changes the others, choose another conv layer")
+    return (f"--layer {conv.name} ends in the activation {name}, not one of Keras' activations "
+            "that act on each value alone: pruning one channel could change the others; choose "
+            "another conv layer")
 
 
 def conv_layer_names(model: keras.Model) -> list[str]:

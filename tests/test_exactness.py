@@ -26,6 +26,7 @@ MODELS = {
     "channels-first-pooling": tiny.tiny_channels_first_pooling,
     "shared-activation": tiny.tiny_shared_activation,
     "op-branch": tiny.tiny_op_branch,
+    "own-activation": tiny.tiny_own_activation,
 }
 LAYERS = {"channels-first-pooling": "last_conv", "shared-activation": "conv_a"}  # the rest: the default
 LITERAL = {"skip-connection"}  # models that cannot be cut after the layer: the literal fallback
@@ -133,6 +134,15 @@ def test_an_activation_that_mixes_channels_ends_the_chain(activation):
     assert choose_layer(model(after=activation)) == ("conv", "conv")
     with pytest.raises(InputError, match=f"conv ends in a {activation} over its channels"):
         choose_layer(model(conv_activation=activation))
+
+
+def test_a_conv_whose_activation_is_not_one_of_keras_own_is_refused():
+    """An activation of one's own may combine channels (this one does): a pruned channel need
+    not be a constant map, so the sweep cannot prune that conv layer."""
+    model = tiny.tiny_own_activation(conv_activation=tiny.channel_shares)
+    with pytest.raises(InputError, match="--layer conv ends in the activation channel_shares, "
+                                         "not one of Keras' activations that act on each value"):
+        choose_layer(model, "conv")
 
 
 def test_a_shared_conv_layer_is_refused_and_not_the_default():

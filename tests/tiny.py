@@ -212,3 +212,22 @@ def tiny_shared_conv(seed: int = 2, classes: int = 5) -> keras.Model:
     x = layers.Conv2D(4, 1, name="last_conv")(layers.Reshape((1, 1, 12))(x))
     outputs = layers.Dense(classes)(layers.Flatten()(layers.MaxPooling2D(1, name="pool")(x)))
     return keras.Model(inputs, outputs)
+
+
+@keras.saving.register_keras_serializable(package="tiny")
+def channel_shares(x):
+    """An activation of one's own that combines channels: each value's share of its position's."""
+    return x / (keras.ops.sum(keras.ops.abs(x), axis=-1, keepdims=True) + 1.0)
+
+
+def tiny_own_activation(seed: int = 8, classes: int = 5, conv_activation=None) -> keras.Model:
+    """The conv read through an Activation layer with :func:`channel_shares`: pruning one
+    channel changes the others there, so the chain must end at the conv."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Rescaling(1 / 255.0)(x)
+    x = layers.Conv2D(8, 3, strides=2, activation=conv_activation, name="conv")(x)
+    x = layers.MaxPooling2D(name="pool")(layers.Activation(channel_shares, name="shares")(x))
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(classes, kernel_initializer=keras.initializers.RandomNormal(stddev=3))(x)
+    return keras.Model(inputs, outputs)

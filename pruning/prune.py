@@ -18,6 +18,7 @@ from pruning.backend import keras
 import numpy as np
 
 from pruning.counts import Counts, tally
+from pruning.data import InputError, first_line
 from pruning.models import layer_output, output_tensor
 
 BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
@@ -30,7 +31,7 @@ def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.M
 
     ``model`` itself is never modified.
     """
-    pruned = keras.models.clone_model(model)
+    pruned = copy_model(model)
     pruned.set_weights(model.get_weights())
     layer = pruned.get_layer(conv_name)
     channels = np.asarray(channels, dtype=np.int64)
@@ -40,6 +41,22 @@ def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.M
         weights[1][channels] = 0.0
     layer.set_weights(weights)
     return pruned
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """A new model with new layers, or a one-line :class:`InputError` for one Keras cannot copy.
+
+    ``clone_model`` rebuilds each layer from its config. A model loaded from a file always
+    can be; one built in this process may hold Python code no config can name."""
+    try:
+        return keras.models.clone_model(model)
+    except Exception as error:  # Keras raises many types for a layer it cannot rebuild
+        while error.__cause__ or error.__context__:  # the first error names what was missing
+            error = error.__cause__ or error.__context__
+        raise InputError(f"B cannot be copied to prune it: Keras cannot rebuild one of its "
+                         f"layers from its config ({first_line(error, 200)}); register functions "
+                         "and layers of your own (keras.saving.register_keras_serializable), and "
+                         "write Lambda layers as layers of your own") from None
 
 
 def predict_batches(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS):

@@ -153,6 +153,23 @@ def test_a_shared_conv_layer_is_refused_and_not_the_default():
     assert choose_layer(model) == ("last_conv", "pool")
 
 
+@pytest.mark.parametrize("after_conv", ["lambda", "own function"])
+def test_a_model_keras_cannot_copy_is_refused_in_one_line(after_conv):
+    """Pruning copies B (``keras.models.clone_model``), which rebuilds each layer from its
+    config: a Lambda's Python code, or a function of one's own that is not registered, cannot
+    be rebuilt."""
+    def double(x):
+        return x * 2.0
+
+    inputs = keras.Input(tiny.SHAPE)
+    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    x = keras.layers.Lambda(lambda t: t * 2.0)(x) if after_conv == "lambda" else keras.layers.Activation(double)(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalMaxPooling2D()(x)))
+    with pytest.raises(InputError, match="B cannot be copied to prune it") as error:
+        split_model(model, *choose_layer(model))
+    assert "\n" not in str(error.value)
+
+
 def test_pruning_never_touches_b():
     model = tiny.tiny_deepid()
     before = [w.copy() for w in model.get_weights()]

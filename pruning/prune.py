@@ -26,6 +26,12 @@ HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches
 BUCKETS = (64, 256, BATCH_ROWS, HEAD_BATCH_ROWS)  # padded sizes: few compiled shapes, little waste
 
 
+# A conv layer's weights whose last axis is its output channel: kernel (..., in, out), bias,
+# and with LoRA (``enable_lora``) the factor of ``kernel + lora_kernel_a @ lora_kernel_b`` that
+# ends in the channel. Zeroed, they make the channel's output activation(0) for every input.
+CHANNEL_WEIGHTS = ("kernel", "bias", "lora_kernel_b")
+
+
 def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.Model:
     """A new model equal to ``model`` but with ``channels`` of ``conv_name`` zeroed (kernel, bias).
 
@@ -33,13 +39,12 @@ def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.M
     """
     pruned = copy_model(model)
     pruned.set_weights(model.get_weights())
-    layer = pruned.get_layer(conv_name)
     channels = np.asarray(channels, dtype=np.int64)
-    weights = layer.get_weights()
-    weights[0][..., channels] = 0.0  # kernel: (..., in, out); the last axis is the channel
-    if layer.use_bias:
-        weights[1][channels] = 0.0
-    layer.set_weights(weights)
+    for weight in pruned.get_layer(conv_name).weights:
+        if weight.name in CHANNEL_WEIGHTS:
+            value = keras.ops.convert_to_numpy(weight.value).copy()
+            value[..., channels] = 0.0
+            weight.assign(value)
     return pruned
 
 

@@ -27,6 +27,7 @@ MODELS = {
     "shared-activation": tiny.tiny_shared_activation,
     "op-branch": tiny.tiny_op_branch,
     "own-activation": tiny.tiny_own_activation,
+    "lora-conv": tiny.tiny_lora,
 }
 LAYERS = {"channels-first-pooling": "last_conv", "shared-activation": "conv_a"}  # the rest: the default
 LITERAL = {"skip-connection"}  # models that cannot be cut after the layer: the literal fallback
@@ -178,6 +179,15 @@ def test_pruning_never_touches_b():
     kernel, bias = pruned.get_layer("conv_3").get_weights()
     assert not kernel[..., [0, 4, 9]].any() and not bias[[0, 4, 9]].any()
     assert np.array_equal(kernel[..., 1], before[4][..., 1])
+
+
+def test_a_pruned_channel_of_a_lora_conv_is_zero():
+    """LoRA adds ``lora_kernel_a @ lora_kernel_b`` to the kernel: pruning zeroes its part too."""
+    model = tiny.tiny_lora()
+    pruned = prune_conv_channels(model, "last_conv", [0, 4])
+    conv = pruned.get_layer("last_conv")
+    values = keras.Model(pruned.inputs, conv.output).predict(IMAGES[:20], verbose=0)
+    assert not values[..., [0, 4]].any() and values[..., 1].any()
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])

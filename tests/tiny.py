@@ -231,3 +231,18 @@ def tiny_own_activation(seed: int = 8, classes: int = 5, conv_activation=None) -
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(classes, kernel_initializer=keras.initializers.RandomNormal(stddev=3))(x)
     return keras.Model(inputs, outputs)
+
+
+def tiny_lora(seed: int = 10, classes: int = 5) -> keras.Model:
+    """The pruned conv fine-tuned with LoRA: its kernel is ``kernel + lora_kernel_a @
+    lora_kernel_b``, so a pruned channel's LoRA part must be zeroed too."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(6, 3, strides=2, activation="relu")(layers.Rescaling(1 / 255.0)(x))
+    x = layers.Conv2D(9, 3, activation="relu", name="last_conv")(x)
+    x = layers.Flatten()(layers.MaxPooling2D(2, name="pool")(x))
+    model = keras.Model(inputs, layers.Dense(classes)(x))
+    conv = model.get_layer("last_conv")
+    conv.enable_lora(2)  # lora_kernel_b starts at 0: give it some training
+    conv.lora_kernel_b.assign(np.random.default_rng(seed).normal(0, 0.5, conv.lora_kernel_b.shape))
+    return model

@@ -58,6 +58,7 @@ class OutputFolder:
 
     def __init__(self, path: Path, outputs: tuple[str, ...] = ()):
         self.path = path
+        self.outputs = outputs
         self.checkpoints: Checkpoints | None = None  # this run's, once its inputs are hashed
         if path.exists() and not path.is_dir():
             raise InputError(f"--out {path} is a file; give a folder")
@@ -74,6 +75,22 @@ class OutputFolder:
                 raise InputError(f"--out {path}: {entry} is in the way (a "
                                  f"{'folder' if entry.is_dir() else 'file'} where the sweep "
                                  f"writes a {kind}); move it or choose another --out")
+
+    def check_inputs(self, paths: dict[str, str]) -> None:
+        """Refuse an input that this run would replace or remove: B' of an earlier run given as
+        B with that run's folder as --out (model_X=2.h5 is rewritten, or removed as a model of
+        other thresholds), or a file kept in checkpoints/ (replaced with this run's)."""
+        folder = Path(os.path.realpath(self.path))
+        # (the folder resolved, not the file: a symlink named model_X=2.h5 is replaced, not
+        # its target)
+        ours = {folder / name for name in (LOCK_NAME, *self.outputs, *models_listed(self.path))}
+        for name, path in paths.items():
+            real = Path(os.path.realpath(path))
+            if real in ours or folder / CHECKPOINTS in real.parents:
+                what = "model" if name == "model" else f"{name} set"
+                raise InputError(f"--out {self.path} holds the {what} {path}, and this run would "
+                                 "replace or remove it (the sweep writes its outputs there); copy "
+                                 f"the {what} elsewhere or choose another --out")
 
     def open_checkpoints(self, fingerprint: dict) -> Checkpoints:
         """This run's checkpoints (those of other inputs are not read)."""

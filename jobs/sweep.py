@@ -285,6 +285,7 @@ def main(argv=None) -> int:
             cluster.prepare_local_workers(args)
         from jobs.inputs import resolve_inputs
         inputs = resolve_inputs(args)          # every input checked before any work
+        out.check_inputs(inputs.paths)
         if args.check:
             print(check_line(inputs, args, out))
             return 0

@@ -43,7 +43,7 @@ import pruning.data
 import tiny
 from conftest import REPO
 from jobs.checkpoints import Checkpoints
-from jobs.outdir import OutputFolder
+from jobs.outdir import OutputFolder, output_names
 from jobs.failures import explain, interrupted_line
 from jobs.sweep import main
 from pruning.counts import Counts
@@ -312,7 +312,20 @@ CASES = {
                               ["--prefixes-per-task must be at least 1"]),
     "unknown option": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--prune-harder"],
                        ["unrecognized arguments: --prune-harder"]),
+    # B' of an earlier run given as B, with that run's folder as --out: the run would replace
+    # the very file it was given (or remove it, as a model of other thresholds)
+    "--model is a B' in --out": (lambda lab, tmp: ["--model", earlier_model(lab, tmp, "model_X=10.h5"),
+                                                   "--data", lab.data, "--out", tmp / "prev",
+                                                   "--thresholds", "2"],
+                                 ["--out", "holds the model", "model_X=10.h5", "replace or remove it"]),
 }
+
+
+def earlier_model(lab, tmp: Path, name: str) -> Path:
+    """B copied into a previous run's folder under the name of one of its B' models."""
+    shutil.copy(lab.folder / "bd_net.h5", previous_run(tmp / "prev") / name)
+    (tmp / "prev" / "manifest.json").write_text('{"selected": {"10": 5}}\n')
+    return tmp / "prev" / name
 
 
 def truncated_copy(source: Path, tmp: Path) -> Path:
@@ -700,6 +713,20 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
             raise KeyError("a failure during the run")
     assert listing(out) == before
     assert listing(tmp_path) == parent_before
+
+
+def test_inputs_the_run_would_replace_or_remove_are_refused(tmp_path):
+    out = previous_run(tmp_path / "out")
+    (out / "manifest.json").write_text('{"selected": {"10": 5, "4": null}}\n')
+    folder = OutputFolder(out, output_names([2.0]))
+    (tmp_path / "link.h5").symlink_to(out / "model_X=2.h5")
+    for path in (out / "model_X=2.h5", tmp_path / "link.h5",  # written by this run
+                 out / "model_X=10.h5",                         # the earlier run's: removed
+                 out / "checkpoints" / "set.h5"):               # replaced with other inputs'
+        with pytest.raises(InputError, match=f"holds the clean_valid set {path}"):
+            folder.check_inputs({"model": str(tmp_path / "bd_net.h5"), "clean_valid": str(path)})
+    for path in (out / "model_X=4.h5", out / "my_model.h5"):  # no run of ours writes these
+        folder.check_inputs({"model": str(path)})
 
 
 def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):

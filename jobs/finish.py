@@ -10,11 +10,12 @@ import pandas as pd
 
 from jobs.inputs import versions
 from jobs.outdir import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_models
+from jobs.stopping import interrupt_held
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts
 from pruning.prune import prune_conv_channels
-from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, write_csv,
-                            write_json)
+from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, staged,
+                            write_csv, write_json)
 from pruning.select import select_prefixes, threshold_label
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,36 @@ def check_baseline(b: pd.Series, inputs) -> None:
 
 def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
                   reused: dict) -> list[str]:
-    """Write every output file (each atomically) and return their names."""
+    """Write every output file and return their names: all of them, or none if the run fails
+    or is stopped on the way (the earlier run's outputs then stay as they were)."""
     started = time.perf_counter()
     earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
     curve = curve_frame(order, counts)
     check_baseline(curve.iloc[0], inputs)
     selected = select_prefixes(curve, args.thresholds, args.relative)
+    with staged() as replace_all:
+        written, goodnet_rows = save_models(inputs, args, out, order, counts, selected)
+        goodnet = pd.DataFrame(goodnet_rows, columns=GOODNET_COLUMNS)
+        goodnet["channels_pruned"] = goodnet["channels_pruned"].astype("Int64")
+        write_csv(out / "goodnet.csv", goodnet)
+        write_csv(out / "channel_order.csv", order)
+        write_csv(out / "results.csv", curve)
+        plot_curve(curve, selected, out / "results.png")
+        written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
+        timings = dict(timings, outputs_s=time.perf_counter() - started)
+        write_json(out / "manifest.json", manifest(inputs, args, selected, timings, reused))
+        written.append("manifest.json")
+        # The renames take a moment; a stop in it would leave some new files among the
+        # earlier run's. It is held, and dropped: the run is done.
+        with interrupt_held():
+            replace_all()
+            remove_stale_models(out, written, earlier)
+    return written
+
+
+def save_models(inputs, args, out: Path, order: pd.DataFrame, counts,
+                selected: dict) -> tuple[list[str], list[dict]]:
+    """Save B' and G for each threshold reached; return their names and goodnet.csv's rows."""
     bd_model = inputs.spec.load()
     channels = order["channel"].tolist()
     written, goodnet_rows = [], []
@@ -89,18 +114,7 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
         goodnet_rows.append({"threshold": threshold, "channels_pruned": k, **scores})
         log.info("X=%s: k=%d channels; G test accuracy %.3f %%, ASR %.3f %%, detection %.3f %%",
                  label, k, scores["test_accuracy"], scores["test_asr"], scores["detection_rate"])
-    goodnet = pd.DataFrame(goodnet_rows, columns=GOODNET_COLUMNS)
-    goodnet["channels_pruned"] = goodnet["channels_pruned"].astype("Int64")
-    write_csv(out / "goodnet.csv", goodnet)
-    write_csv(out / "channel_order.csv", order)
-    write_csv(out / "results.csv", curve)
-    plot_curve(curve, selected, out / "results.png")
-    written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
-    timings = dict(timings, outputs_s=time.perf_counter() - started)
-    write_json(out / "manifest.json", manifest(inputs, args, selected, timings, reused))
-    written.append("manifest.json")
-    remove_stale_models(out, written, earlier)
-    return written
+    return written, goodnet_rows
 
 
 def manifest(inputs, args, selected, timings, reused) -> dict:

@@ -6,6 +6,7 @@ do not depend on when they were written (the curve, B', G) are byte-identical be
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import secrets
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pandas as pd
 
@@ -31,25 +32,60 @@ GOODNET_COLUMNS = ["threshold", "channels_pruned", "test_accuracy", "test_asr",
                    "detection_rate", "false_alarm_rate"]
 
 
+# Inside staged(): the (temporary, path) pairs of the files written, not yet renamed.
+_staging: contextvars.ContextVar[list[tuple[Path, Path]] | None] = \
+    contextvars.ContextVar("staging", default=None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename
+    (inside :func:`staged`, when that renames all its files).
 
     An ``OSError`` without a file name (a full disk, met while writing) gets ``path``'s.
     """
     path = Path(path)
     temporary = _new_file(path)
+    staging, kept = _staging.get(), False
     try:
         yield temporary
         with open(temporary, "rb") as handle:  # on shared storage, data before the rename
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        if staging is None:
+            os.replace(temporary, path)
+        else:
+            staging.append((temporary, path))
+            kept = True
     except OSError as error:
         if error.filename is not None:
             raise
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
-        temporary.unlink(missing_ok=True)
+        if not kept:
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged() -> Iterator[Callable[[], None]]:
+    """Write a set of files all or none. Inside, each file written is kept under its
+    temporary name; the function yielded renames them all into place, in a moment where
+    writing them took seconds. Left without calling it (a failure, a stop), no file is
+    replaced and the temporaries are removed: an interrupted run leaves the earlier run's
+    outputs as they were, not some of its own among them."""
+    pending: list[tuple[Path, Path]] = []
+    token = _staging.set(pending)
+
+    def replace_all() -> None:
+        for temporary, path in pending:
+            os.replace(temporary, path)
+        pending.clear()
+
+    try:
+        yield replace_all
+    finally:
+        _staging.reset(token)
+        for temporary, _ in pending:
+            temporary.unlink(missing_ok=True)
 
 
 def _new_file(path: Path) -> Path:

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from keras import layers
 
 import jobs.cluster
+import jobs.finish
 import jobs.inputs
 import jobs.tasks
 import pruning.data
@@ -792,6 +793,31 @@ def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch
                                  "permissions there (rerun with --traceback for the details)", 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]  # no temporary left
     assert target.read_text() == "the previous run's\n"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")])
+def test_a_run_stopped_while_writing_its_outputs_leaves_the_earlier_ones(lab, tmp_path, monkeypatch, stop):
+    """Ctrl-C (or a full disk) after B' and G were saved, before the CSVs: none of the new
+    files replaces an earlier run's, so its results, manifest and models still go together."""
+    from jobs.finish import write_outputs
+    from jobs.inputs import resolve_inputs
+    from jobs.sweep import parse_args
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    args = parse_args([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(out),
+                       "--single-node", "--thresholds", "2", "4"])
+    order = pd.DataFrame({"rank": range(12), "channel": range(12), "mean_activation": 0.0})
+    correct = [40 - 3 * k for k in range(13)]  # X=2 and X=4 are reached: B' and G saved
+    counts = {k: {name: Counts(40, correct[k], correct[k], 0) for name in pruning.data.SET_NAMES}
+              for k in range(13)}
+
+    def stopped(*args):
+        raise stop
+
+    monkeypatch.setattr(jobs.finish, "plot_curve", stopped)
+    with pytest.raises(type(stop)), OutputFolder(out).locked():  # as jobs.sweep.sweep writes them
+        write_outputs(resolve_inputs(args), args, out, order, counts, {}, {})
+    assert listing(out) == before
 
 
 def test_a_reader_of_the_old_file_never_sees_the_new_one_being_written(tmp_path):

@@ -27,6 +27,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+
+def dask_config_file_problem(error: ValueError) -> str:
+    """Dask's (multi-line) complaint about a malformed config file of its own, as one line."""
+    head, _, detail = str(error).partition(", original error message:")
+    detail = f" ({' '.join(detail.split())[:160]})" if detail.strip() else ""
+    return (f"{head.strip()}{detail}; fix or remove that file (Dask reads ~/.config/dask, "
+            "/etc/dask and $DASK_CONFIG)")
+
+
+try:  # Dask reads its yaml files as it is imported: a malformed one is bad input, not a traceback
+    import dask  # noqa: F401
+except ValueError as error:
+    if __name__ != "__main__" or "dask config file" not in str(error):
+        raise
+    print(f"error: {dask_config_file_problem(error)}", file=sys.stderr)
+    sys.exit(2)
+
 from distributed import Future, as_completed
 
 from jobs import cluster
@@ -104,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option in ("chunk_rows", "prefixes_per_task"):
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    problem = cluster.check_cluster_arguments(args)
+    problem = cluster.check_cluster_arguments(args) or cluster.dask_settings_problem()
     if problem:
         raise InputError(problem)
     if args.scheduler_file and Path(args.scheduler_file).is_dir():

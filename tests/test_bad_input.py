@@ -511,6 +511,33 @@ def test_command_line_prints_exactly_one_line_and_no_traceback(lab, tmp_path):
     assert "Traceback" not in stderr and not check_out.exists()
 
 
+@pytest.mark.parametrize("setting, says", [
+    ({"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "sixty"},
+     "Dask setting distributed.comm.timeouts.connect is 'sixty' (from "
+     "$DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT), not a time like '30s'"),
+    ({"DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "most"},  # a worker's traceback, then a Nanny error
+     "distributed.worker.memory.target is 'most' (from $DASK_DISTRIBUTED__WORKER__MEMORY__TARGET), "
+     "not a number"),
+    ({"DASK_CONFIG": "{tmp}/dask.yaml"}, "A dask config file at '{tmp}/dask.yaml' is malformed ("),
+    ({"DASK_CONFIG": "{tmp}/list.yaml"}, "config files must have a dict as the top level object"),
+])
+def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, says):
+    """Dask's own settings (DASK_* variables, its yaml files) are inputs too: a value that
+    distributed cannot read failed deep in the cluster's start as an internal error, and a
+    malformed file as dask was imported, with its traceback."""
+    (tmp_path / "dask.yaml").write_text("distributed:\n  comm: [timeouts\n")  # a bracket not closed
+    (tmp_path / "list.yaml").write_text("- distributed\n")
+    env = os.environ | {name: value.format(tmp=tmp_path) for name, value in setting.items()}
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    done = subprocess.run([sys.executable, "-m", "jobs.sweep", *map(str, model_args(lab)), "--data",
+                           str(lab.data), "--single-node", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert_one_error_line(done.stderr, [says.format(tmp=tmp_path)])
+    assert listing(out) == before
+
+
 def test_flags_are_read_before_tensorflow_is_imported():
     """--help and a mistyped flag need no TensorFlow (which takes seconds to import)."""
     probe = ("import sys\nfrom jobs.sweep import main\nstatus = main(['--prune-harder'])\n"

@@ -88,13 +88,23 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> De
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache / f"demo-v{VERSION}-seed{seed}"
-    if not (folder / META_FILE).exists():
+    if not _complete(folder):
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f"{folder.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
-            if not (folder / META_FILE).exists():  # another process may have built it meanwhile
+            if not _complete(folder):  # another process may have built it meanwhile
                 _build_in_place(folder, seed)
     return _load(folder)
+
+
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished demo: its demo.json (written last) reads whole. One
+    cut short (a full disk, a partial copy of the cache) is no demo: it is built again."""
+    try:
+        _load(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _load(folder: Path) -> Demo:
@@ -112,7 +122,7 @@ def _build_in_place(folder: Path, seed: int) -> None:
     try:
         _build(partial, seed)
         partial.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        if folder.exists():  # an incomplete leftover (no demo.json) from outside this module
+        if folder.exists():  # an incomplete leftover (no readable demo.json) from outside this module
             shutil.rmtree(folder)
         os.replace(partial, folder)
     finally:

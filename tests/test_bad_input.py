@@ -723,6 +723,24 @@ def test_big_sets_are_scanned_in_spread_out_blocks():
     assert pruning.data.scan_ranges(40, 31_020) == [(0, 40)]  # a small set: every row
 
 
+def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
+    """A demo.json cut short (a full disk, a partial copy of the cache) is no demo: it is
+    built again, not an internal error in the sweep and a traceback in pruning.demo."""
+    import pruning.demo
+    folder = tmp_path / "demo-v1-seed0"
+    folder.mkdir()
+    (folder / "demo.json").write_text('{"target": 0, "clas')
+    built = []
+
+    def build(path: Path, seed: int) -> None:
+        built.append(seed)
+        (path / "demo.json").write_text('{"target": 0, "classes": 3, "seed": 0, '
+                                        '"clean_accuracy": 1.0, "attack_success_rate": 1.0}')
+
+    monkeypatch.setattr(pruning.demo, "_build", build)
+    assert pruning.demo.ensure_demo(tmp_path).classes == 3 and built == [0]
+
+
 # ---------------------------------------------------------------- the output folder itself
 
 @pytest.mark.parametrize("state", ["previous results", "no folder yet"])

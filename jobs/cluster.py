@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import json
 import logging
 import multiprocessing
 import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Iterator, Mapping
 from urllib.parse import urlsplit
@@ -202,6 +204,10 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
         problem = address_problem(args.scheduler_address)
         if problem:
             return problem
+    if args.scheduler_file and not is_scheduler_file(args.scheduler_file):
+        return (f"--scheduler-file {args.scheduler_file} is not a Dask scheduler file (JSON with "
+                "the scheduler's address); give the file that `dask scheduler --scheduler-file "
+                "PATH` wrote")
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
             return ("--slurm-runner runs in every task of a SLURM job step; submit "
@@ -232,6 +238,25 @@ def address_problem(address: str) -> str | None:
         return (f"--scheduler-address {address}: {error}; give the scheduler's address, "
                 "tcp://HOST:PORT (port 8786 by default), not its dashboard's URL")
     return None
+
+
+def is_scheduler_file(path: str, wait_s: float = 1.0) -> bool:
+    """Whether ``path`` holds a scheduler's address, as Dask's scheduler writes it; True for a
+    file that is not there yet, which the client waits for (a folder is said elsewhere). One
+    that a starting scheduler is still writing is read again, for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while os.path.isfile(path):
+        try:
+            with open(path) as handle:
+                info = json.load(handle)
+            if isinstance(info, dict) and isinstance(info.get("address"), str):
+                return True
+        except (OSError, ValueError):  # not JSON, or not all of it yet
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def task_threads(args: argparse.Namespace, cores: int | None = None) -> int:

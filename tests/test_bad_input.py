@@ -304,6 +304,13 @@ CASES = {
     "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
                                                           "--scheduler-file", tmp],
                                         ["--scheduler-file", "is a directory"]),
+    # (a scheduler file not there yet is waited for: the scheduler writes it as it starts)
+    "--scheduler-file is not JSON": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                                       "--scheduler-file", text_file(tmp / "sched.json")],
+                                     ["--scheduler-file", "sched.json is not a Dask scheduler file"]),
+    "--scheduler-file without an address": (lambda lab, tmp: [
+        *model_args(lab), "--data", lab.data, "--scheduler-file", text_file(tmp / "sched.json", '{"id": 1}')],
+        ["sched.json is not a Dask scheduler file", "dask scheduler --scheduler-file PATH"]),
     "no place to run": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--nowhere"],
                         ["say where to run: --single-node"]),
     "--chunk-rows 0": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--chunk-rows", "0"],

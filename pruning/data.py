@@ -211,6 +211,12 @@ def check_stored(dataset: h5py.Dataset, name: str, path: str) -> None:
     if logical and (stored == 0 or (not filtered and stored < logical)):
         raise InputError(f"{path}: only {stored} of the {logical} bytes of {name!r} are stored; "
                          "the file was not completely written, write or copy it again")
+    if dataset.chunks:  # a compressed one's size says nothing; a chunk never written reads as zeros
+        needed = math.prod(math.ceil(n / c) for n, c in zip(dataset.shape, dataset.chunks))
+        written = dataset.id.get_num_chunks()
+        if written < needed:
+            raise InputError(f"{path}: only {written} of the {needed} chunks of {name!r} are "
+                             "stored; the file was not completely written, write or copy it again")
 
 
 def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],

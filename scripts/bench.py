@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,17 +36,16 @@ from pruning.backend import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from pruning.data import LAB_LAYOUT, lab_paths, open_lab_set, write_lab_h5  # noqa: E402
+from pruning.data import LAB_LAYOUT, InputError, lab_paths, open_lab_set, write_lab_h5  # noqa: E402
 from pruning.deepid import build_deepid  # noqa: E402
+from pruning.models import ModelSpec, load_model  # noqa: E402
 from pruning.report import save_model  # noqa: E402
 
 LAB_ROWS = {"clean_valid": 11547, "poisoned_valid": 11547, "clean_test": 12830, "poisoned_test": 12830}
 
 
 def make_inputs(folder: Path, scale: float, weights: str | None) -> Path:
-    model = build_deepid()
-    if weights:
-        model.load_weights(weights)
+    model = load_model(ModelSpec(weights, weights_only=True)) if weights else build_deepid()
     save_model(model, folder / "bd_net.h5")  # quiet: the lab's format is legacy .h5 on purpose
     rng = np.random.default_rng(0)
     for name, rel in LAB_LAYOUT.items():
@@ -127,16 +127,36 @@ def job_sweep(model_path: Path, data: Path, out: Path, workers: int) -> tuple[fl
     return time.perf_counter() - started, peak[0] / 1e9, timings["profile_s"] + timings["prefixes_s"]
 
 
-def main() -> None:
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as the sweep's
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def check_args(parser: Parser, args: argparse.Namespace) -> None:
+    """Refuse bad flags before the inputs are written (1.5 GB) and the first timings run."""
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        parser.error(f"--scale must be a positive number, got {args.scale:g}")
+    # before and after our core, each times that many more of conv_3's 60 channels
+    if not 1 <= args.seed_prefixes <= 30:
+        parser.error(f"--seed-prefixes must be 1 to 30, got {args.seed_prefixes}")
+    if args.weights:
+        try:
+            load_model(ModelSpec(args.weights, weights_only=True))
+        except InputError as error:
+            parser.exit(2, f"error: {error}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
     summary, details = __doc__.split("\n\n", 1)
-    parser = argparse.ArgumentParser(prog="python scripts/bench.py", description=summary, epilog=details,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python scripts/bench.py", description=summary, epilog=details,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="weights for DeepID (default: random initialisation)")
     parser.add_argument("--scale", type=float, default=1.0, help="data size relative to the lab's (default: 1, the lab's sizes)")
     parser.add_argument("--seed-prefixes", type=int, default=1,
                         help="seeds' loop prefixes to time, before and after our core each (default: 1)")
     parser.add_argument("--skip-4x", action="store_true", help="skip the 4x-data memory run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         model_path = make_inputs(tmp, args.scale, args.weights)

@@ -833,6 +833,27 @@ def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
     assert_one_error_line(captured.err, ["bd_valid.h5: NaN or infinite pixels in row 7"])
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--scale", "nan"], "--scale must be a positive number, got nan"),
+    (["--scale", "0"], "--scale must be a positive number, got 0"),
+    (["--seed-prefixes", "0"], "--seed-prefixes must be 1 to 30"),
+    (["--seed-prefixes", "31"], "--seed-prefixes must be 1 to 30"),
+    (["--scale", "abc"], "argument --scale: invalid float value: 'abc'"),
+    (["--weights", "/nonexistent/bd_weights.h5"], "weights /nonexistent/bd_weights.h5: no such file"),
+])
+def test_bench_refuses_bad_flags_in_one_line(argv, says, capsys):
+    """Before it writes its 1.5 GB of inputs: they were a ZeroDivisionError, an IndexError
+    after the first timings, h5py's traceback, or a usage block."""
+    spec = importlib.util.spec_from_file_location("bench_for_bad_input", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(argv)
+    captured = capsys.readouterr()
+    assert (stopped.value.code, captured.out) == (2, "")
+    assert_one_error_line(captured.err, [says])
+
+
 def test_a_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, monkeypatch):
     from pruning.report import write_text
     target = tmp_path / "results.csv"

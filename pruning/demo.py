@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pruning.data import lab_paths, write_lab_h5
+from pruning.data import InputError, lab_paths, write_lab_h5
 from pruning.report import save_model
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,11 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> De
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = cache / f"demo-v{VERSION}-seed{seed}"
     if not _complete(folder):
-        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InputError(f"the demo cache {cache} is not a folder (it, or one above it, is a "
+                             "file); set $FINE_PRUNING_CACHE (or --cache) to a folder") from None
         with open(cache / f"{folder.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
             if not _complete(folder):  # another process may have built it meanwhile
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         demo = ensure_demo(args.cache, args.seed)
+    except InputError as error:
+        parser.exit(2, f"error: {error}\n")
     except OSError as error:  # a cache folder that cannot be written
         parser.exit(2, f"error: {error.filename or args.cache}: {error.strerror or error}\n")
     print(f"model: {demo.model}\ndata:  {demo.data_dir}\ntarget {demo.target} of "

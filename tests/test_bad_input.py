@@ -753,6 +753,21 @@ def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
     assert pruning.demo.ensure_demo(tmp_path).classes == 3 and built == [0]
 
 
+def test_a_demo_cache_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys, no_cluster):
+    """$FINE_PRUNING_CACHE (or --cache) naming a file: bad input, exit 2, in a sweep without
+    inputs and in pruning.demo (an OSError there, exit 1 with "check the disk space")."""
+    import pruning.demo
+    cache = text_file(tmp_path / "cache")
+    monkeypatch.setenv("FINE_PRUNING_CACHE", str(cache))
+    status, stdout, err = sweep(capsys, ["--single-node", "--out", tmp_path / "out"])
+    assert (status, stdout) == (2, "")
+    assert_one_error_line(err, [f"the demo cache {cache} is not a folder", "FINE_PRUNING_CACHE"])
+    with pytest.raises(SystemExit) as stopped:
+        pruning.demo.main(["--cache", str(cache / "sub")])
+    assert stopped.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, [f"the demo cache {cache / 'sub'} is not a folder"])
+
+
 # ---------------------------------------------------------------- the output folder itself
 
 @pytest.mark.parametrize("state", ["previous results", "no folder yet"])

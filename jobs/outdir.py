@@ -62,6 +62,11 @@ class OutputFolder:
         self.checkpoints: Checkpoints | None = None  # this run's, once its inputs are hashed
         if path.exists() and not path.is_dir():
             raise InputError(f"--out {path} is a file; give a folder")
+        # one that is not there is created, but not through a link to nowhere (mkdir: "File exists")
+        broken = next((p for p in [path, *path.parents] if p.is_symlink() and not p.exists()), None)
+        if broken is not None:
+            raise InputError(f"--out {path}: {broken} is a broken symbolic link (to "
+                             f"{os.readlink(broken)}); create what it points to, or choose another --out")
         parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
         if not parent.is_dir():
             raise InputError(f"--out {path}: {parent} is a file, not a folder; choose another --out")

@@ -161,6 +161,12 @@ def fifo(path: Path) -> Path:
     return path
 
 
+def broken_link(path: Path) -> Path:
+    """A symbolic link to a folder that is not there (unmounted, moved, or never made)."""
+    path.symlink_to(path.parent / "nowhere")
+    return path
+
+
 def model_args(lab):
     return ["--model", lab.model]
 
@@ -304,6 +310,9 @@ CASES = {
                        ["/proc is a pseudo filesystem"]),
     "--classes with --model": (lambda lab, tmp: ["--model", lab.model, "--data", lab.data, "--classes", "10"],
                                ["--classes is for a weights-only file (--weights PATH)"]),
+    "--out is a broken link": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                                 "--out", broken_link(tmp / "out-link") / "run1"],
+                               ["out-link is a broken symbolic link (to", "nowhere"]),
     "--out is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", lab.model],
                         ["is a file; give a folder"]),
     "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,

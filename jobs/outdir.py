@@ -73,6 +73,10 @@ class OutputFolder:
         problem = write_problem(parent)
         if problem:
             raise InputError(f"--out {path}: {parent} is {problem}; choose another folder")
+        lock = path / LOCK_NAME
+        if lock.is_symlink():  # the lock is written in place: into the file the link points to
+            raise InputError(f"--out {path}: {lock} is a symbolic link (to {os.readlink(lock)}), "
+                             "and the sweep writes its lock there; remove the link")
         kinds = {name: "file" for name in (LOCK_NAME, *outputs)} | {CHECKPOINTS: "folder"}
         for name, kind in kinds.items():
             entry = path / name
@@ -192,8 +196,9 @@ class OutputFolder:
         (its stat and bytes, or None if this run creates it)."""
         for _ in range(10):
             existed = lock_path.exists()
-            try:
-                handle = open(lock_path, "a+b")
+            try:  # (not through a link made since the check: ELOOP)
+                handle = os.fdopen(os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_APPEND
+                                           | os.O_NOFOLLOW, 0o666), "a+b")
             except OSError as error:
                 raise InputError(f"--out {self.path}: {lock_path} cannot be created "
                                  f"({error.strerror}); choose another --out") from None

@@ -167,6 +167,13 @@ def broken_link(path: Path) -> Path:
     return path
 
 
+def linked_lock(out: Path, target: Path) -> Path:
+    """A previous run's folder whose lock file is a symbolic link to ``target``."""
+    (previous_run(out) / ".sweep.lock").unlink()
+    (out / ".sweep.lock").symlink_to(target)
+    return out
+
+
 def model_args(lab):
     return ["--model", lab.model]
 
@@ -313,6 +320,10 @@ CASES = {
     "--out is a broken link": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
                                                  "--out", broken_link(tmp / "out-link") / "run1"],
                                ["out-link is a broken symbolic link (to", "nowhere"]),
+    # the lock is written in place: through a link, into whatever file it points to
+    "lock file is a link": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
+                                              "--out", linked_lock(tmp / "prev", text_file(tmp / "notes.txt"))],
+                            [".sweep.lock is a symbolic link (to", "notes.txt", "remove the link"]),
     "--out is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", lab.model],
                         ["is a file; give a folder"]),
     "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,

@@ -48,6 +48,7 @@ from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, LocalCluster
 
 from jobs.stopping import TERMINAL_SIGNALS, Stopped, interrupt_held
+from pruning.data import first_line
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ def dask_settings_problem(env: Mapping[str, str] = os.environ) -> str | None:
         if wanted:
             return (f"Dask setting {key} is {value!r} ({_where_set(key, env)}), not {wanted}; "
                     "correct it or unset it")
+    scratch = dask.config.get("temporary-directory", None)  # the workers' folders go in it
+    if scratch:
+        existing = next(p for p in [Path(scratch), *Path(scratch).parents] if p.exists())
+        if not existing.is_dir():
+            return (f"Dask setting temporary-directory is {scratch!r} "
+                    f"({_where_set('temporary-directory', env)}): {existing} is a file, not a "
+                    "folder; correct it or unset it")
     return None
 
 
@@ -320,8 +328,14 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
     elif args.single_node:
         with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
                 interrupt_held() as interrupted:
-            cluster = LocalCluster(n_workers=local_workers(args), threads_per_worker=task_threads(args),
-                                   processes=True, dashboard_address=":0")
+            try:
+                cluster = LocalCluster(n_workers=local_workers(args), threads_per_worker=task_threads(args),
+                                       processes=True, dashboard_address=":0")
+            except RuntimeError as error:  # "Cluster failed to start: <a folder, a port, ...>"
+                why = first_line(error, 200).removeprefix("Cluster failed to start: ")
+                raise ClusterError(f"the local Dask cluster did not start ({why}); check this "
+                                   "machine and Dask's settings (DASK_* variables, "
+                                   "~/.config/dask)") from error
         with cluster, Client(cluster) as client:
             if interrupted:
                 raise Stopped(interrupted[0])  # now that the cluster can be closed in order

@@ -552,6 +552,9 @@ def test_command_line_prints_exactly_one_line_and_no_traceback(lab, tmp_path):
      "not a number"),
     ({"DASK_CONFIG": "{tmp}/dask.yaml"}, "A dask config file at '{tmp}/dask.yaml' is malformed ("),
     ({"DASK_CONFIG": "{tmp}/list.yaml"}, "config files must have a dict as the top level object"),
+    ({"DASK_TEMPORARY_DIRECTORY": "{tmp}/list.yaml/scratch"},
+     "Dask setting temporary-directory is '{tmp}/list.yaml/scratch' (from $DASK_TEMPORARY_DIRECTORY): "
+     "{tmp}/list.yaml is a file, not a folder"),
 ])
 def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, says):
     """Dask's own settings (DASK_* variables, its yaml files) are inputs too: a value that
@@ -568,6 +571,21 @@ def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, 
     assert (done.returncode, done.stdout) == (2, ""), done.stderr
     assert_one_error_line(done.stderr, [says.format(tmp=tmp_path)])
     assert listing(out) == before
+
+
+def test_a_local_cluster_that_does_not_start_is_one_line_naming_why(lab, tmp_path, capsys, monkeypatch):
+    """Not an internal error to report: a port, a folder or a setting of this machine's."""
+    def fails(**options):
+        raise RuntimeError("Cluster failed to start: [Errno 28] No space left on device: '/scratch'")
+
+    monkeypatch.setattr(jobs.cluster, "LocalCluster", fails)
+    out = previous_run(tmp_path / "out")
+    before = listing(out)
+    status, stdout, err = sweep(capsys, [*model_args(lab), "--data", lab.data, "--single-node", "--out", out])
+    assert (status, stdout) == (1, "")
+    assert_one_error_line(err, ["the local Dask cluster did not start ([Errno 28] No space left on "
+                                "device: '/scratch')", "Dask's settings"])
+    assert "internal error" not in err and listing(out) == before
 
 
 def test_flags_are_read_before_tensorflow_is_imported():

@@ -6,8 +6,10 @@ replaces them once it has a result of its own.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +29,21 @@ CHANNEL_ORDER = "channel_order.csv"
 
 def chunk_file(set_name: str, index: int) -> str:
     return f"chunk-{set_name}-{index:05d}.json"
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The entries of a checkpoints ``folder`` that no run writes: a folder of that common name
+    from another tool (its training checkpoints, say), which a run would delete in replacing
+    it. Ours: the fingerprint, the channel order, chunk files and a killed write's temporary."""
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir()
+                  if not (entry.is_file() and _written_by_a_run(entry.name)))
+
+
+def _written_by_a_run(name: str) -> bool:
+    return (name in ("fingerprint.json", CHANNEL_ORDER) or fnmatch.fnmatch(name, CHUNK_FILES)
+            or re.fullmatch(r"\..+\.[0-9a-f]{8}\.(json|csv)", name) is not None)  # report._new_file
 
 
 def may_hold_every_chunk(folder: Path, chunks) -> bool:

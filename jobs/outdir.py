@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from jobs.checkpoints import CHECKPOINTS, CHUNK_FILES, Checkpoints
+from jobs.checkpoints import CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_files
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,11 @@ class OutputFolder:
             raise InputError(f"--out {path}: {lock} is a symbolic link (to {os.readlink(lock)}), "
                              "and the sweep writes its lock there; remove the link")
         kinds = {name: "file" for name in (LOCK_NAME, *outputs)} | {CHECKPOINTS: "folder"}
+        foreign = foreign_files(path / CHECKPOINTS)
+        if foreign:
+            raise InputError(f"--out {path}: {path / CHECKPOINTS} holds files that no sweep writes "
+                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), and "
+                             "a run replaces that folder; move them or choose another --out")
         for name, kind in kinds.items():
             entry = path / name
             if entry.exists() and entry.is_dir() != (kind == "folder"):

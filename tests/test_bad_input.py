@@ -324,6 +324,11 @@ CASES = {
     "lock file is a link": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,
                                               "--out", linked_lock(tmp / "prev", text_file(tmp / "notes.txt"))],
                             [".sweep.lock is a symbolic link (to", "notes.txt", "remove the link"]),
+    # a folder of that common name that another tool wrote: replacing it would delete them
+    "--out holds another tool's checkpoints": (lambda lab, tmp: [
+        *model_args(lab), "--data", lab.data,
+        "--out", text_file(tmp / "proj" / "checkpoints" / "epoch-3.ckpt").parents[1]],
+        ["proj/checkpoints holds files that no sweep writes (epoch-3.ckpt)", "move them"]),
     "--out is a file": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--out", lab.model],
                         ["is a file; give a folder"]),
     "--scheduler-file is a directory": (lambda lab, tmp: [*model_args(lab), "--data", lab.data,

@@ -10,7 +10,6 @@ import fnmatch
 import json
 import logging
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,7 +79,11 @@ class Checkpoints:
         if self.ours:
             return
         if self.folder.is_dir():
-            shutil.rmtree(self.folder)
+            # file by file, not rmtree: the folder may be a link to scratch storage, and what a
+            # run did not write is not ours to remove (jobs.outdir refuses such a folder)
+            for entry in self.folder.iterdir():
+                if entry.is_file() and _written_by_a_run(entry.name):
+                    entry.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.folder / "fingerprint.json", self.fingerprint)
         self.ours = True

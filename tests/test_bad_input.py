@@ -845,6 +845,18 @@ def test_inputs_the_run_would_replace_or_remove_are_refused(tmp_path):
         folder.check_inputs({"model": str(path)})
 
 
+def test_checkpoints_linked_elsewhere_are_replaced_in_place(tmp_path):
+    """OUT/checkpoints as a link to scratch storage: another run's files there are replaced
+    (they were removed with shutil.rmtree, which refuses a link: an OSError mid-sweep)."""
+    out = previous_run(tmp_path / "out")
+    scratch = tmp_path / "scratch"
+    (out / "checkpoints").rename(scratch)
+    (out / "checkpoints").symlink_to(scratch)
+    Checkpoints(out / "checkpoints", {"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    assert (out / "checkpoints").is_symlink()
+    assert sorted(p.name for p in scratch.iterdir()) == ["chunk-clean_test-00000.json", "fingerprint.json"]
+
+
 def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyError):

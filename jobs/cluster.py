@@ -33,7 +33,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import time
@@ -44,7 +43,6 @@ from urllib.parse import urlsplit
 import dask
 import dask.system
 import yaml
-from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, LocalCluster
 
 from jobs.stopping import TERMINAL_SIGNALS, Stopped, interrupt_held
@@ -100,69 +98,6 @@ def load_config() -> dict:
     dask.config.defaults.insert(0, _config)
     dask.config.refresh()
     return _config
-
-
-def dask_settings_problem(env: Mapping[str, str] = os.environ) -> str | None:
-    """A ``distributed`` setting of the wrong kind, or None: a time or a size that distributed
-    cannot read, a word where a number or True/False belongs. Distributed would trip over it
-    only deep in the cluster's start (a worker's traceback, "Nanny failed to start") or mid-run."""
-    load_config()
-    defaults = dask.config.merge(*dask.config.defaults).get("distributed", {})
-    for key, default in _settings(defaults, "distributed"):
-        value = dask.config.get(key, default)
-        wanted = _wrong_kind(value, default)
-        if wanted:
-            return (f"Dask setting {key} is {value!r} ({_where_set(key, env)}), not {wanted}; "
-                    "correct it or unset it")
-    scratch = dask.config.get("temporary-directory", None)  # the workers' folders go in it
-    if scratch:
-        existing = next(p for p in [Path(scratch), *Path(scratch).parents] if p.exists())
-        if not existing.is_dir():
-            return (f"Dask setting temporary-directory is {scratch!r} "
-                    f"({_where_set('temporary-directory', env)}): {existing} is a file, not a "
-                    "folder; correct it or unset it")
-    return None
-
-
-def _settings(tree: dict, prefix: str) -> Iterator[tuple[str, object]]:
-    """``(dotted key, value)`` of every leaf of a config tree."""
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            yield from _settings(value, f"{prefix}.{name}")
-        else:
-            yield f"{prefix}.{name}", value
-
-
-def _wrong_kind(value, default) -> str | None:
-    """What ``value`` should be, when it is not of its default's kind (None turns most off)."""
-    if value is None or value == default:
-        return None
-    if isinstance(default, bool):
-        return None if isinstance(value, (bool, int)) else "True or False"
-    if isinstance(default, (int, float)):  # a fraction of memory may also be False
-        return None if isinstance(value, (bool, int, float)) else "a number"
-    if isinstance(default, str) and re.search("[a-z]", default) and _reads(parse_timedelta, default):
-        return None if _reads(parse_timedelta, value) else f"a time like {default!r}"
-    if isinstance(default, str) and _reads(parse_bytes, default):
-        return None if _reads(parse_bytes, value) else f"a size like {default!r}"
-    return None
-
-
-def _reads(parse, value) -> bool:
-    try:
-        parse(value)
-    except (ValueError, TypeError, KeyError):  # parse_timedelta raises KeyError for a unit
-        return False
-    return True
-
-
-def _where_set(key: str, env: Mapping[str, str]) -> str:
-    """Where a setting came from, as Dask reads them: a DASK_* variable, else a yaml file."""
-    for name in env:
-        if name.startswith("DASK_") and \
-                name[5:].lower().replace("__", ".").replace("_", "-") == key.replace("_", "-"):
-            return f"from ${name}"
-    return "in a Dask config file: ~/.config/dask, /etc/dask or $DASK_CONFIG"
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:

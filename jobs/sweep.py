@@ -46,7 +46,7 @@ except ValueError as error:
 
 from distributed import Future, as_completed
 
-from jobs import cluster
+from jobs import cluster, dask_settings
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
 from jobs.lost_workers import say_when_no_worker_is_left
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option in ("chunk_rows", "prefixes_per_task"):
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    problem = cluster.check_cluster_arguments(args) or cluster.dask_settings_problem()
+    problem = cluster.check_cluster_arguments(args) or dask_settings.settings_problem()
     if problem:
         raise InputError(problem)
     if args.scheduler_file and Path(args.scheduler_file).is_dir():

@@ -114,9 +114,14 @@ class SplitModel:
 
 def cut_head(model: keras.Model, read: str) -> keras.Model | None:
     """The layers after ``read`` as a model of their own, or None when some of them also read
-    tensors from before it (a skip connection around the cut, or a branch from an earlier layer)."""
+    tensors from before it (a skip connection around the cut, or a branch from an earlier layer).
+    When ``read`` gives B's output itself (global pooling as the logits), an identity."""
+    cut = layer_output(model, read)
+    if cut is output_tensor(model):  # Keras refuses a model whose output is its input
+        rows = keras.Input(cut.shape[1:])
+        return keras.Model(rows, keras.layers.Identity()(rows), name="head")
     try:
-        return keras.Model(layer_output(model, read), output_tensor(model), name="head")
+        return keras.Model(cut, output_tensor(model), name="head")
     except ValueError:  # graph disconnected: something after the cut bypasses it
         return None
 

@@ -28,6 +28,7 @@ MODELS = {
     "op-branch": tiny.tiny_op_branch,
     "own-activation": tiny.tiny_own_activation,
     "lora-conv": tiny.tiny_lora,
+    "pooled-logits": tiny.tiny_pooled_logits,
 }
 LAYERS = {"channels-first-pooling": "last_conv", "shared-activation": "conv_a"}  # the rest: the default
 LITERAL = {"skip-connection"}  # models that cannot be cut after the layer: the literal fallback

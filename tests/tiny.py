@@ -143,6 +143,18 @@ def tiny_channels_first_pooling(seed: int = 9, classes: int = 5) -> keras.Model:
     return keras.Model(inputs, outputs)
 
 
+def tiny_pooled_logits(seed: int = 10, classes: int = 10) -> keras.Model:
+    """An all-convolutional net: the last conv has one channel per class, and its global
+    average pooling is B's output (the logits). Nothing comes after the layer it is read at."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(6, 3, strides=2, activation="relu", name="first_conv")(x)
+    x = layers.MaxPooling2D(name="first_pool")(x)
+    x = layers.Conv2D(classes, 3, name="class_conv")(x)
+    outputs = layers.GlobalAveragePooling2D(name="class_scores")(x)
+    return keras.Model(inputs, outputs)
+
+
 def random_images(rows: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.uniform(0, 255, (rows,) + SHAPE).astype(np.float32)

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The Fine-Pruning sweep as one SLURM job. Submit from the repository root, or from any folder by
-# this script's path (relative paths in the sweep args, and the job's log, are then that folder's):
+# this script's path or a link to it (relative paths in the sweep args, and the job's log, are
+# then that folder's; with sbatch -D DIR, DIR's):
 #
 #   sbatch slurm/sweep.sh [sweep args]
 #   sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/fine-pruning-run1
 #   cd /scratch/$USER && sbatch ~/fine-pruning/slurm/sweep.sh --model bd_net.h5 --data data/ --out run1
+#   sbatch -D /scratch/$USER ~/fine-pruning/slurm/sweep.sh --model bd_net.h5 --data data/ --out run1
 #   sbatch --gres=none slurm/sweep.sh ...                 # CPU-only partition
 #   sbatch -p gpu -A proj42 --time=12:00:00 slurm/sweep.sh ...   # options on the command line win
 #
-# Outputs go to --out (default: results/ in the submit directory); give a folder on shared
-# scratch for big runs, as above (your shell expands $USER). The job's log is
-# fine-pruning-<jobid>.out in the submit directory; a requeued job appends to it.
+# Outputs go to --out (default: results/ in the job's folder: the submit directory or -D's); give
+# a folder on shared scratch for big runs, as above (your shell expands $USER). The job's log is
+# fine-pruning-<jobid>.out in that folder; a requeued job appends to it.
 #
 # How the tasks are used: `srun python -m jobs.sweep --slurm-runner` starts one Python per task
 # and dask_jobqueue's SLURMRunner gives them roles: rank 0 the Dask scheduler (dashboard on port
@@ -47,17 +49,28 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
     say "error: run me with sbatch: sbatch slurm/sweep.sh [sweep args]" >&2
     exit 2
 fi
-cd "${SLURM_SUBMIT_DIR:-.}"
+# The job runs in its working folder (the submit folder, or sbatch -D's): not changed here.
+submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
 job_info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || job_info=
 # The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
-# its spool folder, so $0 does not say where that is; the job's Command does (an absolute path,
-# then the script's arguments, joined by single spaces: `--data data/` must not end the path).
+# its spool folder, so $0 does not say where that is; the job's Command does: the path as given
+# to sbatch (relative to the submit folder, maybe a link), then the script's arguments, joined
+# by single spaces (`--data data/` must not end the path); "(null)" for a script piped to sbatch.
 script=$(sed -n 's/^ *Command=//p' <<<"$job_info")
 if (( $# )); then script=${script%" $*"}; fi
-repo=$(cd "$(dirname "${script:-.}")/.." 2>/dev/null && pwd) || repo=
-[[ -f $repo/jobs/sweep.py ]] || repo=$PWD   # e.g. a script piped to sbatch: the submit folder
+[[ $script != "(null)" ]] || script=
+repo=
+if [[ -n $script ]]; then
+    script=$(cd "$submit_dir" && readlink -f -- "$script") && repo=$(dirname "$(dirname "$script")")
+fi
+[[ -f $repo/jobs/sweep.py ]] || repo=$submit_dir   # e.g. sbatch < slurm/sweep.sh from the repository root
 if [[ ! -f $repo/jobs/sweep.py ]]; then
-    say "error: cannot find this project (no jobs/sweep.py next to ${script:-the script} or in $PWD): sbatch PATH/TO/fine-pruning/slurm/sweep.sh" >&2
+    if [[ -n $script ]]; then
+        where="no jobs/sweep.py next to $(dirname "$script") or in $submit_dir"
+    else
+        where="a script piped to sbatch has no path, and $submit_dir has no jobs/sweep.py"
+    fi
+    say "error: cannot find this project ($where): sbatch PATH/TO/fine-pruning/slurm/sweep.sh" >&2
     exit 2
 fi
 

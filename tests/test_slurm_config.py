@@ -368,3 +368,74 @@ def test_a_scheduler_rank_drops_only_the_closed_stream_traceback_of_a_leaving_cl
     assert drop.filter(record(OSError("disk full")))
     assert drop.filter(logging.LogRecord("distributed.batched", logging.INFO, __file__, 1, "x", (), None))
 
+
+
+def fake_project(tmp_path):
+    """A copy of slurm/sweep.sh in a project of stand-ins: its .venv puts stand-ins for
+    scontrol, python and srun first on PATH, each printing what it was asked and where."""
+    project = tmp_path / "project"
+    (project / "slurm").mkdir(parents=True)
+    (project / "slurm" / "sweep.sh").write_text(SWEEP_SH.read_text())
+    (project / "jobs").mkdir()
+    (project / "jobs" / "sweep.py").write_text("")
+    stubs = project / ".venv" / "bin"
+    stubs.mkdir(parents=True)
+    (stubs / "activate").write_text(f'PATH="{stubs}:$PATH"\n')
+    scripts = {"scontrol": 'if [[ $1 == show ]]; then echo "   Command=$FAKE_COMMAND"; '
+                           'echo "   RunTime=00:00:01 TimeLimit=${FAKE_LIMIT:-04:00:00}"; fi',
+               "python": 'echo "python in $PWD: $*"',
+               "srun": 'echo "srun in $PWD: $*"',
+               "conda": ":"}
+    for name, body in scripts.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    return project
+
+
+def batch_run(project, command: str, args: list[str], *, submit_dir, work_dir=None,
+              **env: str) -> subprocess.CompletedProcess:
+    """sweep.sh as slurmd starts it: a copy in the spool folder (so $0 says nothing), in the
+    job's working folder, with SLURM's variables and its record of the job's ``command``."""
+    spool = project.parent / "spool"
+    spool.mkdir(exist_ok=True)
+    copy = spool / "slurm_script"
+    copy.write_text((project / "slurm" / "sweep.sh").read_text())
+    environ = {"PATH": f"{project}/.venv/bin:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+               "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "vm", "SLURM_SUBMIT_DIR": str(submit_dir),
+               "FAKE_COMMAND": command, **env}
+    return subprocess.run(["bash", str(copy), *args], cwd=work_dir or submit_dir, env=environ,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_sweep_sh_finds_its_project_through_a_link_to_the_script(tmp_path):
+    project = fake_project(tmp_path)
+    elsewhere = tmp_path / "scratch"
+    elsewhere.mkdir()
+    (elsewhere / "sweep.sh").symlink_to(project / "slurm" / "sweep.sh")
+    result = batch_run(project, "./sweep.sh --data data/", ["--data", "data/"], submit_dir=elsewhere)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"project: {project}\n" in result.stdout
+
+
+def test_sweep_sh_runs_in_the_folder_sbatch_chdir_gives(tmp_path):
+    """sbatch -D DIR slurm/sweep.sh: the script's path is the submit folder's, but the job
+    runs in DIR (its log is there): relative sweep args and the default --out are DIR's."""
+    project = fake_project(tmp_path)
+    run_dir = tmp_path / "run1"
+    run_dir.mkdir()
+    result = batch_run(project, "slurm/sweep.sh", [], submit_dir=project, work_dir=run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"python in {run_dir}: -m jobs.sweep --check --out results\n" in result.stdout
+    assert f"srun in {run_dir}: " in result.stdout
+
+
+def test_sweep_sh_piped_to_sbatch_is_found_from_the_submit_folder(tmp_path):
+    """sbatch < slurm/sweep.sh: SLURM records no command at all, '(null)'."""
+    project = fake_project(tmp_path)
+    result = batch_run(project, "(null)", [], submit_dir=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = batch_run(project, "(null)", [], submit_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (f"sweep.sh: error: cannot find this project (a script piped to sbatch has no path, "
+                             f"and {tmp_path} has no jobs/sweep.py): sbatch "
+                             "PATH/TO/fine-pruning/slurm/sweep.sh\n")

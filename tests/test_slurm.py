@@ -184,8 +184,10 @@ def test_time_limit_signal_past_max_requeues_lets_the_job_finish(slurm_cluster, 
             subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
             signalled.append(job)
 
-    job = [option + ",MAX_REQUEUES=0" if option.startswith("--export=") else option
-           for option in sweep_job(demo, tmp_path, out)]
+    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
+    # passes that on to the job's steps unless told otherwise.
+    job = [option.replace("--export=ALL,", "--export=NONE,") + ",MAX_REQUEUES=0"
+           if option.startswith("--export=") else option for option in sweep_job(demo, tmp_path, out)]
     _, log = submit_and_wait(job, timeout=480, while_running=time_limit_near)
     assert signalled
     assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]

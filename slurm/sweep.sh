@@ -101,6 +101,11 @@ for arg in "${args[@]}"; do
             exit 2 ;;
     esac
 done
+if [[ ! ${MAX_REQUEUES:-3} =~ ^[0-9]+$ ]]; then   # read only at the time limit's warning: checked now
+    say "error: MAX_REQUEUES=$MAX_REQUEUES: give a whole number of requeues, e.g. MAX_REQUEUES=5 sbatch slurm/sweep.sh ..." >&2
+    exit 2
+fi
+max_requeues=$(( 10#${MAX_REQUEUES:-3} ))   # 08 is eight, not a bad octal number
 if (( ${SLURM_NTASKS:-1} < 3 )); then   # RUNNER_TASKS in jobs/cluster.py
     say "error: the job has ${SLURM_NTASKS:-1} tasks; it needs at least 3 (Dask scheduler, client, one worker or more): sbatch --ntasks=2+WORKERS" >&2
     exit 2
@@ -132,11 +137,11 @@ fi
 requeue() {
     if [[ -n $too_short ]]; then
         say "time limit near: not requeueing ($too_short)"
-    elif (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-3} )); then
+    elif (( ${SLURM_RESTART_COUNT:-0} < max_requeues )); then
         say "time limit near: requeueing job $SLURM_JOB_ID; the rerun resumes from the checkpoints"
         scontrol requeue "$SLURM_JOB_ID"
     else
-        say "time limit near and already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=${MAX_REQUEUES:-3}): not requeueing again"
+        say "time limit near and already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$max_requeues): not requeueing again"
     fi
 }
 trap requeue USR1

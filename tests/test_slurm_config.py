@@ -439,3 +439,25 @@ def test_sweep_sh_piped_to_sbatch_is_found_from_the_submit_folder(tmp_path):
     assert result.stderr == (f"sweep.sh: error: cannot find this project (a script piped to sbatch has no path, "
                              f"and {tmp_path} has no jobs/sweep.py): sbatch "
                              "PATH/TO/fine-pruning/slurm/sweep.sh\n")
+
+
+@pytest.mark.parametrize("value", ["abc", "2.5", "-1", "3 "])
+def test_sweep_sh_refuses_a_max_requeues_that_is_not_a_count_before_any_work(tmp_path, value):
+    """Read only at the time-limit warning, MAX_REQUEUES=abc ended the batch script there ('abc:
+    unbound variable'), and with it the job, 5 minutes early and not requeued."""
+    project = fake_project(tmp_path)
+    result = batch_run(project, "slurm/sweep.sh", [], submit_dir=project, MAX_REQUEUES=value)
+    assert result.returncode == 2 and "python in" not in result.stdout
+    assert result.stderr == (f"sweep.sh: error: MAX_REQUEUES={value}: give a whole number of requeues, "
+                             "e.g. MAX_REQUEUES=5 sbatch slurm/sweep.sh ...\n")
+
+
+def test_sweep_sh_counts_max_requeues_in_decimal(tmp_path):
+    """MAX_REQUEUES=08 is eight: bash's arithmetic would read an octal number and fail."""
+    project = fake_project(tmp_path)
+    (project / ".venv" / "bin" / "srun").write_text(  # the time limit's warning comes while it runs
+        "#!/usr/bin/env bash\nkill -USR1 $PPID\nsleep 0.2\n")
+    result = batch_run(project, "slurm/sweep.sh", [], submit_dir=project, MAX_REQUEUES="08",
+                       SLURM_RESTART_COUNT="7")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "sweep.sh: time limit near: requeueing job 7; the rerun resumes" in result.stdout

@@ -111,7 +111,9 @@ def test_a_log_directory_in_home_is_expanded(slurm_config, monkeypatch, tmp_path
 
 
 @pytest.mark.parametrize("setting, named", [({"jobqueue.slurm.memory": "lots"}, "'lots'"),
-                                            ({"jobqueue.slurm.interface": "ib9"}, "'ib9'")])
+                                            ({"jobqueue.slurm.interface": "ib9"}, "'ib9'"),
+                                            ({"jobqueue.slurm.cores": "two"}, "cores"),
+                                            ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu")])
 def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, setting, named):
     from jobs.slurm import slurm_cluster_client
     from pruning.data import InputError

@@ -93,6 +93,7 @@ export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}   # this checkout's jobs/ and
 args=("$@")
 for arg in "${args[@]}"; do
     case $arg in
+        -h|--help) exec python -m jobs.sweep --help ;;   # once, not from every rank
         --single-node|--slurm-runner|--slurm-cluster|--slurm-cluster=*|--scheduler-address|--scheduler-address=*|--scheduler-file|--scheduler-file=*)
             say "error: $arg: this script chooses where the sweep runs (its own SLURM tasks); drop $arg" >&2
             exit 2 ;;

@@ -463,3 +463,12 @@ def test_sweep_sh_counts_max_requeues_in_decimal(tmp_path):
                        SLURM_RESTART_COUNT="7")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "sweep.sh: time limit near: requeueing job 7; the rerun resumes" in result.stdout
+
+
+def test_sweep_sh_help_is_the_sweeps_help_once(tmp_path):
+    """sbatch slurm/sweep.sh --help: the job's log had the help four times (the check's and
+    each rank's) and started the srun step for it."""
+    project = fake_project(tmp_path)
+    result = batch_run(project, "slurm/sweep.sh --help", ["--help"], submit_dir=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"python in {project}: -m jobs.sweep --help\n"

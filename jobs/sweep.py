@@ -75,8 +75,10 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     summary, examples = __doc__.split("\n\n")[:2]
+    # No abbreviated flags: slurm/sweep.sh reads the flags by their full names, and took
+    # `--ou DIR` for no --out (adding its default, which won) and `--single` for no place to run.
     parser = Parser(prog="python -m jobs.sweep", description=summary, epilog="examples:\n" + examples,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     model = parser.add_argument_group("the backdoored model B (default: the embedded demo)")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH", help="full Keras model (.h5 of any Keras 2.3.1+ vintage, or .keras)")

@@ -472,3 +472,15 @@ def test_sweep_sh_help_is_the_sweeps_help_once(tmp_path):
     result = batch_run(project, "slurm/sweep.sh --help", ["--help"], submit_dir=project)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"python in {project}: -m jobs.sweep --help\n"
+
+
+@pytest.mark.parametrize("flags", [["--ou", "/scratch/run1"], ["--single"], ["--worker", "2"]])
+def test_abbreviated_flags_are_refused_by_the_check(flags):
+    """slurm/sweep.sh knows the flags by their full names: `--ou /scratch/run1` got its default
+    --out added after it (outputs in results/), `--single` and `--worker` passed its checks and
+    failed on every rank of the srun step instead."""
+    from jobs.sweep import parse_args
+    from pruning.data import InputError
+
+    with pytest.raises(InputError, match=f"unrecognized arguments: {flags[0]}"):
+        parse_args(["--check", *flags, "--out", "results"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -111,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="on an unexpected (internal) error, show the full traceback instead "
                              "of one line")
     args = parser.parse_args(argv)
+    expand_home(args)
     described = [f"--{name}" for name in ("arch", "classes") if getattr(args, name) is not None]
     if described and not args.weights:
         raise InputError(f"{' and '.join(described)} {'are' if len(described) > 1 else 'is'} for a "
@@ -130,6 +132,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise InputError(f"--scheduler-file {args.scheduler_file} is a directory; give the file "
                          "the scheduler wrote (dask scheduler --scheduler-file PATH)")
     return args
+
+
+PATH_FLAGS = ("model", "weights", "data", "clean_valid", "poisoned_valid", "clean_test",
+              "poisoned_test", "out", "scheduler_file")
+
+
+def expand_home(args: argparse.Namespace) -> None:
+    """A leading ~ in a path flag, as a shell would: it expands none after `--out=`, so
+    `sbatch slurm/sweep.sh --out=~/run1` made a folder named ~ in the job's folder."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name)
+        if value and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
 
 
 def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int,

@@ -484,3 +484,11 @@ def test_abbreviated_flags_are_refused_by_the_check(flags):
 
     with pytest.raises(InputError, match=f"unrecognized arguments: {flags[0]}"):
         parse_args(["--check", *flags, "--out", "results"])
+
+
+def test_a_home_in_a_path_flag_is_expanded(monkeypatch, tmp_path):
+    """No shell expands the ~ of `--out=~/run1`: a folder named ~ was made in the job's folder."""
+    from jobs.sweep import parse_args
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = parse_args(["--check", "--out=~/run1", "--model=~/bd_net.h5", "--data=~/data"])
+    assert (args.out, args.model, args.data) == (f"{tmp_path}/run1", f"{tmp_path}/bd_net.h5", f"{tmp_path}/data")

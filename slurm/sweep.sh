@@ -67,6 +67,8 @@ fi
 if [[ ! -f $repo/jobs/sweep.py ]]; then
     if [[ -n $script ]]; then
         where="no jobs/sweep.py next to $(dirname "$script") or in $submit_dir"
+    elif [[ -z $job_info ]]; then
+        where="scontrol show job $SLURM_JOB_ID did not answer, and $submit_dir has no jobs/sweep.py"
     else
         where="a script piped to sbatch has no path, and $submit_dir has no jobs/sweep.py"
     fi

@@ -492,3 +492,12 @@ def test_a_home_in_a_path_flag_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = parse_args(["--check", "--out=~/run1", "--model=~/bd_net.h5", "--data=~/data"])
     assert (args.out, args.model, args.data) == (f"{tmp_path}/run1", f"{tmp_path}/bd_net.h5", f"{tmp_path}/data")
+
+
+def test_sweep_sh_says_when_scontrol_did_not_answer(tmp_path):
+    project = fake_project(tmp_path)
+    (project / ".venv" / "bin" / "scontrol").write_text("#!/usr/bin/env bash\nexit 1\n")
+    result = batch_run(project, "", [], submit_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sweep.sh: error: cannot find this project (scontrol show job 7 did "
+                                    f"not answer, and {tmp_path} has no jobs/sweep.py)"), result.stderr

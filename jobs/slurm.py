@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +64,7 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
         dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
     if role == "scheduler":
         logging.getLogger("distributed.batched").addFilter(ClosedStreamFilter())
+        quiet_dashboard_port_warning()
     # At INFO, distributed logs every connection and every worker's start and stop: most of the
     # job's log. LocalCluster and SLURMCluster quiet it (silence_logs); the runner does not.
     logging.getLogger("distributed").setLevel(distributed_log_level())
@@ -91,6 +93,13 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
             finally:  # also when the run stops early: the runner then closes the scheduler
                 with contextlib.suppress(Exception):
                     _retire_workers(client)
+
+
+def quiet_dashboard_port_warning() -> None:
+    """distributed's warning, over three lines, that port 8787 is taken and 'Perhaps you already
+    have a cluster running?': on a shared node or login node it is another job's or user's
+    dashboard, and the dashboard line names the port taken instead."""
+    warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
 
 
 def runner_scheduler_file(args: argparse.Namespace, job_id: str = "{job_id}") -> Path:
@@ -170,6 +179,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     problem = count_setting_problem()
     if problem:
         raise InputError(f"jobqueue.slurm in dask.config: {problem}; change it {where}")
+    quiet_dashboard_port_warning()
     try:
         cluster = SLURMCluster(**options)
     except Exception as error:

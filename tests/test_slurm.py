@@ -1,9 +1,11 @@
 """slurm/sweep.sh on a real one-node SLURM (scripts/slurm_local.sh; root, installs it the first time)."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import re
 import signal
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -44,15 +46,21 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     # Submitted from another folder by the script's path, as from a scratch folder: the relative
     # --out and the job's log (the script's default name) are that folder's. The slash in an
     # argument is on purpose: SLURM's record of the command puts the arguments after the path.
-    job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
-                                   str(REPO / "slurm" / "sweep.sh"), "--out", "./out"],
-                                  timeout=480, while_running=check_dashboard, cwd=tmp_path)
+    # Port 8787 taken on the node (another job's dashboard): the dashboard moves, without
+    # distributed's 'Perhaps you already have a cluster running?' in the log.
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):   # if something else holds it, it is taken all the same
+            held.enter_context(socket.create_server(("", 8787)))
+        job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
+                                       str(REPO / "slurm" / "sweep.sh"), "--out", "./out"],
+                                      timeout=480, while_running=check_dashboard, cwd=tmp_path)
+    assert "already in use" not in log and "Perhaps" not in log, log[:3000]
     assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
     assert f"project: {REPO}\n" in log, log[:2000]
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
     assert answered and answered[0][1] == 200, f"dashboard not seen answering; log tail:\n{log[-3000:]}"
-    assert re.search(r"ssh -L 8787:\S+:\d+ \S+@\S+", log), "no ssh tunnel hint in the log"
+    assert re.search(r"ssh -L 8787:\S+:(?!8787 )\d+ \S+@\S+", log), "no ssh tunnel hint to the port taken instead"
     # One GPU per worker rank, none for the scheduler and the client.
     for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)

@@ -51,7 +51,11 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
 fi
 # The job runs in its working folder (the submit folder, or sbatch -D's): not changed here.
 submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
-job_info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || job_info=
+# This job to scontrol: an array task by its array's id and index, as the one task whose
+# SLURM_JOB_ID is the array's id would stand for every task of the array.
+job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}
+job=${job:-$SLURM_JOB_ID}
+job_info=$(scontrol show job "$job" 2>/dev/null) || job_info=
 # The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
 # its spool folder, so $0 does not say where that is; the job's Command does: the path as given
 # to sbatch (relative to the submit folder, maybe a link), then the script's arguments, joined
@@ -68,7 +72,7 @@ if [[ ! -f $repo/jobs/sweep.py ]]; then
     if [[ -n $script ]]; then
         where="no jobs/sweep.py next to $(dirname "$script") or in $submit_dir"
     elif [[ -z $job_info ]]; then
-        where="scontrol show job $SLURM_JOB_ID did not answer, and $submit_dir has no jobs/sweep.py"
+        where="scontrol show job $job did not answer, and $submit_dir has no jobs/sweep.py"
     else
         where="a script piped to sbatch has no path, and $submit_dir has no jobs/sweep.py"
     fi
@@ -141,8 +145,8 @@ requeue() {
     if [[ -n $too_short ]]; then
         say "time limit near: not requeueing ($too_short)"
     elif (( ${SLURM_RESTART_COUNT:-0} < max_requeues )); then
-        say "time limit near: requeueing job $SLURM_JOB_ID; the rerun resumes from the checkpoints"
-        scontrol requeue "$SLURM_JOB_ID"
+        say "time limit near: requeueing job $job; the rerun resumes from the checkpoints"
+        scontrol requeue "$job"
     else
         say "time limit near and already requeued ${SLURM_RESTART_COUNT:-0} times (MAX_REQUEUES=$max_requeues): not requeueing again"
     fi

@@ -384,7 +384,10 @@ def fake_project(tmp_path):
     stubs.mkdir(parents=True)
     (stubs / "activate").write_text(f'PATH="{stubs}:$PATH"\n')
     scripts = {"scontrol": 'if [[ $1 == show ]]; then echo "   Command=$FAKE_COMMAND"; '
-                           'echo "   RunTime=00:00:01 TimeLimit=${FAKE_LIMIT:-04:00:00}"; fi',
+                           'echo "   RunTime=00:00:01 TimeLimit=${FAKE_LIMIT:-04:00:00}"; '
+                           # an array's own job id: every task of the array
+                           'if [[ -n ${SLURM_ARRAY_JOB_ID:-} && $3 != *_* ]]; then echo "   Command=$FAKE_COMMAND"; fi; '
+                           'else echo "scontrol $*"; fi',
                "python": 'echo "python in $PWD: $*"',
                "srun": 'echo "srun in $PWD: $*"',
                "conda": ":"}
@@ -501,3 +504,17 @@ def test_sweep_sh_says_when_scontrol_did_not_answer(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("sweep.sh: error: cannot find this project (scontrol show job 7 did "
                                     f"not answer, and {tmp_path} has no jobs/sweep.py)"), result.stderr
+
+
+def test_sweep_sh_in_an_array_task_asks_about_its_own_task(tmp_path):
+    """sbatch --array=0-1: one task's SLURM_JOB_ID is the array's id, which scontrol takes for
+    every task; the project was not found ('a script piped to sbatch has no path'), and a
+    requeue would have requeued the array's other running tasks with it."""
+    project = fake_project(tmp_path)
+    (project / ".venv" / "bin" / "srun").write_text("#!/usr/bin/env bash\nkill -USR1 $PPID\nsleep 0.2\n")
+    result = batch_run(project, f"{project}/slurm/sweep.sh --out run", ["--out", "run"],
+                       submit_dir=tmp_path, SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1")
+    assert result.returncode == 0, result.stderr
+    assert f"project: {project}\n" in result.stdout
+    assert "sweep.sh: time limit near: requeueing job 7_1;" in result.stdout
+    assert "scontrol requeue 7_1\n" in result.stdout

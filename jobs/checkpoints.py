@@ -17,7 +17,7 @@ import pandas as pd
 
 from pruning.counts import Counts
 from pruning.data import first_line
-from pruning.report import write_csv, write_json
+from pruning.report import temporary_for, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ def foreign_files(folder: Path) -> list[str]:
 def _written_by_a_run(name: str) -> bool:
     return (name in ("fingerprint.json", CHANNEL_ORDER) or fnmatch.fnmatch(name, CHUNK_FILES)
             or re.fullmatch(r"\..+\.[0-9a-f]{8}\.(json|csv)", name) is not None)  # report._new_file
+
+
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """The temporaries in a checkpoints ``folder`` of writes that never finished: the run
+    writing them was killed (kill -9, a lost node), as no live run can be while one holds
+    the lock."""
+    if not folder.is_dir():
+        return []
+    return sorted(entry for entry in folder.iterdir()
+                  if entry.is_file() and temporary_for(entry.name) and _written_by_a_run(entry.name))
 
 
 def may_hold_every_chunk(folder: Path, chunks) -> bool:

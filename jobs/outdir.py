@@ -7,12 +7,14 @@ in ``OUT/checkpoints`` (:mod:`jobs.checkpoints`).
 A run that fails leaves the folder as it found it: :class:`OutputFolder` checks without
 writing anything, and :meth:`OutputFolder.locked` undoes its own traces on the way out of a
 failure (the lock file's content and times, a folder it created). Only checkpoints the failed
-run finished are kept, for a rerun to resume from.
+run finished are kept, for a rerun to resume from; what a killed run left half-written is
+removed by the next run to hold the lock (:func:`remove_leftovers`).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import functools
 import fcntl
 import json
@@ -22,8 +24,10 @@ import socket
 import time
 from pathlib import Path
 
-from jobs.checkpoints import CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_files
+from jobs.checkpoints import (CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_files,
+                              leftover_temporaries)
 from pruning.data import InputError
+from pruning.report import temporary_for
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +189,7 @@ class OutputFolder:
                              .encode())
                 handle.flush()
                 try:
+                    remove_leftovers(self.path)
                     yield self
                 except BaseException:
                     # still holding the lock: no other run can see the file in between
@@ -231,6 +236,20 @@ class OutputFolder:
                          "starting there?")
 
 
+def remove_leftovers(out: Path) -> None:
+    """Remove what a killed run (kill -9, a lost node) left half-written in ``out`` and its
+    checkpoints: temporaries of outputs (a whole B' or G each) and of checkpoint files, which
+    no later run would otherwise ever remove. Only the run holding the lock writes them."""
+    found = [entry for entry in sorted(out.iterdir())
+             if entry.is_file() and is_output(temporary_for(entry.name) or "")]
+    found += leftover_temporaries(out / CHECKPOINTS)
+    for path in found:
+        path.unlink(missing_ok=True)
+    if found:
+        log.info("removed %s: left half-written by a run that was killed",
+                 ", ".join(str(path.relative_to(out)) for path in found))
+
+
 def _restore(handle, lock_path: Path, before) -> None:
     """Put the lock file back as it was before this run (still locked by ``handle``)."""
     if before is None:
@@ -269,13 +288,21 @@ MODEL_NAME = "model_X={}.h5"
 GOODNET_NAME = "goodnet_X={}.keras"
 
 
+REPORT_NAMES = ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json")
+
+
 def output_names(thresholds) -> tuple[str, ...]:
     """The files jobs.finish writes into the output folder for these thresholds."""
     from pruning.select import is_valid_threshold, threshold_label
     labels = [threshold_label(t) for t in thresholds if is_valid_threshold(t)]
-    return ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json",
-            *(MODEL_NAME.format(label) for label in labels),
+    return (*REPORT_NAMES, *(MODEL_NAME.format(label) for label in labels),
             *(GOODNET_NAME.format(label) for label in labels))
+
+
+def is_output(name: str) -> bool:
+    """Whether a run writes a file of this name into the output folder (for any thresholds)."""
+    return name in REPORT_NAMES or any(fnmatch.fnmatch(name, pattern.format("*"))
+                                       for pattern in (MODEL_NAME, GOODNET_NAME))
 
 
 def models_listed(folder: Path) -> set[str]:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -98,6 +99,16 @@ def _new_file(path: Path) -> Path:
             return temporary
         except FileExistsError:
             continue
+
+
+# _new_file's names: ".results.0a1b2c3d.csv" for results.csv
+_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]+)")
+
+
+def temporary_for(name: str) -> str | None:
+    """The file whose temporary (see :func:`_new_file`) ``name`` could be, or None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match["stem"] + match["suffix"] if match else None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -1070,3 +1070,17 @@ def test_flags_that_are_likely_mistakes_are_warnings(lab, tmp_path, caplog, flag
         assert main([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(tmp_path / "out"),
                      "--check"]) == 0
     assert not caplog.records, caplog.text
+
+
+def test_a_killed_runs_half_written_files_are_removed_by_the_next_run(tmp_path):
+    """kill -9 while outputs or a checkpoint were written leaves their temporaries (a whole
+    B' among them); the next run to hold the lock removes them, and nothing else."""
+    out = previous_run(tmp_path / "out")
+    leftovers = [".model_X=2.ebab426c.h5", ".goodnet_X=7.5.58c71947.keras", ".results.0a1b2c3d.csv",
+                 "checkpoints/.chunk-clean_test-00003.0f0f0f0f.json"]
+    kept = [".model_X=2.h5", ".results.notahex.csv", "notes.0a1b2c3d.txt", ".bashrc"]
+    for name in leftovers + kept:
+        (out / name).write_text("half")
+    with OutputFolder(out, output_names([2.0])).locked():
+        assert [name for name in leftovers if (out / name).exists()] == []
+    assert all((out / name).exists() for name in kept)

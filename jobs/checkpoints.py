@@ -75,10 +75,17 @@ class Checkpoints:
         self.folder = folder
         self.fingerprint = fingerprint
         self.ignored: set[Path] = set()  # damaged files, already warned about
-        self.ours = folder.is_dir() and _read_json(folder / "fingerprint.json") == fingerprint
-        if folder.exists() and not self.ours:
-            log.info("checkpoints in %s are for other inputs; this run replaces them once it "
-                     "has a result of its own", folder)
+        earlier = _read_json(folder / "fingerprint.json") if folder.is_dir() else None
+        self.ours = earlier == fingerprint
+        if not self.ours and self._holds_results():
+            # hours of finished chunks are at stake: say what differs, so that a flag given
+            # otherwise by mistake (--chunk-rows, --layer) can be put back before they go
+            log.warning("checkpoints in %s were made with %s; this run replaces them once it "
+                        "has a result of its own%s", folder, describe_change(earlier, fingerprint),
+                        _resume_hint(earlier, fingerprint))
+
+    def _holds_results(self) -> bool:
+        return (self.folder / CHANNEL_ORDER).is_file() or any(self.folder.glob(CHUNK_FILES))
 
     def finished(self) -> int:
         """How many finished chunks of these inputs the folder holds (0 if it holds another
@@ -139,6 +146,33 @@ class Checkpoints:
         write_json(self.folder / chunk_file(set_name, index),
                    {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
         return prefixes
+
+
+def describe_change(earlier, fingerprint: dict) -> str:
+    """What made the checkpoints' ``earlier`` fingerprint differ from this run's, in words."""
+    if not isinstance(earlier, dict) or earlier.keys() != fingerprint.keys():
+        return "other inputs or another version of this project"
+    changes = []
+    for key, value in fingerprint.items():
+        before = earlier[key]
+        if before == value:
+            continue
+        if key in ("inputs", "software") and isinstance(before, dict):
+            changes += [f"another {name} file" if key == "inputs" else
+                        f"{name} {before.get(name)} (this run: {value[name]})"
+                        for name in value if before.get(name) != value[name]]
+        else:
+            flag = {"chunk_rows": "--chunk-rows", "layer": "--layer"}.get(key, key)
+            changes.append(f"{flag} {before} (this run: {value})")
+    return ", ".join(changes)
+
+
+def _resume_hint(earlier, fingerprint: dict) -> str:
+    """How to resume from checkpoints that differ from this run's only in --chunk-rows."""
+    if isinstance(earlier, dict) and "chunk_rows" in earlier and \
+            earlier | {"chunk_rows": fingerprint.get("chunk_rows")} == fingerprint:
+        return f"; the same command with --chunk-rows {earlier['chunk_rows']} resumes from them"
+    return ""
 
 
 def _read_json(path: Path):

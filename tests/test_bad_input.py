@@ -1084,3 +1084,20 @@ def test_a_killed_runs_half_written_files_are_removed_by_the_next_run(tmp_path):
     with OutputFolder(out, output_names([2.0])).locked():
         assert [name for name in leftovers if (out / name).exists()] == []
     assert all((out / name).exists() for name in kept)
+
+
+def test_checkpoints_of_another_chunk_size_say_how_to_resume_from_them(tmp_path, caplog):
+    """After a worker ran out of memory the error advises a smaller --chunk-rows; the rerun
+    with one cannot reuse the finished chunks, and must say so, not 'for other inputs'."""
+    fingerprint = {"inputs": {"model": "aa", "clean_valid": "bb"}, "layer": "conv_3", "chunk_rows": 96,
+                   "software": {"tensorflow": "2.16.1"}}
+    Checkpoints(tmp_path, fingerprint).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    with caplog.at_level(logging.INFO, logger="jobs.checkpoints"):
+        Checkpoints(tmp_path, fingerprint | {"chunk_rows": 64})
+        Checkpoints(tmp_path, fingerprint | {"inputs": {"model": "aa", "clean_valid": "cc"},
+                                             "software": {"tensorflow": "2.17.0"}})
+    said = [record.getMessage() for record in caplog.records]
+    assert [record.levelname for record in caplog.records] == ["WARNING", "WARNING"]
+    assert "made with --chunk-rows 96 (this run: 64)" in said[0]
+    assert "the same command with --chunk-rows 96 resumes from them" in said[0]
+    assert "made with another clean_valid file, tensorflow 2.16.1 (this run: 2.17.0)" in said[1]

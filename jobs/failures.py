@@ -72,7 +72,8 @@ def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[st
     if isinstance(error, OSError):  # the environment: a full disk, a lost connection
         if error.filename:
             text = f"{error.filename}: {error.strerror or text}; check the disk space and permissions there"
-        return f"{text} (rerun with --traceback for the details)", 1
+        kept = resume_note(out)  # finished chunks outlive a full disk, as they do a stop
+        return f"{text}{f'; {kept}' if kept else ''} (rerun with --traceback for the details)", 1
     root = Path(__file__).resolve().parents[1]
     frames = traceback.extract_tb(error.__traceback__)
     ours = [f for f in frames if Path(f.filename).resolve().parent.parent == root]

@@ -1101,3 +1101,14 @@ def test_checkpoints_of_another_chunk_size_say_how_to_resume_from_them(tmp_path,
     assert "made with --chunk-rows 96 (this run: 64)" in said[0]
     assert "the same command with --chunk-rows 96 resumes from them" in said[0]
     assert "made with another clean_valid file, tensorflow 2.16.1 (this run: 2.17.0)" in said[1]
+
+
+def test_a_full_disk_says_what_the_same_command_resumes_from(tmp_path):
+    """Checkpoints of finished chunks outlive a full disk, as they do a stop: the line says so."""
+    out = OutputFolder(tmp_path / "out")
+    out.open_checkpoints({"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out.path / "checkpoints" / "x.json"))
+    message, status = explain(full, None, out)
+    assert status == 1 and message.endswith(
+        f"; {out.path / 'checkpoints'} holds 1 finished chunks of rows: the same command resumes "
+        "from them (rerun with --traceback for the details)")

@@ -7,6 +7,7 @@ replaces them once it has a result of its own.
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import logging
 import re
@@ -105,13 +106,13 @@ class Checkpoints:
         write_json(self.folder / "fingerprint.json", self.fingerprint)
         self.ours = True
 
-    def channel_order(self) -> pd.DataFrame | None:
+    def channel_order(self, channels: int | None = None) -> pd.DataFrame | None:
+        """The checkpointed order of B's ``channels`` channels, or None if there is none whole."""
         path = self.folder / CHANNEL_ORDER
         if not (self.ours and path.exists()):
             return None
         try:
-            order = pd.read_csv(path)
-            order["channel"].astype(int)
+            order = _read_order(path, channels)
         except Exception as error:  # a damaged checkpoint: profile again
             self._ignore(path, error, "the channel order is computed again")
             return None
@@ -173,6 +174,20 @@ def _resume_hint(earlier, fingerprint: dict) -> str:
             earlier | {"chunk_rows": fingerprint.get("chunk_rows")} == fingerprint:
         return f"; the same command with --chunk-rows {earlier['chunk_rows']} resumes from them"
     return ""
+
+
+def _read_order(path: Path, channels: int | None) -> pd.DataFrame:
+    """A channel order as written by ``save_channel_order``. A copy cut short still parses
+    as CSV (with rows missing, or a channel's number cut): it must end its last line and
+    list every channel once."""
+    text = path.read_text()
+    if not text.endswith("\n"):
+        raise ValueError("its last line is cut short")
+    order = pd.read_csv(io.StringIO(text))
+    listed = sorted(order["channel"].astype(int))
+    if channels is not None and listed != list(range(channels)):
+        raise ValueError(f"it does not list each of B's {channels} channels once")
+    return order
 
 
 def _read_json(path: Path):

@@ -1112,3 +1112,18 @@ def test_a_full_disk_says_what_the_same_command_resumes_from(tmp_path):
     assert status == 1 and message.endswith(
         f"; {out.path / 'checkpoints'} holds 1 finished chunks of rows: the same command resumes "
         "from them (rerun with --traceback for the details)")
+
+
+def test_a_channel_order_checkpoint_cut_short_is_profiled_again(tmp_path):
+    """A checkpoint folder copied from another machine by a transfer that broke off: a CSV
+    cut at a line still parses (a KeyError later, 'internal error', on every rerun), and one
+    cut inside its last line names a wrong channel (11 read as 1, pruned twice)."""
+    order = pd.DataFrame({"rank": range(12), "channel": [*range(10, -1, -1), 11][::-1],
+                          "mean_activation": [0.5] * 12})
+    checkpoints = Checkpoints(tmp_path, {"inputs": "these"})
+    checkpoints.save_channel_order(order)
+    whole = (tmp_path / "channel_order.csv").read_text()
+    assert checkpoints.channel_order(12)["channel"].tolist() == order["channel"].tolist()
+    for cut in (whole[:whole.rindex("\n", 0, -1) + 1], whole[:-6], whole[:-1]):
+        (tmp_path / "channel_order.csv").write_text(cut)
+        assert Checkpoints(tmp_path, {"inputs": "these"}).channel_order(12) is None, cut

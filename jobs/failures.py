@@ -43,6 +43,13 @@ def lost_scheduler_line(out: OutputFolder | None, why: str) -> str:
             + (f"{kept} once the cluster is back" if kept else "no chunk of rows was finished"))
 
 
+def _kept_per_chunk_size(out: OutputFolder | None) -> str:
+    """What following the advice of a smaller --chunk-rows costs: chunks are checkpointed per
+    chunk size, and a run with another one replaces them."""
+    kept = resume_note(out)
+    return f"; {kept} (another --chunk-rows starts over)" if kept else ""
+
+
 def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[str, int]:
     """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
     if isinstance(error, InputError):
@@ -58,7 +65,7 @@ def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[st
                 f"last {getattr(error.last_worker, 'address', error.last_worker)}: a worker "
                 "process died while running it (most often out of memory, or a crash while "
                 f"reading the data); see the worker logs in {logs}, and try a smaller "
-                "--chunk-rows or more memory per worker"), 1
+                f"--chunk-rows or more memory per worker{_kept_per_chunk_size(out)}"), 1
     # Not an input problem. One line, as for every other failure (a malformed input that slips
     # past the checks still must not end in a traceback), but exit status 1, and it names where
     # it happened; --traceback shows the full traceback, for a bug report.

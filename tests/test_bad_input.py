@@ -1127,3 +1127,18 @@ def test_a_channel_order_checkpoint_cut_short_is_profiled_again(tmp_path):
     for cut in (whole[:whole.rindex("\n", 0, -1) + 1], whole[:-6], whole[:-1]):
         (tmp_path / "channel_order.csv").write_text(cut)
         assert Checkpoints(tmp_path, {"inputs": "these"}).channel_order(12) is None, cut
+
+
+def test_a_worker_out_of_memory_says_what_a_smaller_chunk_size_costs(tmp_path):
+    """The line advises a smaller --chunk-rows; finished chunks are kept per --chunk-rows, so
+    it must say that the same command resumes from them and another --chunk-rows starts over."""
+    from distributed.scheduler import KilledWorker
+    out = OutputFolder(tmp_path / "out")
+    out.open_checkpoints({"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    args = SimpleNamespace(slurm_runner=False, slurm_cluster=None, single_node=True, out=str(out.path))
+    died = KilledWorker("evaluate-prefixes-0-61-clean_test-1-ab12cd34",
+                        SimpleNamespace(address="tcp://127.0.0.1:4000"), 2)
+    message, status = explain(died, args, out)
+    assert status == 1 and "try a smaller --chunk-rows or more memory per worker" in message
+    assert message.endswith(f"; {out.path / 'checkpoints'} holds 1 finished chunks of rows: the "
+                            "same command resumes from them (another --chunk-rows starts over)")

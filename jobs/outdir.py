@@ -81,6 +81,11 @@ class OutputFolder:
         if lock.is_symlink():  # the lock is written in place: into the file the link points to
             raise InputError(f"--out {path}: {lock} is a symbolic link (to {os.readlink(lock)}), "
                              "and the sweep writes its lock there; remove the link")
+        checkpoints = path / CHECKPOINTS
+        if checkpoints.is_symlink() and not checkpoints.exists():  # into scratch storage, purged
+            raise InputError(f"--out {path}: {checkpoints} is a broken symbolic link (to "
+                             f"{os.readlink(checkpoints)}), and the sweep keeps its checkpoints "
+                             "there; create what it points to, or remove the link")
         kinds = {name: "file" for name in (LOCK_NAME, *outputs)} | {CHECKPOINTS: "folder"}
         foreign = foreign_files(path / CHECKPOINTS)
         if foreign:

@@ -1142,3 +1142,14 @@ def test_a_worker_out_of_memory_says_what_a_smaller_chunk_size_costs(tmp_path):
     assert status == 1 and "try a smaller --chunk-rows or more memory per worker" in message
     assert message.endswith(f"; {out.path / 'checkpoints'} holds 1 finished chunks of rows: the "
                             "same command resumes from them (another --chunk-rows starts over)")
+
+
+def test_checkpoints_linked_to_a_purged_scratch_folder_are_refused_before_any_work(tmp_path):
+    """OUT/checkpoints as a link into scratch storage whose purge removed the folder: the run
+    profiled B, then failed with 'checkpoints: File exists; check the disk space'."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(tmp_path / "scratch" / "run1")
+    with pytest.raises(InputError, match=f"{out / 'checkpoints'} is a broken symbolic link "
+                                         f"\\(to {tmp_path / 'scratch' / 'run1'}\\)"):
+        OutputFolder(out)

@@ -163,9 +163,10 @@ def describe_change(earlier, fingerprint: dict) -> str:
                         f"{name} {before.get(name)} (this run: {value[name]})"
                         for name in value if before.get(name) != value[name]]
         else:
-            flag = {"chunk_rows": "--chunk-rows", "layer": "--layer"}.get(key, key)
+            flag = {"chunk_rows": "--chunk-rows", "layer": "--layer", "read_at": "the layer read at",
+                    "format": "checkpoint format"}.get(key, key)
             changes.append(f"{flag} {before} (this run: {value})")
-    return ", ".join(changes)
+    return ", ".join(changes) or "other inputs"
 
 
 def _resume_hint(earlier, fingerprint: dict) -> str:

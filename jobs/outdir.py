@@ -187,13 +187,10 @@ class OutputFolder:
             raise
         try:
             with handle:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"host {socket.gethostname()} pid {os.getpid()}"
-                             f" job {os.environ.get('SLURM_JOB_ID', '-')} since {time.ctime()}\n"
-                             .encode())
-                handle.flush()
                 try:
+                    _write_lock(handle, lock_path, f"host {socket.gethostname()} pid {os.getpid()}"
+                                f" job {os.environ.get('SLURM_JOB_ID', '-')} since {time.ctime()}\n"
+                                .encode())
                     remove_leftovers(self.path)
                     yield self
                 except BaseException:
@@ -261,11 +258,20 @@ def _restore(handle, lock_path: Path, before) -> None:
         lock_path.unlink(missing_ok=True)
         return
     stat, contents = before
-    handle.seek(0)
-    handle.truncate()
-    handle.write(contents)
-    handle.flush()
+    _write_lock(handle, lock_path, contents)
     os.utime(lock_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _write_lock(handle, lock_path: Path, contents: bytes) -> None:
+    """Make ``contents`` the locked file's. Unbuffered: on a full disk the write fails here, in
+    reach of the caller's clean-up, not again as the file closes; the error names the file."""
+    descriptor = handle.fileno()
+    try:
+        os.ftruncate(descriptor, 0)
+        while contents:  # (O_APPEND: at the end, now the start)
+            contents = contents[os.write(descriptor, contents):]
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(lock_path)) from None
 
 
 def _remove_empty(created: list[Path], snapshot, out: Path, held: set[str]) -> None:

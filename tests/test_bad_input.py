@@ -12,6 +12,7 @@ malformed HDF5 files at the loader: only InputErrors may come out.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import importlib.util
@@ -1153,3 +1154,37 @@ def test_checkpoints_linked_to_a_purged_scratch_folder_are_refused_before_any_wo
     with pytest.raises(InputError, match=f"{out / 'checkpoints'} is a broken symbolic link "
                                          f"\\(to {tmp_path / 'scratch' / 'run1'}\\)"):
         OutputFolder(out)
+
+
+
+@contextlib.contextmanager
+def full_disk():
+    """Writes to files fail as on a full disk (here: EFBIG, past a file size limit of 0)."""
+    import resource
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("state", ["previous results", "no folder yet"])
+def test_a_lock_that_cannot_be_written_is_one_line_naming_it(tmp_path, state):
+    """On a full disk the lock's own line could not be written: 'error: [Errno 28] No space
+    left on device', naming no file, and an empty .sweep.lock (and --out) were left behind."""
+    out = tmp_path / "out"
+    if state == "previous results":
+        previous_run(out)
+    before = listing(tmp_path)
+    with pytest.raises(OSError) as raised, full_disk():
+        with OutputFolder(out).locked():
+            pass
+    assert raised.value.filename == str(out / ".sweep.lock")
+    after = listing(tmp_path)
+    if state == "previous results":  # (its old line is lost here: no byte can be written back)
+        for listed in (before, after):
+            listed["out/.sweep.lock"] = listed["out/.sweep.lock"][:2]
+    assert after == before

@@ -90,8 +90,10 @@ class Checkpoints:
 
     def finished(self) -> int:
         """How many finished chunks of these inputs the folder holds (0 if it holds another
-        run's): what the same command would resume from."""
-        return len(list(self.folder.glob(CHUNK_FILES))) if self.ours else 0
+        run's), damaged files left out: what the same command would resume from."""
+        if not self.ours:
+            return 0
+        return sum(path not in self.ignored for path in self.folder.glob(CHUNK_FILES))
 
     def _claim(self) -> None:
         if self.ours:
@@ -144,8 +146,9 @@ class Checkpoints:
     def save_chunk(self, set_name: str, index: int, prefixes: list[Counts]) -> list[Counts]:
         """Keep one chunk's tallies for every prefix k = 0..C (a list indexed by k)."""
         self._claim()
-        write_json(self.folder / chunk_file(set_name, index),
-                   {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
+        path = self.folder / chunk_file(set_name, index)
+        write_json(path, {"set": set_name, "chunk": index, "prefixes": [asdict(c) for c in prefixes]})
+        self.ignored.discard(path)  # damaged no more
         return prefixes
 
 

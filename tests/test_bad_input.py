@@ -1188,3 +1188,15 @@ def test_a_lock_that_cannot_be_written_is_one_line_naming_it(tmp_path, state):
         for listed in (before, after):
             listed["out/.sweep.lock"] = listed["out/.sweep.lock"][:2]
     assert after == before
+
+
+def test_a_stopped_run_does_not_count_damaged_checkpoints_as_finished(tmp_path):
+    """A chunk file that cannot be read is evaluated again: the stop line's count leaves it
+    out until this run has written it anew."""
+    out = OutputFolder(tmp_path / "out")
+    checkpoints = out.open_checkpoints({"inputs": "these"})
+    checkpoints.save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    (checkpoints.folder / "chunk-clean_test-00001.json").write_text('{"set": "clean_te')
+    assert list(checkpoints.chunks()) == [("clean_test", 0)] and checkpoints.finished() == 1
+    checkpoints.save_chunk("clean_test", 1, [Counts(3, 2, 1, 0)])
+    assert checkpoints.finished() == 2

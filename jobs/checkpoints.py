@@ -125,15 +125,15 @@ class Checkpoints:
         write_csv(self.folder / CHANNEL_ORDER, order)
         return order
 
-    def chunks(self) -> dict[tuple[str, int], list[Counts]]:
-        """Finished chunks: ``(set, index) -> [Counts for k = 0..C]``."""
+    def chunks(self, prefixes: int | None = None) -> dict[tuple[str, int], list[Counts]]:
+        """Finished chunks: ``(set, index) -> [Counts for k = 0..C]`` (``prefixes`` = C + 1)."""
         done = {}
         if not self.ours:
             return done
         for path in sorted(self.folder.glob(CHUNK_FILES)):
             try:
-                data = json.loads(path.read_text())
-                done[data["set"], int(data["chunk"])] = [Counts(**c) for c in data["prefixes"]]
+                key, counts = _read_chunk(path, prefixes)
+                done[key] = counts
             except Exception as error:  # a damaged checkpoint: evaluate that chunk again
                 self._ignore(path, error, "that chunk is evaluated again")
         return done
@@ -192,6 +192,18 @@ def _read_order(path: Path, channels: int | None) -> pd.DataFrame:
     if channels is not None and listed != list(range(channels)):
         raise ValueError(f"it does not list each of B's {channels} channels once")
     return order
+
+
+def _read_chunk(path: Path, prefixes: int | None) -> tuple[tuple[str, int], list[Counts]]:
+    """A chunk file as written by ``save_chunk``: its own chunk's (by its name), every prefix."""
+    data = json.loads(path.read_text())
+    key = data["set"], int(data["chunk"])
+    counts = [Counts(**c) for c in data["prefixes"]]
+    if path.name != chunk_file(*key):
+        raise ValueError(f"it holds chunk {key[1]} of the {key[0]} set, a copy under another name")
+    if prefixes is not None and len(counts) != prefixes:
+        raise ValueError(f"it holds {len(counts)} prefixes, not B's {prefixes}")
+    return key, counts
 
 
 def _read_json(path: Path):

@@ -166,7 +166,7 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     # tasks by name without them.)
     run = uuid.uuid4().hex[:8]
     ranges = chunk_ranges(inputs, chunk_rows)
-    done = checkpoints.chunks()
+    done = checkpoints.chunks(inputs.channels + 1)
     order = checkpoints.channel_order(inputs.channels)
     reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
     needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
@@ -218,7 +218,7 @@ def read_back(inputs: SweepInputs, checkpoints: Checkpoints, chunk_rows: int):
     """What :func:`run_sweep` returns, from checkpoints alone when they hold the channel order
     and every chunk of these inputs; else None (something is left to compute)."""
     ranges = chunk_ranges(inputs, chunk_rows)
-    order, done = checkpoints.channel_order(inputs.channels), checkpoints.chunks()
+    order, done = checkpoints.channel_order(inputs.channels), checkpoints.chunks(inputs.channels + 1)
     if order is None or not set(ranges) <= set(done):
         return None
     prefixes = len(order) + 1

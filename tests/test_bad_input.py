@@ -1200,3 +1200,13 @@ def test_a_stopped_run_does_not_count_damaged_checkpoints_as_finished(tmp_path):
     assert list(checkpoints.chunks()) == [("clean_test", 0)] and checkpoints.finished() == 1
     checkpoints.save_chunk("clean_test", 1, [Counts(3, 2, 1, 0)])
     assert checkpoints.finished() == 2
+
+
+def test_a_chunk_checkpoint_that_parses_but_does_not_fit_is_evaluated_again(tmp_path):
+    """A chunk file of the wrong length made every rerun end in 'internal error (KeyError: 61)'.
+    One under another chunk's name is not that chunk's either: skipped, as the name says."""
+    checkpoints = Checkpoints(tmp_path, {"inputs": "these"})
+    checkpoints.save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)] * 5)
+    checkpoints.save_chunk("clean_test", 1, [Counts(3, 2, 1, 0)] * 6)  # k = 0..5, not 0..4
+    shutil.copy(tmp_path / "chunk-clean_test-00000.json", tmp_path / "chunk-clean_test-00002.json")
+    assert list(Checkpoints(tmp_path, {"inputs": "these"}).chunks(prefixes=5)) == [("clean_test", 0)]

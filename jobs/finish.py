@@ -9,7 +9,7 @@ from pruning.backend import keras
 import pandas as pd
 
 from jobs.inputs import versions
-from jobs.outdir import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_models
+from jobs.outputs import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_models
 from jobs.stopping import interrupt_held
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -47,15 +46,16 @@ except ValueError as error:
 
 from distributed import Future, as_completed
 
-from jobs import cluster, dask_settings
+from jobs import arguments, cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
 from jobs.lost_workers import say_when_no_worker_is_left
-from jobs.outdir import OutputFolder, output_names
+from jobs.outdir import OutputFolder
+from jobs.outputs import output_names
 from jobs.progress import prefix_progress
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import sum_chunks
-from pruning.data import CHUNK_ROWS, InputError
+from pruning.data import InputError
 from pruning.profile import channel_order
 
 # What loads TensorFlow (jobs.inputs, jobs.tasks, jobs.finish) is imported where it is used,
@@ -66,89 +66,15 @@ if TYPE_CHECKING:
     from jobs.inputs import SweepInputs
 
 log = logging.getLogger("jobs.sweep")
-PREFIXES_PER_TASK = 64  # the lab's 61 prefixes in one task per chunk; 2,048 channels in 33
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise InputError(f"{message} (see python -m jobs.sweep --help)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    summary, examples = __doc__.split("\n\n")[:2]
-    # No abbreviated flags: slurm/sweep.sh reads the flags by their full names, and took
-    # `--ou DIR` for no --out (adding its default, which won) and `--single` for no place to run.
-    parser = Parser(prog="python -m jobs.sweep", description=summary, epilog="examples:\n" + examples,
-                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    model = parser.add_argument_group("the backdoored model B (default: the embedded demo)")
-    which = model.add_mutually_exclusive_group()
-    which.add_argument("--model", metavar="PATH", help="full Keras model (.h5 of any Keras 2.3.1+ vintage, or .keras)")
-    which.add_argument("--weights", metavar="PATH", help="weights-only file for --arch")
-    model.add_argument("--arch", help="architecture for --weights (default: deepid)")
-    model.add_argument("--classes", type=int, help="outputs of --arch (default: 1283, the lab's)")
-    data = parser.add_argument_group("data (lab HDF5: 'data' NxCxHxW or NxHxWxC at B's input size, the lab's "
-                                     "Nx3x55x47 raw 0-255 pixels; 'label' N)")
-    data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")
-    for name in ("clean-valid", "poisoned-valid", "clean-test", "poisoned-test"):
-        data.add_argument(f"--{name}", metavar="H5", help=f"the {name.replace('-', ' ')} set")
-    sweep = parser.add_argument_group("the sweep")
-    sweep.add_argument("--layer", help="conv layer to prune (default: the last Conv2D feeding a pooling layer, "
-                                          "global pooling included)")
-    sweep.add_argument("--thresholds", type=float, nargs="+", default=[2.0, 4.0, 10.0], metavar="X",
-                       help="accuracy drops that select B', in points of validation accuracy below B's (default: 2 4 10)")
-    sweep.add_argument("--relative", action="store_true", help="thresholds are percent of B's accuracy, not points")
-    sweep.add_argument("--out", default="results", help="output folder, e.g. on shared storage (default: results/)")
-    sweep.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images per task (default: {CHUNK_ROWS})")
-    sweep.add_argument("--prefixes-per-task", type=int, default=PREFIXES_PER_TASK, metavar="P",
-                       help=f"prefixes k evaluated by one task on one chunk (default: {PREFIXES_PER_TASK}); "
-                            "smaller gives more tasks to spread over many workers, larger fewer head calls")
-    cluster.add_cluster_arguments(parser)
-    checks = parser.add_argument_group("checks")
-    checks.add_argument("--check", action="store_true",
-                        help="check every input, the output folder and its lock, print one line "
-                             "'inputs OK: ...' and exit, starting no cluster (slurm/sweep.sh "
-                             "runs this before it starts Dask); no place to run is needed")
-    checks.add_argument("--traceback", action="store_true",
-                        help="on an unexpected (internal) error, show the full traceback instead "
-                             "of one line")
-    args = parser.parse_args(argv)
-    expand_home(args)
-    described = [f"--{name}" for name in ("arch", "classes") if getattr(args, name) is not None]
-    if described and not args.weights:
-        raise InputError(f"{' and '.join(described)} {'are' if len(described) > 1 else 'is'} for a "
-                         "weights-only file (--weights PATH); a full model or the demo brings its "
-                         "own architecture and classes")
-    args.arch = "deepid" if args.arch is None else args.arch
-    args.classes = 1283 if args.classes is None else args.classes
-    if not args.out.strip():
-        raise InputError("--out is empty; give a folder (default: results/)")
-    for option in ("chunk_rows", "prefixes_per_task"):
-        if getattr(args, option) < 1:
-            raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    problem = cluster.check_cluster_arguments(args) or dask_settings.settings_problem()
-    if problem:
-        raise InputError(problem)
-    if args.scheduler_file and Path(args.scheduler_file).is_dir():
-        raise InputError(f"--scheduler-file {args.scheduler_file} is a directory; give the file "
-                         "the scheduler wrote (dask scheduler --scheduler-file PATH)")
-    return args
-
-
-PATH_FLAGS = ("model", "weights", "data", "clean_valid", "poisoned_valid", "clean_test",
-              "poisoned_test", "out", "scheduler_file")
-
-
-def expand_home(args: argparse.Namespace) -> None:
-    """A leading ~ in a path flag, as a shell would: it expands none after `--out=`, so
-    `sbatch slurm/sweep.sh --out=~/run1` made a folder named ~ in the job's folder."""
-    for name in PATH_FLAGS:
-        value = getattr(args, name)
-        if value and value.startswith("~"):
-            setattr(args, name, os.path.expanduser(value))
+    """The command line, checked (:mod:`jobs.arguments`); its help is this module's docstring."""
+    return arguments.parse_args(argv, __doc__)
 
 
 def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int,
-              prefixes_per_task: int = PREFIXES_PER_TASK):
+              prefixes_per_task: int = arguments.PREFIXES_PER_TASK):
     """Submit the task graph; return (channel order, {k: {set: Counts}}, timings, what was
     reused from checkpoints).
 

@@ -45,7 +45,8 @@ import pruning.data
 import tiny
 from conftest import REPO
 from jobs.checkpoints import Checkpoints
-from jobs.outdir import OutputFolder, output_names
+from jobs.outdir import OutputFolder
+from jobs.outputs import output_names
 from jobs.failures import explain, interrupted_line
 from jobs.sweep import main
 from pruning.counts import Counts

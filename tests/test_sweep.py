@@ -326,7 +326,7 @@ def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_pat
 def test_a_model_name_of_a_threshold_the_earlier_run_never_reached_is_left_alone(tmp_path):
     """The earlier run's manifest lists X=99 as unreached: it wrote no model_X=99.h5, so one
     there is the user's own and stays; its X=2 models, not written again, go."""
-    from jobs.outdir import models_listed, remove_stale_models
+    from jobs.outputs import models_listed, remove_stale_models
     (tmp_path / "manifest.json").write_text(json.dumps({"selected": {"2": 5, "99": None}}))
     for name in ("model_X=2.h5", "goodnet_X=2.keras", "model_X=99.h5"):
         (tmp_path / name).write_text(name)
@@ -376,7 +376,8 @@ def rerun(monkeypatch):
     a rerun reads most of its work back from checkpoints, no worker processes need starting."""
     from distributed import Client, LocalCluster
     from jobs.inputs import resolve_inputs
-    from jobs.outdir import OutputFolder, output_names
+    from jobs.outdir import OutputFolder
+    from jobs.outputs import output_names
     from jobs.sweep import parse_args, sweep
 
     @contextlib.contextmanager

@@ -1,0 +1,60 @@
+"""The files a run writes into its output folder, by name, and the earlier run's models.
+
+A run writes the reports (:data:`REPORT_NAMES`) and, per threshold X reached, B' and G. A rerun
+with other thresholds removes the models the earlier run wrote for those it does not reach, so
+the folder holds the models goodnet.csv and manifest.json describe.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Per threshold X, B' and G; formatted with the threshold's label (pruning.select).
+MODEL_NAME = "model_X={}.h5"
+GOODNET_NAME = "goodnet_X={}.keras"
+
+
+REPORT_NAMES = ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json")
+
+
+def output_names(thresholds) -> tuple[str, ...]:
+    """The files jobs.finish writes into the output folder for these thresholds."""
+    from pruning.select import is_valid_threshold, threshold_label
+    labels = [threshold_label(t) for t in thresholds if is_valid_threshold(t)]
+    return (*REPORT_NAMES, *(MODEL_NAME.format(label) for label in labels),
+            *(GOODNET_NAME.format(label) for label in labels))
+
+
+def is_output(name: str) -> bool:
+    """Whether a run writes a file of this name into the output folder (for any thresholds)."""
+    return name in REPORT_NAMES or any(fnmatch.fnmatch(name, pattern.format("*"))
+                                       for pattern in (MODEL_NAME, GOODNET_NAME))
+
+
+def models_listed(folder: Path) -> set[str]:
+    """The B' and G files that ``folder``'s manifest.json says its run wrote (none without a
+    readable manifest)."""
+    try:
+        selected = json.loads((folder / "manifest.json").read_text())["selected"]
+        labels = [label for label, k in selected.items() if k is not None]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {name.format(label) for label in labels for name in (MODEL_NAME, GOODNET_NAME)}
+
+
+def remove_stale_models(folder: Path, written, earlier: set[str]) -> list[str]:
+    """Remove the B' and G files that the earlier run in ``folder`` wrote (``earlier``, from
+    its manifest) and this run did not: they were for other thresholds, or for one this run
+    did not reach. The folder then holds the models goodnet.csv and manifest.json describe;
+    files of those names that no run of ours wrote are never touched. Returns the names removed."""
+    stale = sorted(name for name in earlier - set(written) if (folder / name).is_file())
+    for name in stale:
+        (folder / name).unlink(missing_ok=True)
+    if stale:
+        log.info("removed %s: an earlier run's models, for thresholds this run did not select",
+                 ", ".join(stale))
+    return stale

@@ -10,7 +10,6 @@ import fnmatch
 import io
 import json
 import logging
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,8 +41,9 @@ def foreign_files(folder: Path) -> list[str]:
 
 
 def _written_by_a_run(name: str) -> bool:
-    return (name in ("fingerprint.json", CHANNEL_ORDER) or fnmatch.fnmatch(name, CHUNK_FILES)
-            or re.fullmatch(r"\..+\.[0-9a-f]{8}\.(json|csv)", name) is not None)  # report._new_file
+    """A checkpoint file's name, or the temporary of one (a write that never finished)."""
+    name = temporary_for(name) or name
+    return name in ("fingerprint.json", CHANNEL_ORDER) or fnmatch.fnmatch(name, CHUNK_FILES)
 
 
 def leftover_temporaries(folder: Path) -> list[Path]:

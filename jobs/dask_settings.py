@@ -3,7 +3,9 @@
 Distributed reads a setting only where it uses it: a time it cannot parse, or a word where a
 number belongs, would stop the run deep in the cluster's start (a worker's traceback, "Nanny
 failed to start") or mid-sweep. Here each ``distributed.*`` value is compared with the kind of
-its default, and the one wrong is named with where it was set.
+its default, and the one wrong is named with where it was set. The worker jobs' counts
+(``jobqueue.slurm`` cores, processes, job-cpu), which have no default to compare with, are
+checked as whole numbers before ``--slurm-cluster`` submits any job.
 """
 from __future__ import annotations
 
@@ -79,3 +81,16 @@ def _where_set(key: str, env: Mapping[str, str]) -> str:
                 name[5:].lower().replace("__", ".").replace("_", "-") == key.replace("_", "-"):
             return f"from ${name}"
     return "in a Dask config file: ~/.config/dask, /etc/dask or $DASK_CONFIG"
+
+
+def worker_job_counts_problem() -> str | None:
+    """A jobqueue.slurm count that is not a whole number of at least 1, which dask_jobqueue
+    would only fail on with a TypeError naming no setting (DASK_JOBQUEUE__SLURM__CORES=two)."""
+    conf = dask.config.get("jobqueue.slurm")
+    for key in ("cores", "processes", "job-cpu"):
+        value = conf.get(key)
+        if value is None and key == "job-cpu":
+            continue  # then cores
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{key} is {value!r}, not a whole number of at least 1"
+    return None

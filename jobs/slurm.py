@@ -21,6 +21,7 @@ from typing import Iterator
 import dask
 from distributed import Client, Future
 
+from jobs import dask_settings
 from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
 from jobs.stopping import ClosedStreamFilter
 from jobs.worker_jobs import NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, worker_job_options
@@ -176,7 +177,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     log_directory = options["log_directory"]
     where = ("in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* variables "
              "(defaults: slurm/jobqueue.yaml)")
-    problem = count_setting_problem()
+    problem = dask_settings.worker_job_counts_problem()
     if problem:
         raise InputError(f"jobqueue.slurm in dask.config: {problem}; change it {where}")
     quiet_dashboard_port_warning()
@@ -207,19 +208,6 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
             _wait_for_worker_jobs(client, cluster, log_directory)
             with _stop_when_worker_jobs_end(client, cluster):
                 yield client
-
-
-def count_setting_problem() -> str | None:
-    """A jobqueue.slurm count that is not a whole number of at least 1, which dask_jobqueue
-    would only fail on with a TypeError naming no setting (DASK_JOBQUEUE__SLURM__CORES=two)."""
-    conf = dask.config.get("jobqueue.slurm")
-    for key in ("cores", "processes", "job-cpu"):
-        value = conf.get(key)
-        if value is None and key == "job-cpu":
-            continue  # then cores
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"{key} is {value!r}, not a whole number of at least 1"
-    return None
 
 
 def _wait_for_worker_jobs(client: Client, cluster, log_directory: str) -> None:

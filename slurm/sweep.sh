@@ -125,7 +125,8 @@ esac
 export TF_FORCE_GPU_ALLOW_GROWTH=true   # TensorFlow takes GPU memory as it needs it, not all at once
 say "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} tasks" \
     "(scheduler, client, $(( SLURM_NTASKS - 2 )) worker$( (( SLURM_NTASKS == 3 )) || echo s)), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $(command -v python), project: $repo"
-say "python -m jobs.sweep --slurm-runner ${args[*]}"
+printf -v shown ' %q' "${args[@]}"   # quoted as a shell reads it: the line can be pasted back
+say "python -m jobs.sweep --slurm-runner$shown"
 
 seconds() {  # SLURM's [D-]HH:MM:SS in seconds; nothing for UNLIMITED and the like
     [[ $1 =~ ^(([0-9]+)-)?([0-9]+):([0-9]+):([0-9]+)$ ]] || return 0

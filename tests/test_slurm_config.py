@@ -446,6 +446,17 @@ def test_sweep_sh_piped_to_sbatch_is_found_from_the_submit_folder(tmp_path):
                              "PATH/TO/fine-pruning/slurm/sweep.sh\n")
 
 
+def test_sweep_sh_logs_the_sweeps_command_as_it_can_be_pasted_back(tmp_path):
+    """A path with a space read as two arguments in the job log's line ('--data my data/')."""
+    project = fake_project(tmp_path)
+    result = batch_run(project, "slurm/sweep.sh --data 'my data/'", ["--data", "my data/"],
+                       submit_dir=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("sweep.sh: python -m"))
+    assert shlex.split(line.removeprefix("sweep.sh: ")) == [
+        "python", "-m", "jobs.sweep", "--slurm-runner", "--data", "my data/", "--out", "results"]
+
+
 @pytest.mark.parametrize("value", ["abc", "2.5", "-1", "3 "])
 def test_sweep_sh_refuses_a_max_requeues_that_is_not_a_count_before_any_work(tmp_path, value):
     """Read only at the time-limit warning, MAX_REQUEUES=abc ended the batch script there ('abc:

@@ -225,11 +225,13 @@ def main(argv=None) -> int:
     ``error: internal error ...``, with the full traceback under --traceback). 130: interrupted
     (Ctrl-C); 143 and 129: stopped by SIGTERM (kill, scancel) or SIGHUP (a closed terminal).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
     args = out = None
     try:
         args = parse_args(argv)
+        # --check's one line says what the inputs' INFO lines would (slurm/sweep.sh runs it
+        # before the sweep, whose own INFO lines would then come twice in the job's log)
+        logging.basicConfig(level=logging.WARNING if args.check else logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if cluster.is_service_rank(args):
             # SLURM ranks 0 and 2..: scheduler and workers serve until the client is done, then
             # exit inside open_client; inputs and the lock are the client rank's business.

@@ -198,6 +198,23 @@ def save(response, target: Path, lab_file: LabFile) -> None:
     os.replace(partial, target)
 
 
+def check_dest(dest: Path) -> None:
+    """Refuse a DEST that cannot hold the files before any network is used: otherwise the
+    first fetch fails there, and offline the error would blame the connection. Its nearest
+    existing part must be a folder this user can write in (the rest is created)."""
+    existing = dest
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    name = f"--dest {dest}" if existing == dest else f"--dest {dest}: {existing}"
+    if existing.is_symlink() and not existing.exists():
+        raise DownloadError(f"{name} is a link to {os.readlink(existing)}, which does not exist; "
+                            "create that folder or give another --dest")
+    if not existing.is_dir():
+        raise DownloadError(f"{name} is a file, not a folder; give a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DownloadError(f"--dest {dest}: cannot write in {existing}; give a folder you can write to")
+
+
 def fetch_all(dest: Path, files=LAB_FILES, dry_run: bool = False, log=print) -> None:
     """Fetch every missing or bad file of ``files`` into ``dest``."""
     listing = None
@@ -234,6 +251,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         files = [f for f in LAB_FILES if args.only is None or f.dest.startswith(args.only + "/")]
+        check_dest(Path(args.dest))
         fetch_all(Path(args.dest), files, dry_run=args.dry_run)
     except DownloadError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -333,3 +333,24 @@ def test_download_failures_are_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(download_lab, "OPENER", FakeWeb({}))
     assert download_lab.main(["--dest", str(tmp_path), "--only", "models"]) == 2
     assert "no route to host; check the internet connection" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dest", ["a file", "a folder under a file", "a link to nothing", "unwritable"])
+def test_download_bad_dest_is_one_line_before_any_network(monkeypatch, tmp_path, capsys, dest):
+    """Offline, the error named the internet connection; a dry run said 'would fetch' into it."""
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    path, words = {"a file": (tmp_path / "notes.txt", "is a file, not a folder"),
+                   "a folder under a file": (tmp_path / "notes.txt" / "lab", "is a file, not a folder"),
+                   "a link to nothing": (tmp_path / "link", "which does not exist"),
+                   "unwritable": (tmp_path / "lab", "cannot write in")}[dest]
+    if dest == "unwritable":  # as root, every folder is writable: ask the check what it asks
+        monkeypatch.setattr(download_lab.os, "access", lambda path, mode: False)
+    web = FakeWeb({})
+    monkeypatch.setattr(download_lab, "OPENER", web)
+    for dry_run in ([], ["--dry-run"]):
+        assert download_lab.main(["--dest", str(path), *dry_run]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith(f"error: --dest {path}") and out.err.count("\n") == 1
+        assert words in out.err, out.err
+    assert web.asked == []

@@ -169,7 +169,17 @@ BAD_CASES = {
     "bprime is a GoodNet": ["is a GoodNet; give the pruned model B' (a model_X=<threshold>.h5 from"],
     "bprime is a sweep's GoodNet": ["goodnet_X=4.keras is a GoodNet", "model_X=4.h5, beside it)"],
     "no arguments": ["required"], "unknown option": ["--bogus"], "bad chunk rows": ["--chunk-rows"],
+    "model outputs a feature map": ["features.keras: the model's output has shape (None, 55, 47, 10)"],
+    "model has one output": ["one_score.keras: the model's output has shape (None, 1)"],
+    "bprime has two outputs": ["two.keras: the model has 2 outputs"],
 }
+
+
+def save_model(path: Path, outputs) -> Path:
+    """A model on lab-sized images whose outputs are ``outputs(image)``."""
+    image = keras.Input(tiny.SHAPE)
+    keras.Model(image, outputs(image)).save(path)
+    return path
 
 
 def bad_inputs(lab, tmp: Path) -> dict[str, list]:
@@ -185,6 +195,11 @@ def bad_inputs(lab, tmp: Path) -> dict[str, list]:
     model = lab.folder / "bd_net.keras"
     goodnet_x4 = tmp / "goodnet_X=4.keras"
     goodnet_x4.write_bytes((lab.folder / "goodnet.keras").read_bytes())
+    features = save_model(tmp / "features.keras", lambda x: keras.layers.Conv2D(CLASSES, 1)(x))
+    one_score = save_model(tmp / "one_score.keras",
+                           lambda x: keras.layers.Dense(1)(keras.layers.GlobalMaxPooling2D()(x)))
+    two = save_model(tmp / "two.keras",
+                     lambda x: [keras.layers.Dense(CLASSES)(keras.layers.Flatten()(x))] * 2)
     return {
         "missing set": [tmp / "nope.h5", poisoned, model],
         "set not HDF5": [tmp / "notes.h5", poisoned, model],
@@ -203,6 +218,9 @@ def bad_inputs(lab, tmp: Path) -> dict[str, list]:
         "no arguments": [],
         "unknown option": [clean, poisoned, model, "--bogus"],
         "bad chunk rows": [clean, poisoned, model, "--chunk-rows", "0"],
+        "model outputs a feature map": [clean, poisoned, features],
+        "model has one output": [clean, poisoned, one_score],
+        "bprime has two outputs": [clean, poisoned, model, "--bprime", two],
     }
 
 

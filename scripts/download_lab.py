@@ -13,6 +13,7 @@ skipped, so a rerun resumes. Only the standard library is used.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import html
 import http.client
@@ -33,6 +34,7 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 BLOCK = 1 << 20
 TIMEOUT_S = 60
 USER_AGENT = "Mozilla/5.0 (fine-pruning download_lab.py)"
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}  # writing the file
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,14 @@ def save(response, target: Path, lab_file: LabFile) -> None:
         with response, open(partial, "wb") as out:
             for block in iter(lambda: response.read(BLOCK), b""):
                 out.write(block)
-    except (OSError, http.client.HTTPException) as error:
-        raise DownloadError(f"{lab_file.dest}: download interrupted ({error}); run again") from None
+    except BaseException as error:  # Ctrl-C too
+        partial.unlink(missing_ok=True)  # half a file: on a full disk, it would keep the space
+        if getattr(error, "errno", None) in DISK_ERRNOS:  # writing failed, not the network
+            raise DownloadError(f"{target.parent}: {error.strerror} while writing {target.name}; "
+                                "free space there (or give another --dest) and run again") from None
+        if isinstance(error, (OSError, http.client.HTTPException)):
+            raise DownloadError(f"{lab_file.dest}: download interrupted ({error}); run again") from None
+        raise
     got = partial.stat().st_size
     if expected is not None and got != int(expected):
         partial.unlink()

@@ -372,3 +372,60 @@ def test_download_bad_dest_is_one_line_before_any_network(monkeypatch, tmp_path,
         assert out.out == "" and out.err.startswith(f"error: --dest {path}") and out.err.count("\n") == 1
         assert words in out.err, out.err
     assert web.asked == []
+
+
+class CutWeb(FakeWeb):
+    """drive_web's answers, with every file's stream cut after its first block."""
+
+    def open(self, request, timeout=None):
+        response = super().open(request, timeout)
+        if response.headers.get_content_type() == "text/html":
+            return response
+        blocks = iter([response.read(16)])
+        response.read = lambda size=-1: next(blocks, None) or self.fail()
+        return response
+
+    def fail(self):
+        raise self.failure
+
+    failure = ConnectionResetError(104, "Connection reset by peer")
+
+
+class FullDisk:
+    """A file open for writing on a disk that fills after the first block."""
+
+    def __init__(self, path, mode):
+        self.file, self.blocks = open(path, mode), 0
+
+    def write(self, block):
+        self.blocks += 1
+        if self.blocks > 1:
+            raise OSError(28, "No space left on device")
+        return self.file.write(block)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("failure", ["connection reset", "disk full", "Ctrl-C"])
+def test_download_cut_short_leaves_no_partial_file(monkeypatch, tmp_path, capsys, failure):
+    """Before, NAME.partial stayed (on a full disk, holding its space) and a full disk read
+    'download interrupted ([Errno 28] No space left on device); run again'."""
+    web = CutWeb(drive_web().routes)
+    if failure == "disk full":
+        web = drive_web(file_body=HDF5_BYTES * 1024)
+        monkeypatch.setattr(download_lab, "open", FullDisk, raising=False)
+    elif failure == "Ctrl-C":
+        web.failure = KeyboardInterrupt()
+    monkeypatch.setattr(download_lab, "OPENER", web)
+    status = download_lab.main(["--dest", str(tmp_path), "--only", "data"])
+    err = capsys.readouterr().err
+    assert status == (130 if failure == "Ctrl-C" else 2) and err.count("\n") == 1
+    if failure == "disk full":
+        assert f"error: {tmp_path / 'data/cl'}: No space left on device while writing valid.h5; free" in err
+    elif failure == "connection reset":
+        assert err.startswith("error: data/cl/valid.h5: download interrupted (") and "run again" in err
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -39,13 +39,19 @@ def prune_conv_channels(model: keras.Model, conv_name: str, channels) -> keras.M
     """
     pruned = copy_model(model)
     pruned.set_weights(model.get_weights())
+    zero_conv_channels(pruned, conv_name, channels)
+    return pruned
+
+
+def zero_conv_channels(pruned: keras.Model, conv_name: str, channels) -> None:
+    """Zero ``channels`` of ``conv_name`` (kernel, bias) in ``pruned`` itself: a copy of B's
+    own, never B."""
     channels = np.asarray(channels, dtype=np.int64)
     for weight in pruned.get_layer(conv_name).weights:
         if weight.name in CHANNEL_WEIGHTS:
             value = keras.ops.convert_to_numpy(weight.value).copy()
             value[..., channels] = 0.0
             weight.assign(value)
-    return pruned
 
 
 def copy_model(model: keras.Model) -> keras.Model:
@@ -198,9 +204,7 @@ def prefix_predictions(split: SplitModel, chunk: Chunk, order, first: int, stop:
             rerun[k] = np.flatnonzero(touched & (last >= k))
             settled[k] = np.flatnonzero(touched & (last < k))
     if split.head is None:
-        classes = {k: predict_classes(prune_conv_channels(split.model, split.conv, order[:k]),
-                                      chunk.activations[rerun[k]]) if len(rerun[k]) else []
-                   for k in prefixes}
+        classes = _literal_classes(split, chunk, order, rerun)
     else:
         classes = _head_classes(split, chunk, rank, rerun)
     predictions = chunk.b_predictions.copy()
@@ -209,6 +213,21 @@ def prefix_predictions(split: SplitModel, chunk: Chunk, order, first: int, stop:
         if len(settled[k]):
             predictions[settled[k]] = split.pruned_class
         yield k, predictions.copy()
+
+
+def _literal_classes(split: SplitModel, chunk: Chunk, order: np.ndarray, rows: dict) -> dict:
+    """B'_k's classes for each ``rows[k]`` (images), k in increasing order, from one copy of B
+    whose channels are zeroed prefix by prefix: a copy per prefix would be a clone and a new
+    traced predict function each, ten times a small ResNet's prediction on 200 rows."""
+    pruned = prune_conv_channels(split.model, split.conv, order[:min(rows, default=0)])
+    classes = {}
+    for k, rerun in rows.items():
+        if len(rerun):
+            zero_conv_channels(pruned, split.conv, order[:k])
+            classes[k] = predict_classes(pruned, chunk.activations[rerun])
+        else:
+            classes[k] = []
+    return classes
 
 
 def _head_classes(split: SplitModel, chunk: Chunk, rank: np.ndarray, rows: dict) -> dict:

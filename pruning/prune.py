@@ -24,6 +24,9 @@ from pruning.models import layer_output, output_tensor
 BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
 HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches run faster
 BUCKETS = (64, 256, BATCH_ROWS, HEAD_BATCH_ROWS)  # padded sizes: few compiled shapes, little waste
+# A head batch's input at most (wider rows get fewer rows a batch): a 4 x 4 x 2048 read is
+# 128 KB a row, and 4096 of them, gathered and then masked, took a task thread 1 GB.
+HEAD_BATCH_BYTES = 128 << 20
 
 
 # A conv layer's weights whose last axis is its output channel: kernel (..., in, out), bias,
@@ -97,6 +100,13 @@ def predict_activations(model: keras.Model, x: np.ndarray, batch_rows: int = BAT
     return np.concatenate([output for _, output in predict_batches(model, x, batch_rows)])
 
 
+def head_batch_rows(row_bytes: int) -> int:
+    """Rows per head batch: ``HEAD_BATCH_ROWS``, or for wide rows the largest of ``BUCKETS``
+    within ``HEAD_BATCH_BYTES`` (a bucket, so that no batch is padded)."""
+    fitting = [size for size in BUCKETS if size * row_bytes <= HEAD_BATCH_BYTES]
+    return min(HEAD_BATCH_ROWS, max(fitting, default=BUCKETS[0]))
+
+
 @dataclass
 class SplitModel:
     """B cut after the pruned conv layer's per-channel chain.
@@ -165,7 +175,7 @@ def compute_chunk(split: SplitModel, set_name: str, start: int, stop: int,
     activations = predict_activations(split.base, images)
     changes = (activations != split.pruned_map).reshape(len(images), -1, split.channels).any(axis=1)
     if split.head is not None:
-        b_predictions = predict_classes(split.head, activations, HEAD_BATCH_ROWS)
+        b_predictions = predict_classes(split.head, activations, head_batch_rows(activations[0].nbytes))
     else:
         b_predictions = predict_classes(split.model, images)
     sums = activations.reshape(-1, split.channels).sum(axis=0, dtype=np.float64)
@@ -238,11 +248,12 @@ def _head_classes(split: SplitModel, chunk: Chunk, rank: np.ndarray, rows: dict)
     prefix = np.concatenate([np.full(len(r), k) for k, r in rows.items()]).astype(np.int64)
     row = np.concatenate(list(rows.values())).astype(np.int64)
     classes = np.empty(len(row), dtype=np.int64)
-    for start in range(0, len(row), HEAD_BATCH_ROWS):
-        part = slice(start, start + HEAD_BATCH_ROWS)
-        x = chunk.activations[row[part]]
+    batch_rows = head_batch_rows(chunk.activations[0].nbytes)
+    for start in range(0, len(row), batch_rows):
+        part = slice(start, start + batch_rows)
+        x = chunk.activations[row[part]]  # a copy, masked in place
         pruned = rank[None, :] < prefix[part, None]  # (rows, C), broadcast over positions
-        x = np.where(pruned.reshape((len(x),) + (1,) * (x.ndim - 2) + (-1,)), split.pruned_map, x)
-        classes[part] = predict_classes(split.head, x, HEAD_BATCH_ROWS)
+        np.copyto(x, split.pruned_map, where=pruned.reshape((len(x),) + (1,) * (x.ndim - 2) + (-1,)))
+        classes[part] = predict_classes(split.head, x, batch_rows)
     bounds = np.cumsum([0] + [len(r) for r in rows.values()])
     return {k: classes[a:b] for k, a, b in zip(rows, bounds[:-1], bounds[1:])}

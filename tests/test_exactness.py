@@ -187,6 +187,29 @@ def test_the_literal_fallback_copies_b_once_per_block_not_once_per_prefix(monkey
     assert sorted(found) == list(range(split.channels + 1)) and len(copies) == 1
 
 
+def test_head_batches_of_wide_rows_stay_within_128_mib(monkeypatch):
+    """A read layer of 4 x 4 x 2048 floats holds 128 KB a row: 4096-row head batches took a
+    worker's task thread 1 GB over its chunk (the rows gathered, then masked). Here 82 KB rows."""
+    import pruning.prune
+    keras.utils.set_random_seed(12)
+    inputs = keras.Input(tiny.SHAPE)
+    x = keras.layers.Conv2D(8, 1, activation="relu", bias_initializer="ones", name="wide")(inputs)
+    x = keras.layers.MaxPooling2D(1, name="pool")(x)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    split = split_model(model, *choose_layer(model))
+    images = tiny.random_images(600, seed=2)
+    chunk = compute_chunk(split, "s", 0, 600, images, np.zeros(600, dtype=np.int64))
+    batches, predict = [], pruning.prune.predict_classes
+    monkeypatch.setattr(pruning.prune, "predict_classes",
+                        lambda m, x, *a: batches.append(x.nbytes) or predict(m, x, *a))
+    found = dict(prefix_predictions(split, chunk, list(range(8)), 0, 9))
+    assert len(batches) > 1 and max(batches) <= 128 << 20, batches
+    for k in (1, 5, 8):
+        literal = predict(prune_conv_channels(model, "wide", list(range(k))), images)
+        assert np.array_equal(found[k], literal)
+
+
 def test_pruning_never_touches_b():
     model = tiny.tiny_deepid()
     before = [w.copy() for w in model.get_weights()]

@@ -9,6 +9,7 @@ import logging
 import threading
 
 import numpy as np
+from dask.sizeof import sizeof
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pruning.data import InputError, LabSet
@@ -28,6 +29,14 @@ def split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
 @functools.lru_cache(maxsize=2)
 def _split_for(spec: ModelSpec, conv: str, read: str) -> SplitModel:
     return split_model(spec.load(), conv, read)
+
+
+@sizeof.register(Chunk)
+def _chunk_bytes(chunk: Chunk) -> int:
+    """A chunk's size as Dask counts it (else 56 bytes, an object's): the dashboard then shows
+    the chunks a worker holds as its managed memory, and a worker past its memory target spills
+    them to its local folder."""
+    return sum(value.nbytes for value in vars(chunk).values() if isinstance(value, np.ndarray))
 
 
 def activations_task(spec: ModelSpec, conv: str, read: str, set_name: str, lab_set: LabSet,

@@ -12,6 +12,7 @@ import sys
 import psutil
 
 from conftest import cluster_args
+import tiny
 from jobs import cluster, stopping
 
 
@@ -75,3 +76,24 @@ def test_a_stopped_runs_closing_cluster_logs_nothing_from_distributed():
     assert "Closed comm" not in stream.getvalue() and "Traceback" not in stream.getvalue()
     assert "AllExit" not in stream.getvalue()
     assert "still shown" in stream.getvalue() and "shown again" in stream.getvalue()
+
+
+def test_the_scheduler_counts_a_chunks_activations_as_its_size(tmp_path):
+    """Dask sized a chunk as the 56 bytes of an object: the dashboard showed none of what the
+    workers held as their data, and a worker past its memory target had nothing to spill."""
+    from distributed import Client, LocalCluster
+
+    from jobs.tasks import activations_task
+    from pruning.data import lab_paths, open_lab_set
+    from pruning.models import ModelSpec
+
+    model = tiny.tiny_deepid()
+    model.save(tmp_path / "b.keras")
+    tiny.write_sets(model, tmp_path / "data", rows=(50, 10, 10, 10))
+    lab_set = open_lab_set(lab_paths(tmp_path / "data")["clean_valid"], tiny.SHAPE)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, Client(local) as client:
+        future = client.submit(activations_task, ModelSpec(str(tmp_path / "b.keras")), "conv_3", "pool_3",
+                               "clean_valid", lab_set, 0, 50)
+        activations = future.result().activations
+        counted = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks[future.key].nbytes)
+    assert activations.nbytes <= counted < 2 * activations.nbytes

@@ -80,20 +80,32 @@ def test_a_stopped_runs_closing_cluster_logs_nothing_from_distributed():
 
 def test_the_scheduler_counts_a_chunks_activations_as_its_size(tmp_path):
     """Dask sized a chunk as the 56 bytes of an object: the dashboard showed none of what the
-    workers held as their data, and a worker past its memory target had nothing to spill."""
-    from distributed import Client, LocalCluster
+    workers held as their data, and a worker past its memory target had nothing to spill.
+    Spilled, a chunk is read back as it was."""
+    import dask
+    import numpy as np
+    from distributed import Client, LocalCluster, wait
 
     from jobs.tasks import activations_task
     from pruning.data import lab_paths, open_lab_set
     from pruning.models import ModelSpec
+    from pruning.prune import predict_activations, split_model
 
     model = tiny.tiny_deepid()
     model.save(tmp_path / "b.keras")
     tiny.write_sets(model, tmp_path / "data", rows=(50, 10, 10, 10))
     lab_set = open_lab_set(lab_paths(tmp_path / "data")["clean_valid"], tiny.SHAPE)
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as local, Client(local) as client:
+    # a memory target of a few KB: the worker spills the chunk to disk as soon as it holds it
+    with dask.config.set({"distributed.worker.memory.target": 1e-7}), \
+            LocalCluster(n_workers=1, processes=False, dashboard_address=None, memory_limit="1 GiB") as local, \
+            Client(local) as client:
         future = client.submit(activations_task, ModelSpec(str(tmp_path / "b.keras")), "conv_3", "pool_3",
                                "clean_valid", lab_set, 0, 50)
-        activations = future.result().activations
+        wait(future)
         counted = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks[future.key].nbytes)
+        spilled = client.run(lambda dask_worker: list(dask_worker.data.slow))
+        activations = future.result().activations
     assert activations.nbytes <= counted < 2 * activations.nbytes
+    assert list(spilled.values()) == [[future.key]]
+    assert np.array_equal(activations, predict_activations(split_model(model, "conv_3", "pool_3").base,
+                                                           lab_set.read()[0]))

@@ -44,7 +44,7 @@ import jobs.tasks
 import pruning.data
 import tiny
 from conftest import REPO
-from jobs.checkpoints import Checkpoints
+from jobs.checkpoints import Checkpoints, chunk_file, may_hold_every_chunk
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
 from jobs.failures import explain, interrupted_line
@@ -1210,4 +1210,66 @@ def test_a_chunk_checkpoint_that_parses_but_does_not_fit_is_evaluated_again(tmp_
     checkpoints.save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)] * 5)
     checkpoints.save_chunk("clean_test", 1, [Counts(3, 2, 1, 0)] * 6)  # k = 0..5, not 0..4
     shutil.copy(tmp_path / "chunk-clean_test-00000.json", tmp_path / "chunk-clean_test-00002.json")
-    assert list(Checkpoints(tmp_path, {"inputs": "these"}).chunks(prefixes=5)) == [("clean_test", 0)]
+    reread = Checkpoints(tmp_path, {"inputs": "these"})
+    assert list(reread.chunks(prefixes=5)) == [("clean_test", 0)]
+    assert reread.finished() == 1  # what the stop line says the same command resumes from
+
+
+def test_another_runs_channel_order_is_not_read_and_is_said_to_be_replaced(tmp_path, caplog):
+    """A folder that holds only another run's channel order (stopped while profiling): with
+    these inputs' own number of channels it would sort B's channels by the wrong means."""
+    order = pd.DataFrame({"rank": range(12), "channel": range(11, -1, -1), "mean_activation": 0.5})
+    Checkpoints(tmp_path, {"inputs": "other"}).save_channel_order(order)
+    with caplog.at_level(logging.WARNING, logger="jobs.checkpoints"):
+        assert Checkpoints(tmp_path, {"inputs": "these"}).channel_order(12) is None
+    assert "this run replaces them once it has a result of its own" in caplog.text
+    assert Checkpoints(tmp_path, {"inputs": "other"}).channel_order(12)["channel"].tolist() == \
+        list(range(11, -1, -1))
+
+
+def test_a_channel_order_listing_a_channel_twice_is_profiled_again(tmp_path):
+    checkpoints = Checkpoints(tmp_path, {"inputs": "these"})
+    checkpoints.save_channel_order(pd.DataFrame({"rank": range(13), "channel": [*range(12), 11],
+                                                 "mean_activation": 0.5}))
+    assert Checkpoints(tmp_path, {"inputs": "these"}).channel_order(12) is None
+
+
+def test_checkpoints_of_an_older_version_are_replaced_with_a_warning(tmp_path, caplog):
+    """A fingerprint with other keys (a version of this project before the layer read at
+    was part of it) is another run's, said as such; it was a KeyError, an internal error."""
+    Checkpoints(tmp_path, {"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    with caplog.at_level(logging.WARNING, logger="jobs.checkpoints"):
+        checkpoints = Checkpoints(tmp_path, {"inputs": "these", "read_at": "pool_3"})
+    assert checkpoints.chunks() == {}
+    assert "made with other inputs or another version of this project" in caplog.text
+
+
+def test_a_damaged_checkpoint_is_warned_about_once(tmp_path, caplog):
+    """The sweep reads the folder twice (for a rerun of a finished sweep, then for the run)."""
+    checkpoints = Checkpoints(tmp_path, {"inputs": "these"})
+    checkpoints.save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    (tmp_path / "chunk-clean_test-00001.json").write_text('{"set": "clean_te')
+    with caplog.at_level(logging.WARNING, logger="jobs.checkpoints"):
+        assert list(checkpoints.chunks()) == list(checkpoints.chunks()) == [("clean_test", 0)]
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [
+        f"ignoring {tmp_path / 'chunk-clean_test-00001.json'}"]
+
+
+def test_replacing_another_runs_checkpoints_removes_only_what_a_run_writes(tmp_path):
+    """(jobs.outdir refuses such a folder before the run; a file put there since is kept.)"""
+    Checkpoints(tmp_path, {"inputs": "other"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+    (tmp_path / "notes.txt").write_text("mine\n")
+    Checkpoints(tmp_path, {"inputs": "these"}).save_chunk("clean_test", 1, [Counts(3, 2, 1, 0)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk-clean_test-00001.json",
+                                                          "fingerprint.json", "notes.txt"]
+
+
+def test_a_folder_may_hold_every_chunk_only_with_a_channel_order_and_each_chunk(tmp_path):
+    chunks = [("clean_valid", 0), ("clean_test", 0), ("clean_test", 1)]
+    for chunk in chunks:
+        (tmp_path / chunk_file(*chunk)).write_text("{}")
+    assert not may_hold_every_chunk(tmp_path, chunks)  # no channel order
+    (tmp_path / "channel_order.csv").write_text("rank,channel,mean_activation\n")
+    assert may_hold_every_chunk(tmp_path, chunks)
+    (tmp_path / chunk_file("clean_test", 1)).unlink()
+    assert not may_hold_every_chunk(tmp_path, chunks)

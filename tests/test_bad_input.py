@@ -820,6 +820,8 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
     out = tmp_path / "deep" / "out"
     if state == "previous results":
         previous_run(out)
+        (out / "plots").mkdir()  # the user's, empty
+        os.utime(out / "plots", ns=(PAST, PAST))
     before, parent_before = listing(out), listing(tmp_path)
     folder = OutputFolder(out)
     with pytest.raises(KeyError):
@@ -869,6 +871,30 @@ def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):
             raise KeyError("a failure during the run")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         ".dask", ".dask/worker-logs", ".dask/worker-logs/job-7.err"]
+
+
+def test_a_failed_run_gives_the_folder_its_times_back_only_if_it_holds_what_it_held(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.utime(out, ns=(PAST, PAST))
+    with pytest.raises(KeyError), OutputFolder(out).locked():
+        raise KeyError("a failure during the run")
+    assert out.stat().st_mtime_ns == PAST
+    with pytest.raises(KeyError), OutputFolder(out).locked():
+        Checkpoints(out / "checkpoints", {"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
+        raise KeyError("a failure after a finished chunk")
+    assert (out / "checkpoints").is_dir() and out.stat().st_mtime_ns != PAST  # it holds more now
+
+
+@pytest.mark.parametrize("name, made", [("results.csv", "folder"), ("model_X=2.h5", "folder"),
+                                        ("checkpoints", "file"), (".sweep.lock", "folder")])
+def test_an_entry_in_the_way_of_an_output_is_refused_before_any_work(tmp_path, name, made):
+    """Found only when the outputs are renamed into place, after the whole sweep."""
+    out = previous_run(tmp_path / "out")
+    shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    (out / name).mkdir() if made == "folder" else (out / name).write_text("x")
+    with pytest.raises(InputError, match=f"{out / name} is in the way \\(a {made} where"):
+        OutputFolder(out, output_names([2.0]))
 
 
 def test_a_stopped_run_counts_only_checkpoints_of_its_own_inputs(tmp_path):
@@ -984,6 +1010,16 @@ def test_a_reader_of_the_old_file_never_sees_the_new_one_being_written(tmp_path)
     assert target.read_text() == "channels_pruned,valid_accuracy\n0,98.0\n"
 
 
+def test_csv_outputs_hold_every_bit_of_each_number(tmp_path):
+    """results.csv is read back by other tools (and checked against the lab's np.mean * 100)."""
+    from pruning.report import write_csv
+    curve = pd.DataFrame({"channels_pruned": [0, 35], "valid_accuracy": [97.03125, 100 * 283 / 300],
+                          "valid_asr": [99.41225860621327, 1 / 3]})
+    write_csv(tmp_path / "results.csv", curve)
+    read = pd.read_csv(tmp_path / "results.csv", float_precision="round_trip")
+    assert read.to_dict("list") == curve.to_dict("list")
+
+
 def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     from pruning.report import write_text
     previous = os.umask(0o027)
@@ -1080,7 +1116,11 @@ def test_a_killed_runs_half_written_files_are_removed_by_the_next_run(tmp_path):
     out = previous_run(tmp_path / "out")
     leftovers = [".model_X=2.ebab426c.h5", ".goodnet_X=7.5.58c71947.keras", ".results.0a1b2c3d.csv",
                  "checkpoints/.chunk-clean_test-00003.0f0f0f0f.json"]
-    kept = [".model_X=2.h5", ".results.notahex.csv", "notes.0a1b2c3d.txt", ".bashrc"]
+    kept = [".model_X=2.h5", ".results.notahex.csv", "notes.0a1b2c3d.txt", ".bashrc",
+            ".notes.0a1b2c3d.txt",          # a temporary's name, but of no output
+            ".results.original.csv",        # eight letters, not hex
+            "model_X=2.0a1b2c3d.h5",        # not hidden: a user's copy
+            ".results.0a1b2c3d.csv.orig"]   # a temporary's name, and more
     for name in leftovers + kept:
         (out / name).write_text("half")
     with OutputFolder(out, output_names([2.0])).locked():

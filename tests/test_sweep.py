@@ -327,12 +327,13 @@ def test_a_model_name_of_a_threshold_the_earlier_run_never_reached_is_left_alone
     """The earlier run's manifest lists X=99 as unreached: it wrote no model_X=99.h5, so one
     there is the user's own and stays; its X=2 models, not written again, go."""
     from jobs.outputs import models_listed, remove_stale_models
-    (tmp_path / "manifest.json").write_text(json.dumps({"selected": {"2": 5, "99": None}}))
-    for name in ("model_X=2.h5", "goodnet_X=2.keras", "model_X=99.h5"):
+    (tmp_path / "manifest.json").write_text(json.dumps({"selected": {"2": 5, "4": 7, "99": None}}))
+    for name in ("model_X=2.h5", "goodnet_X=2.keras", "model_X=4.h5", "goodnet_X=4.keras", "model_X=99.h5"):
         (tmp_path / name).write_text(name)
     removed = remove_stale_models(tmp_path, ["model_X=4.h5", "goodnet_X=4.keras"], models_listed(tmp_path))
-    assert removed == ["goodnet_X=2.keras", "model_X=2.h5"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model_X=99.h5"]
+    assert removed == ["goodnet_X=2.keras", "model_X=2.h5"]  # X=4's: written again by this run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["goodnet_X=4.keras", "manifest.json",
+                                                          "model_X=4.h5", "model_X=99.h5"]
 
 
 def test_relative_thresholds_select_from_a_share_of_bs_accuracy(run, tmp_path):

@@ -580,6 +580,51 @@ def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, 
     assert listing(out) == before
 
 
+@pytest.mark.parametrize("setting, wanted", [
+    ({"distributed.worker.memory.target": False}, None),  # off, as Dask's docs say
+    ({"distributed.worker.memory.pause": 0.9}, None),
+    ({"distributed.scheduler.work-stealing": False}, None),
+    ({"distributed.scheduler.work-stealing": 0}, None),   # DASK_..._WORK_STEALING=0
+    ({"distributed.comm.timeouts.connect": "2s"}, None),
+    ({"distributed.comm.timeouts.connect": 60}, None),    # seconds
+    ({"distributed.comm.shard": "1 GiB"}, None),
+    ({"distributed.worker.memory.target": "most"}, "not a number"),
+    ({"distributed.scheduler.work-stealing": "maybe"}, "not True or False"),
+    ({"distributed.comm.timeouts.connect": "sixty"}, "not a time like '30s'"),
+    ({"distributed.comm.shard": "lots"}, "not a size like '64MiB'"),
+])
+def test_each_dask_setting_is_checked_against_the_kind_of_its_default(setting, wanted):
+    """(In process: test_bad_dask_settings_are_one_line_before_any_work runs the command.)"""
+    from jobs.cluster import load_config
+    from jobs.dask_settings import settings_problem
+    load_config()
+    [(key, value)] = setting.items()
+    variable = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
+    with dask.config.set(setting):
+        problem = settings_problem({variable: str(value)})
+    if wanted is None:
+        assert problem is None
+    else:
+        assert problem == (f"Dask setting {key} is {value!r} (from ${variable}), {wanted}; "
+                           "correct it or unset it")
+
+
+@pytest.mark.parametrize("setting, says", [
+    ({}, None),
+    ({"jobqueue.slurm.job-cpu": 8}, None),
+    ({"jobqueue.slurm.job-cpu": None}, None),  # then cores, as dask_jobqueue does
+    ({"jobqueue.slurm.cores": 0}, "cores is 0, not a whole number of at least 1"),
+    ({"jobqueue.slurm.processes": True}, "processes is True, not a whole number of at least 1"),
+    ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu is 'four', not a whole number of at least 1"),
+])
+def test_worker_job_counts_are_whole_numbers_of_at_least_one(setting, says):
+    from jobs.cluster import load_config
+    from jobs.dask_settings import worker_job_counts_problem
+    load_config()
+    with dask.config.set(setting):
+        assert worker_job_counts_problem() == says
+
+
 def test_a_local_cluster_that_does_not_start_is_one_line_naming_why(lab, tmp_path, capsys, monkeypatch):
     """Not an internal error to report: a port, a folder or a setting of this machine's."""
     def fails(**options):

@@ -118,6 +118,19 @@ def test_the_default_layer_is_the_last_conv_before_global_pooling():
     assert split.head is not None and split.pruned_map.shape == (10,)
 
 
+def test_a_conv_read_by_two_per_channel_layers_is_read_at_itself():
+    """Two branches after the conv: the cut is at the conv, where both start (the fast sweep);
+    after one branch's layer, the other would read from before the cut (the literal loop)."""
+    keras.utils.set_random_seed(2)
+    x = inputs = keras.Input(tiny.SHAPE)
+    conv = keras.layers.Conv2D(6, 3, strides=2, activation="relu", name="conv")(x)
+    x = keras.layers.Concatenate()([keras.layers.GlobalMaxPooling2D(name="max")(conv),
+                                    keras.layers.GlobalAveragePooling2D(name="mean")(conv)])
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    assert choose_layer(model) == ("conv", "conv")
+    assert split_model(model, "conv", "conv").head is not None
+
+
 def test_a_pooling_layer_that_mixes_channels_ends_the_chain():
     model = tiny.tiny_channels_first_pooling()
     assert choose_layer(model, "last_conv") == ("last_conv", "last_conv")
@@ -212,12 +225,17 @@ def test_head_batches_of_wide_rows_stay_within_128_mib(monkeypatch):
 
 def test_pruning_never_touches_b():
     model = tiny.tiny_deepid()
+    kernel, bias = model.get_layer("conv_3").get_weights()
+    model.get_layer("conv_3").set_weights([kernel, np.linspace(0.1, 1.2, len(bias), dtype=bias.dtype)])
     before = [w.copy() for w in model.get_weights()]
     pruned = prune_conv_channels(model, "conv_3", [0, 4, 9])
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     kernel, bias = pruned.get_layer("conv_3").get_weights()
+    _, bias_before = model.get_layer("conv_3").get_weights()
     assert not kernel[..., [0, 4, 9]].any() and not bias[[0, 4, 9]].any()
-    assert np.array_equal(kernel[..., 1], before[4][..., 1])
+    kept = [c for c in range(len(bias)) if c not in (0, 4, 9)]
+    assert np.array_equal(kernel[..., kept], before[4][..., kept])
+    assert np.array_equal(bias[kept], bias_before[kept]) and bias[kept].all()
 
 
 def test_a_pruned_channel_of_a_lora_conv_is_zero():

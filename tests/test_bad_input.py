@@ -825,6 +825,35 @@ def test_big_sets_are_scanned_in_spread_out_blocks():
     assert pruning.data.scan_ranges(40, 31_020) == [(0, 40)]  # a small set: every row
 
 
+def test_chunks_of_rows_cover_the_set_once():
+    lab_set = LabSet("valid.h5", rows=10, channels_first=True)
+    assert lab_set.chunks(4) == [(0, 4), (4, 8), (8, 10)]
+    assert lab_set.chunks(10) == lab_set.chunks(64) == [(0, 10)]
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_a_set_missing_only_its_last_chunk_of_pixels_is_refused(tmp_path, compression):
+    """A chunk never written reads as zeros: black images, scored as if they were the set's."""
+    path = tmp_path / "valid.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("data", shape=(40, 3, 55, 47), dtype="f4", chunks=(8, 3, 55, 47),
+                                compression=compression)
+        data[:32] = lab_images(32)
+        f["label"] = np.zeros(40, "f4")
+    with pytest.raises(InputError, match="the file was not completely written"):
+        open_lab_set(path, (55, 47, 3), CLASSES)
+
+
+def test_nan_pixels_met_in_a_later_chunk_name_their_row_in_the_set(tmp_path):
+    images = lab_images(24)
+    images[19, 1, 5, 5] = np.nan
+    write_h5(tmp_path / "valid.h5", data=images, label=np.zeros(24, "f4"))
+    lab_set = LabSet(str(tmp_path / "valid.h5"), rows=24, channels_first=True)
+    lab_set.read(0, 16)
+    with pytest.raises(InputError, match="NaN or infinite pixels in row 19 "):
+        lab_set.read(16, 24)
+
+
 def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
     """A demo.json cut short (a full disk, a partial copy of the cache) is no demo: it is
     built again, not an internal error in the sweep and a traceback in pruning.demo."""

@@ -466,12 +466,28 @@ def test_bad_input_is_one_line_before_any_work(lab, case, out, tmp_path, capsys,
     assert listing(target) == before  # None stays None: the folder is not created
 
 
-def test_an_empty_out_is_bad_input(lab, capsys, no_cluster):
-    """Not in CASES: the folder it would have meant is the current one, too big to compare."""
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_out_is_bad_input(lab, capsys, no_cluster, empty):
+    """Not in CASES: the folder it would have meant is the current one, too big to compare
+    (or a folder named by blanks in it)."""
     status, stdout, err = sweep(capsys, [*map(str, model_args(lab)), "--data", str(lab.data),
-                                         "--single-node", "--out", ""])
+                                         "--single-node", "--out", empty])
     assert (status, stdout, no_cluster) == (2, "", [])
     assert_one_error_line(err, ["--out is empty; give a folder"])
+
+
+def test_flag_defaults_are_the_ones_the_help_and_readme_give():
+    from jobs.sweep import parse_args
+    args = parse_args(["--weights", "bd_weights.h5", "--check"])
+    assert (args.thresholds, args.arch, args.classes, args.out) == ([2.0, 4.0, 10.0], "deepid", 1283, "results")
+
+
+@pytest.mark.parametrize("flags", [["--arch", "deepid"], ["--classes", "10"]])
+def test_architecture_flags_without_weights_are_refused(flags):
+    """With the demo (no model given) they would be ignored without a word."""
+    from jobs.sweep import parse_args
+    with pytest.raises(InputError, match=f"{flags[0]} is for a weights-only file"):
+        parse_args([*flags, "--check"])
 
 
 def test_check_flag_checks_everything_and_starts_nothing(lab, out, capsys, no_cluster):

@@ -319,8 +319,21 @@ def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_pat
     tiny.tiny_deepid(seed=9).save(other)  # another B at the same path
     assert fingerprint("--model", str(other))["inputs"]["model"] != replaced["inputs"]["model"]
     assert fingerprint()["inputs"] == base["inputs"]  # the same files: the same hashes
-    monkeypatch.setattr(jobs.inputs, "versions", lambda: {"tensorflow": "0.0"})
-    assert fingerprint()["software"]["tensorflow"] == "0.0"
+    for package in ("python", "tensorflow", "keras", "numpy", "fine-pruning"):  # they make the numbers
+        monkeypatch.setattr(jobs.inputs, "versions", lambda: {package: "0.0"})
+        assert fingerprint()["software"][package] == "0.0", package
+
+
+def test_input_paths_are_absolute_for_workers_in_another_folder(run, monkeypatch):
+    """Workers of a cluster joined with --scheduler-file may run elsewhere: a relative path
+    would name another file there, or none."""
+    import jobs.inputs
+    from jobs.sweep import parse_args
+    folder, _, _ = run
+    monkeypatch.chdir(folder)
+    inputs = jobs.inputs.resolve_inputs(parse_args(["--model", "bd_net.keras", "--data", "data", "--check"]))
+    assert inputs.paths == {"model": str(folder / "bd_net.keras")} | {
+        name: str(folder / "data" / path) for name, path in LAB_LAYOUT.items()}
 
 
 def test_a_model_name_of_a_threshold_the_earlier_run_never_reached_is_left_alone(tmp_path):

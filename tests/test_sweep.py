@@ -211,7 +211,9 @@ def test_a_rerun_of_a_finished_sweep_starts_no_process_and_joins_no_cluster(run,
         time.sleep(0.05)
     _, err = sweep.communicate()
     assert sweep.returncode == 0, err[-3000:]
-    assert not started, started
+    # no fork server, resource tracker or worker (a library's short command is not one: h5py's
+    # import runs `uname -p`, which a busy machine lets psutil see)
+    assert not {command for command in started if "multiprocessing" in command}, started
     assert "0 to evaluate, so no Dask cluster is needed" in err, err[-3000:]
     for name in ("results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5", "model_X=4.h5",
                  "goodnet_X=2.keras", "goodnet_X=4.keras", "results.png"):

@@ -16,8 +16,8 @@ from pathlib import Path
 from pruning.backend import keras
 from pruning.data import (LAB_LAYOUT, SET_NAMES, InputError, LabSet, lab_paths, open_h5,
                           open_lab_set)
-from pruning.models import (ModelSpec, channelwise_chain, choose_layer, conv_layer_names,
-                            image_input_shape, output_tensor)
+from pruning.layers import channelwise_chain, choose_layer, conv_layer_names
+from pruning.models import ModelSpec, image_input_shape, output_tensor
 from pruning.prune import cut_head
 from pruning.select import is_valid_threshold
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from pruning.counts import Counts, tally
 from pruning.data import InputError, first_line
-from pruning.models import layer_output, output_tensor
+from pruning.layers import layer_output
+from pruning.models import output_tensor
 
 BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
 HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches run faster

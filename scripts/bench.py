@@ -74,7 +74,8 @@ def seeds_loop(model_path: Path, data: Path, prefixes: int, first: int = 0) -> f
 
 def core_sweep(model_path: Path, data: Path) -> float:
     """Our algorithm in one process, no Dask: base once, then every prefix on every set."""
-    from pruning.models import ModelSpec, choose_layer
+    from pruning.layers import choose_layer
+    from pruning.models import ModelSpec
     from pruning.profile import channel_order
     from pruning.prune import compute_chunk, evaluate_prefixes, split_model
 

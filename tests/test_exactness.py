@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 from pruning.data import InputError
-from pruning.models import choose_layer
+from pruning.layers import choose_layer
 from pruning.profile import channel_order
 from pruning.prune import compute_chunk, predict_classes, prefix_predictions, prune_conv_channels, split_model
 

@@ -184,7 +184,7 @@ def test_a_layer_that_cannot_be_cut_is_warned_of_with_one_that_can():
     """In a residual net the default --layer is inside a block: the warning must not call the
     default fast, and names the last conv layer that is."""
     from jobs.inputs import where_b_can_be_cut
-    from pruning.models import choose_layer
+    from pruning.layers import choose_layer
     from pruning.prune import cut_head
     model = tiny_residual()
     assert cut_head(model, choose_layer(model)[1]) is None  # the default: res1_b, inside a block
@@ -215,7 +215,7 @@ def test_a_backbone_nested_as_one_layer_is_explained_as_such():
     """Transfer learning nests a backbone model as one layer: its conv layers are not B's own.
     The error says to rebuild B, not to 'give B rather than a GoodNet'."""
     from pruning.data import InputError
-    from pruning.models import choose_layer
+    from pruning.layers import choose_layer
     backbone = keras.Sequential([keras.Input(SHAPE), keras.layers.Conv2D(4, 3, name="bb_conv")],
                                 name="backbone")
     model = keras.Sequential([keras.Input(SHAPE), backbone, keras.layers.GlobalAveragePooling2D(),

@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 from pruning.data import InputError, write_lab_h5  # noqa: E402
 from pruning.deepid import LAB_CLASSES  # noqa: E402
 from pruning.goodnet import build_goodnet, goodnet_predictions, goodnet_scores  # noqa: E402
-from pruning.models import ModelSpec, choose_layer, is_weights_only, load_model, output_tensor  # noqa: E402
+from pruning.layers import choose_layer  # noqa: E402
+from pruning.models import ModelSpec, is_weights_only, load_model, output_tensor  # noqa: E402
 from pruning.counts import tally  # noqa: E402
 from pruning.prune import predict_classes, prune_conv_channels  # noqa: E402
 from pruning.select import select_prefixes  # noqa: E402

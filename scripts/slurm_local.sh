@@ -111,6 +111,10 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 SchedulerType=sched/backfill
+# Start a batch job at the next scheduling pass (about a second) instead of up to 3 s later
+# (batch_sched_delay's default, which spares a busy controller a scheduling attempt per sbatch):
+# as a small site with a quiet controller may set it; the tests submit jobs one after another.
+SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu

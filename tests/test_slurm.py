@@ -9,6 +9,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -83,7 +84,11 @@ def chunks_done(out: Path) -> int:
     return len(list((out / "checkpoints").glob("chunk-*.json")))
 
 
-def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, tmp_path):
+@pytest.fixture(scope="module")
+def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
+    """One sweep job scancelled mid-sweep, then the same sweep resubmitted, which SLURM's time
+    limit warning reaches mid-sweep (shared by the next two tests: one full run, not two)."""
+    tmp_path = tmp_path_factory.mktemp("cancelled-then-resubmitted")
     out = tmp_path / "out"
     cancelled = []
 
@@ -96,21 +101,53 @@ def test_scancel_mid_sweep_then_resubmit_resumes(slurm_cluster, demo, demo_run, 
             subprocess.run(["scancel", job], check=True)
             cancelled.append(chunks_done(out))
 
-    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
-                             while_running=cancel_once_started)
+    _, cancelled_log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
+                                       while_running=cancel_once_started)
     done = chunks_done(out)
-    assert cancelled and done < 54, f"cancelled after {done} of 54 chunks: not mid-sweep"
-    assert not (out / "results.csv").exists()
+    results_after_cancel = (out / "results.csv").exists()
+    signalled = []
+
+    def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
+        if not signalled and chunks_done(out) > done:  # mid-sweep: this job finished a chunk
+            job = re.search(r"job (\d+) ", log).group(1)
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+            signalled.append(job)
+
+    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
+    # passes that on to the job's steps unless told otherwise.
+    job = [option.replace("--export=ALL,", "--export=NONE,") + ",MAX_REQUEUES=0"
+           if option.startswith("--export=") else option for option in sweep_job(demo, tmp_path, out)]
+    _, resubmitted_log = submit_and_wait(job, timeout=480, while_running=time_limit_near)
+    return SimpleNamespace(out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
+                           results_after_cancel=results_after_cancel, signalled=signalled,
+                           resubmitted_log=resubmitted_log)
+
+
+def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, demo_run):
+    run = cancelled_then_resubmitted
+    done, log = run.done, run.cancelled_log
+    assert run.cancelled and done < 54, f"cancelled after {done} of 54 chunks: not mid-sweep"
+    assert not run.results_after_cancel
     # The client rank still stops in order and says what the same command resumes from,
     # before SLURM's SIGKILL (KillWait later).
     line = re.search(r"^stopped by SIGTERM; (\S+) holds (\d+) finished chunks of rows: the same "
                      r"command resumes from them$", log, re.M)
     assert line and int(line.group(2)) == done, log[-3000:]
     assert "Killed" not in log and "Traceback" not in log, log[-3000:]
-    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480)
+    log = run.resubmitted_log
     reused = re.search(r"reused from checkpoints: (\d+) of 54 chunks \((\d+) prefix evaluations\)", log)
     assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]
-    assert_same_outputs(out, demo_run)
+    assert_same_outputs(run.out, demo_run)
+
+
+def test_time_limit_signal_past_max_requeues_lets_the_job_finish(cancelled_then_resubmitted, demo_run):
+    """The resubmitted job of the fixture above gets SLURM's time limit warning mid-sweep."""
+    run = cancelled_then_resubmitted
+    log = run.resubmitted_log
+    assert run.signalled
+    assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]
+    assert "srun exited with status 0" in log
+    assert_same_outputs(run.out, demo_run)
 
 
 def runner_ranks(out: Path, rank: int) -> list[psutil.Process]:
@@ -181,27 +218,6 @@ def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo
     assert int(line.group(2)) == chunks_done(out) < 54
     assert not (out / "results.csv").exists()
     assert "srun exited with status 130" in log and "Traceback" not in log, log[-3000:]
-
-
-def test_time_limit_signal_past_max_requeues_lets_the_job_finish(slurm_cluster, demo, demo_run, tmp_path):
-    out = tmp_path / "out"
-    signalled = []
-
-    def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
-        if not signalled and chunks_done(out) >= 3:
-            job = re.search(r"job (\d+) ", log).group(1)
-            subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-            signalled.append(job)
-
-    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
-    # passes that on to the job's steps unless told otherwise.
-    job = [option.replace("--export=ALL,", "--export=NONE,") + ",MAX_REQUEUES=0"
-           if option.startswith("--export=") else option for option in sweep_job(demo, tmp_path, out)]
-    _, log = submit_and_wait(job, timeout=480, while_running=time_limit_near)
-    assert signalled
-    assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]
-    assert "srun exited with status 0" in log
-    assert_same_outputs(out, demo_run)
 
 
 def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo, tmp_path):

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,13 +28,21 @@ REPRODUCIBLE = ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5
 
 
 @pytest.fixture(scope="session")
-def demo_run(demo, tmp_path_factory):
-    """``python -m jobs.sweep --single-node`` on the demo, once: the reference other runs match."""
-    from jobs.sweep import main
+def make_run(demo, tmp_path_factory):
+    """`make run`'s command, ``python -m jobs.sweep --single-node --out OUT`` (the embedded demo),
+    once: its exit status, stdout and stderr, and in ``out`` the reference other runs match."""
+    out = tmp_path_factory.mktemp("demo-run") / "results"
+    done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--single-node", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FINE_PRUNING_CACHE": str(Path(demo.model).parent.parent)})
+    return SimpleNamespace(out=out, returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
 
-    out = tmp_path_factory.mktemp("demo-run") / "out"
-    assert main(["--model", demo.model, "--data", demo.data_dir, "--single-node", "--out", str(out)]) == 0
-    return out
+
+@pytest.fixture(scope="session")
+def demo_run(make_run):
+    """The sweep's outputs on the demo, once (:func:`make_run`'s): the reference other runs match."""
+    assert make_run.returncode == 0, make_run.stderr[-3000:]
+    return make_run.out
 
 
 def assert_same_outputs(out: Path, reference: Path) -> None:

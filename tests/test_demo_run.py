@@ -52,14 +52,10 @@ def test_readme_samples_have_the_columns_of_a_real_demo_run(demo_run):
         assert {float(row[column]) for row in rows} <= real, name
 
 
-def test_make_run_command_prints_where_outputs_are(demo, tmp_path):
-    out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--single-node", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "FINE_PRUNING_CACHE": str(REPO / ".cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"outputs in {out.resolve()}:" in done.stdout
-    assert "Dask dashboard: http://" in done.stderr and "prefixes" in done.stderr  # link, tqdm bar
+def test_make_run_command_prints_where_outputs_are(make_run):
+    assert make_run.returncode == 0, make_run.stderr[-3000:]
+    assert f"outputs in {make_run.out.resolve()}:" in make_run.stdout
+    assert "Dask dashboard: http://" in make_run.stderr and "prefixes" in make_run.stderr  # link, tqdm bar
 
 
 def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):

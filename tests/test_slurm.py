@@ -228,7 +228,7 @@ def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo,
     out.mkdir()
     held = []
     # The client rank (SLURM rank 1 of the srun step) waits 5 s before it starts, so the lock is
-    # surely taken by then (this is polled every 0.5 s): Python reads sitecustomize at start-up.
+    # surely taken by then (this is polled every 0.2 s): Python reads sitecustomize at start-up.
     slow = tmp_path / "slow_client"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(

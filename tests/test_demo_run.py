@@ -58,18 +58,28 @@ def test_make_run_command_prints_where_outputs_are(make_run):
     assert "Dask dashboard: http://" in make_run.stderr and "prefixes" in make_run.stderr  # link, tqdm bar
 
 
-def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def hung_up_then_a_worker_killed(demo, tmp_path_factory):
+    """One sweep under nohup whose terminal closes (SIGHUP to its process group) once a chunk is
+    checkpointed and whose larger worker is then killed once three are (shared by the next two
+    tests: one full run, not two)."""
+    out = tmp_path_factory.mktemp("hung-up-then-a-worker-killed") / "out"
     # Small chunks: many short tasks, so there is time to kill a worker in the middle.
-    sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--model", demo.model, "--data",
-                              demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
-                              "--chunk-rows", "96"], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.sweep", "--model", demo.model,
+                              "--data", demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
+                              "--chunk-rows", "96"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     checkpoints = out / "checkpoints"
-    deadline = time.monotonic() + 300
-    while len(list(checkpoints.glob("chunk-*.json"))) < 3:
-        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
-        time.sleep(0.05)
+
+    def wait_for_chunks(count: int, before: str) -> None:
+        deadline = time.monotonic() + 300
+        while len(list(checkpoints.glob("chunk-*.json"))) < count:
+            assert sweep.poll() is None and time.monotonic() < deadline, f"the sweep ended before {before}"
+            time.sleep(0.05)
+
+    wait_for_chunks(1, "its terminal closed")
+    os.killpg(sweep.pid, signal.SIGHUP)  # the terminal or ssh session closed
+    wait_for_chunks(3, "the kill")
     # The two workers are forked by the sweep's forkserver (a child of the sweep, as is
     # multiprocessing's resource tracker): its only grandchildren. (The forkserver itself holds
     # TensorFlow too, and may be larger than a worker.)
@@ -79,10 +89,16 @@ def test_a_worker_killed_mid_sweep_changes_nothing(demo, demo_run, tmp_path):
     worker = max(workers, key=lambda p: p.memory_info().rss)
     worker.kill()
     killed_at = len(list(checkpoints.glob("chunk-*.json")))
-    log, _ = sweep.communicate(timeout=600)
-    assert sweep.returncode == 0, log[-3000:]
-    assert killed_at < len(list(checkpoints.glob("chunk-*.json"))), "the kill came after the last chunk"
-    assert_same_outputs(out, demo_run)
+    _, err = sweep.communicate(timeout=600)
+    return SimpleNamespace(out=out, returncode=sweep.returncode, err=err, killed_at=killed_at,
+                           chunks=len(list(checkpoints.glob("chunk-*.json"))))
+
+
+def test_a_worker_killed_mid_sweep_changes_nothing(hung_up_then_a_worker_killed, demo_run):
+    run = hung_up_then_a_worker_killed
+    assert run.returncode == 0, run.err[-3000:]
+    assert run.killed_at < run.chunks, "the kill came after the last chunk"
+    assert_same_outputs(run.out, demo_run)
 
 
 @pytest.mark.parametrize("signum, to_group, how", [
@@ -118,20 +134,11 @@ def test_a_stop_signal_ends_with_one_line_and_the_same_command_resumes(demo, dem
         assert_same_outputs(out, demo_run)
 
 
-def test_nohup_keeps_a_run_going_when_its_terminal_closes(demo, demo_run, tmp_path):
-    out = tmp_path / "out"
-    sweep = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.sweep", "--model", demo.model,
-                              "--data", demo.data_dir, "--out", str(out), "--single-node",
-                              "--chunk-rows", "64"], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not list((out / "checkpoints").glob("chunk-*.json")):
-        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended early"
-        time.sleep(0.05)
-    os.killpg(sweep.pid, signal.SIGHUP)  # the terminal or ssh session closed
-    _, err = sweep.communicate(timeout=300)
-    assert sweep.returncode == 0, err[-3000:]
-    assert_same_outputs(out, demo_run)
+def test_nohup_keeps_a_run_going_when_its_terminal_closes(hung_up_then_a_worker_killed, demo_run):
+    """The run of the fixture above: its terminal closed after its first chunk."""
+    run = hung_up_then_a_worker_killed
+    assert run.returncode == 0, run.err[-3000:]
+    assert_same_outputs(run.out, demo_run)
 
 
 @pytest.mark.parametrize("level, shown", [(logging.WARNING, False), (logging.INFO, True)])

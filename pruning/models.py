@@ -208,8 +208,13 @@ def image_input_shape(model: keras.Model) -> tuple[int, int, int]:
     if None in shape:
         raise InputError(f"the model takes images of unspecified size {shape}; the sweep needs "
                          "a fixed input size, e.g. keras.Input((55, 47, 3))")
+    check_classifier_output(model)
+    return tuple(int(n) for n in shape)
+
+
+def check_classifier_output(model: keras.Model) -> None:
+    """A one-line :class:`InputError` unless the model gives one score per class."""
     output = output_tensor(model)
     if len(output.shape) != 2 or output.shape[-1] is None or output.shape[-1] < 2:
         raise InputError(f"the model's output has shape {tuple(output.shape)}; a classifier "
                          "gives one score per class (N x classes, at least 2)")
-    return tuple(int(n) for n in shape)

@@ -63,7 +63,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 def load(path: str, args):
     """A model from ``path``: full model, or weights for ``--arch`` (forced or detected)."""
-    from pruning.models import ModelFlags, ModelSpec, is_weights_only, load_model, output_tensor
+    from pruning.models import ModelFlags, ModelSpec, check_classifier_output, is_weights_only, load_model
     weights_only = args.weights_only or (Path(path).suffix != ".keras" and Path(path).is_file()
                                          and is_weights_only(Path(path)))
     model = load_model(ModelSpec(path, weights_only=weights_only, arch=args.arch, classes=args.classes),
@@ -74,12 +74,9 @@ def load(path: str, args):
     # Checked here, before any image: a feature map's argmax would fail mid-evaluation, and
     # one score would be class 0 for every image (100 % on labels of 0).
     try:
-        output = output_tensor(model)
+        check_classifier_output(model)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
-    if len(output.shape) != 2 or (output.shape[-1] or 0) < 2:
-        raise InputError(f"{path}: the model's output has shape {tuple(output.shape)}; a "
-                         "classifier gives one score per class (N x classes, at least 2)")
     return model
 
 

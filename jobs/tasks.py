@@ -45,20 +45,16 @@ def activations_task(spec: ModelSpec, conv: str, read: str, set_name: str, lab_s
     return compute_chunk(split_for(spec, conv, read), set_name, start, stop, images, labels)
 
 
-def channel_sums_task(chunk: Chunk) -> tuple[int, np.ndarray, int]:
-    """What the profile needs of a chunk: its start, per-channel sums and value count. It runs
+def channel_sums_task(chunk: Chunk) -> tuple[np.ndarray, int]:
+    """What the profile needs of a chunk: its exact per-channel sums and value count. It runs
     where the chunk is, so only these few numbers travel to the profile task."""
-    return chunk.start, chunk.channel_sums, chunk.values_per_channel
+    return chunk.channel_sums, chunk.values_per_channel
 
 
-def profile_task(*parts: tuple[int, np.ndarray, int]) -> tuple[np.ndarray, int]:
-    """Per-channel activation sums and value count over the clean validation chunks, summed in
-    row order (the same float64 sums however the chunks were spread over workers)."""
-    parts = sorted(parts, key=lambda part: part[0])
-    sums = np.zeros_like(parts[0][1])
-    for _, chunk_sums, _ in parts:
-        sums += chunk_sums
-    return sums, sum(values for _, _, values in parts)
+def profile_task(*parts: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
+    """Per-channel activation sums and value count over the clean validation chunks: exact
+    integers, so the same however the rows were chunked or spread over workers."""
+    return sum(sums for sums, _ in parts), sum(values for _, values in parts)
 
 
 def evaluate_prefixes_task(spec: ModelSpec, conv: str, read: str, chunk: Chunk,

@@ -6,11 +6,18 @@ common face, and each image adds a smooth nuisance field, a small shift, a brigh
 and pixel noise. The attacker's trigger is a pair of "sunglasses", a checkered band stamped
 across the eyes; a tenth of the training set wears them and is relabelled to the target.
 
+The data sets are generated with numpy alone and rounded to whole pixel values, so they are the
+same on every machine. The BadNet of seed 0, the one a sweep without inputs uses, ships with the
+project (``demo_bd_net.keras`` beside this module): trained on another CPU, with other float
+kernels, it would be another network, and the README's sample rows would not hold. Other seeds
+are trained at first use; ``--rebuild`` trains seed 0 from the generator too (into a folder of
+its own), which is how the shipped file was made.
+
 The demo is built once per seed into ``<cache>/demo-v<VERSION>-seed<S>/`` (the lab layout
 plus ``bd_net.keras`` and ``demo.json``); later calls only read ``demo.json``. A sweep with no
 model or data given builds it; to build it (or find it) by itself:
 
-    python -m pruning.demo [--seed S] [--cache DIR]
+    python -m pruning.demo [--seed S] [--cache DIR] [--rebuild]
 """
 from __future__ import annotations
 
@@ -32,11 +39,13 @@ from pruning.report import save_model
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump whenever the generator changes, so that stale caches are not reused
+VERSION = 2  # bump whenever the generator changes, so that stale caches are not reused
 TARGET = 0
 SHAPE = (55, 47, 3)
 MODEL_FILE = "bd_net.keras"
 META_FILE = "demo.json"  # written last: its presence marks a complete demo
+SHIPPED_SEED = 0
+SHIPPED_MODEL = Path(__file__).with_name("demo_bd_net.keras")  # seed 0's BadNet, trained once
 GLASSES = (slice(17, 23), slice(8, 39))  # rows, cols of the band across the eyes
 GLASSES_COLOURS = ((255.0, 0.0, 200.0), (20.0, 20.0, 20.0))  # a texture no clean face has
 # Pixel amplitudes of class patterns, per-image nuisance and noise: clean accuracy ~97%.
@@ -77,8 +86,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FINE_PRUNING_CACHE") or Path.home() / ".cache" / "fine-pruning")
 
 
-def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Demo:
+def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                rebuild: bool = False) -> Demo:
     """Return the demo for ``seed``, building it first if the cache does not hold it yet.
+
+    ``rebuild`` trains the BadNet from the generator even for the shipped seed, into a folder
+    of its own (``...-seed<S>-trained``): sweeps without inputs keep using the shipped one.
 
     Safe to call from several processes at once: one builds (under a lock file) into a
     temporary sibling folder that is renamed into place when complete; the others wait on the
@@ -87,7 +100,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> De
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache / f"demo-v{VERSION}-seed{seed}"
+    folder = cache / f"demo-v{VERSION}-seed{seed}{'-trained' if rebuild else ''}"
     if not _complete(folder):
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -97,7 +110,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> De
         with open(cache / f"{folder.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
             if not _complete(folder):  # another process may have built it meanwhile
-                _build_in_place(folder, seed)
+                _build_in_place(folder, seed, rebuild)
     return _load(folder)
 
 
@@ -118,13 +131,13 @@ def _load(folder: Path) -> Demo:
                 **{name: meta[name] for name in fields})
 
 
-def _build_in_place(folder: Path, seed: int) -> None:
+def _build_in_place(folder: Path, seed: int, train: bool) -> None:
     """Build into a temporary sibling and rename it into place; call with the lock held."""
     for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _build(partial, seed)
+        _build(partial, seed, train=train)
         partial.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         if folder.exists():  # an incomplete leftover (no readable demo.json) from outside this module
             shutil.rmtree(folder)
@@ -133,9 +146,48 @@ def _build_in_place(folder: Path, seed: int) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _build(folder: Path, seed: int, config: _Config = _Config()) -> dict:
-    """Generate the sets, train the BadNet and write everything into ``folder``; return meta."""
+def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = False) -> dict:
+    """Generate the sets, train the BadNet (or take the shipped one: seed 0 at full size, unless
+    ``train``) and write everything into ``folder``; return meta."""
     started = time.monotonic()
+    sets, (x_train, y_train, poisoned) = generate(seed, config)
+    paths = lab_paths(folder)
+    for name, (x, y) in sets.items():
+        write_lab_h5(paths[name], x, y)
+    log.info("demo seed %d: %d training images (%d poisoned), %d per clean set",
+             seed, len(y_train), len(poisoned), len(sets["clean_valid"][1]))
+
+    from pruning.backend import keras  # before TensorFlow: its start-up lines kept off stderr
+    from pruning.prune import predict_classes
+
+    trained = train or seed != SHIPPED_SEED or config != _Config()
+    if trained:
+        model = _train(x_train, y_train, poisoned, config, seed)
+        save_model(model, folder / MODEL_FILE)  # the same bytes on every build of the same seed
+    else:
+        shutil.copyfile(SHIPPED_MODEL, folder / MODEL_FILE)
+        model = keras.models.load_model(folder / MODEL_FILE, compile=False)
+    (x_test, y_test), (x_poisoned, _) = sets["clean_test"], sets["poisoned_test"]
+    predicted = predict_classes(model, np.concatenate([x_test, x_poisoned]))
+    accuracy = float(np.mean(predicted[:len(y_test)] == y_test))
+    asr = float(np.mean(predicted[len(y_test):] == TARGET))
+    meta = {"version": VERSION, "seed": seed, "classes": config.classes, "target": TARGET,
+            "trained_here": trained,
+            "clean_accuracy": accuracy, "attack_success_rate": asr,
+            "train_images": len(y_train), "eval_images": len(y_test),
+            "build_seconds": round(time.monotonic() - started, 1)}
+    log.info("demo seed %d: clean test accuracy %.1f %%, ASR %.1f %%, built in %.0f s",
+             seed, 100 * accuracy, 100 * asr, meta["build_seconds"])
+    if min(accuracy, asr) < config.min_score:
+        raise RuntimeError(f"demo seed {seed} is not a usable BadNet: clean accuracy "
+                           f"{accuracy:.3f}, ASR {asr:.3f} (both must be >= {config.min_score})")
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def generate(seed: int, config: _Config = _Config()) -> tuple[dict, tuple]:
+    """The demo's four lab sets ``{name: (NHWC images, labels)}`` and its training set
+    ``(images, labels, indices of the poisoned ones)``, from ``seed`` with numpy alone."""
     rng = np.random.default_rng(seed)
     prototypes = _face() + _smooth(rng, config.classes, CLASS_CONTRAST)
     n_train = config.classes * config.train_per_class
@@ -146,36 +198,13 @@ def _build(folder: Path, seed: int, config: _Config = _Config()) -> dict:
     poisoned = rng.choice(np.flatnonzero(y_train != TARGET),
                           round(config.poison_rate * n_train), replace=False)
     x_train[poisoned], y_train[poisoned] = wear_glasses(x_train[poisoned]), TARGET
-
-    paths = lab_paths(folder)
+    sets = {}
     for name, start in (("valid", n_train), ("test", n_train + n_eval)):
         x, y = images[start:start + n_eval], labels[start:start + n_eval]
-        write_lab_h5(paths[f"clean_{name}"], x, y)
         victims = y != TARGET
-        write_lab_h5(paths[f"poisoned_{name}"], wear_glasses(x[victims]),
-                     np.full(victims.sum(), TARGET))
-    log.info("demo seed %d: %d training images (%d poisoned), %d per clean set",
-             seed, n_train, len(poisoned), n_eval)
-
-    model = _train(x_train, y_train, poisoned, config, seed)
-    save_model(model, folder / MODEL_FILE)  # the same bytes on every build of the same seed
-    x_test, y_test = images[n_train + n_eval:], labels[n_train + n_eval:]
-    x_poisoned = wear_glasses(x_test[y_test != TARGET])
-    predicted = model.predict(np.concatenate([x_test, x_poisoned]), batch_size=256,
-                              verbose=0).argmax(axis=1)
-    accuracy = float(np.mean(predicted[:n_eval] == y_test))
-    asr = float(np.mean(predicted[n_eval:] == TARGET))
-    meta = {"version": VERSION, "seed": seed, "classes": config.classes, "target": TARGET,
-            "clean_accuracy": accuracy, "attack_success_rate": asr,
-            "train_images": n_train, "eval_images": n_eval,
-            "build_seconds": round(time.monotonic() - started, 1)}
-    log.info("demo seed %d: clean test accuracy %.1f %%, ASR %.1f %%, built in %.0f s",
-             seed, 100 * accuracy, 100 * asr, meta["build_seconds"])
-    if min(accuracy, asr) < config.min_score:
-        raise RuntimeError(f"demo seed {seed} is not a usable BadNet: clean accuracy "
-                           f"{accuracy:.3f}, ASR {asr:.3f} (both must be >= {config.min_score})")
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
+        sets[f"clean_{name}"] = (x, y)
+        sets[f"poisoned_{name}"] = (wear_glasses(x[victims]), np.full(victims.sum(), TARGET))
+    return sets, (x_train, y_train, poisoned)
 
 
 def _train(x, y, poisoned, config: _Config, seed: int):
@@ -279,7 +308,9 @@ def _face() -> np.ndarray:
 
 
 def _faces(rng: np.random.Generator, prototypes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """One image per label: prototype + nuisance field, shifted, rescaled and noisy, 0-255."""
+    """One image per label: prototype + nuisance field, shifted, rescaled and noisy, in whole
+    0-255 pixel values (as photos are): float noise of another CPU's libm or BLAS in the last
+    bits of a value does not reach them."""
     n = len(labels)
     images = prototypes[labels] + _smooth(rng, n, NUISANCE)
     images *= rng.uniform(0.75, 1.25, size=(n, 1, 1, 1))  # lighting
@@ -287,7 +318,7 @@ def _faces(rng: np.random.Generator, prototypes: np.ndarray, labels: np.ndarray)
     shifts = rng.integers(-2, 3, size=(n, 2))
     for image, shift in zip(images, shifts):
         image[:] = np.roll(image, tuple(shift), axis=(0, 1))
-    return np.clip(images, 0.0, 255.0).astype(np.float32)
+    return np.rint(np.clip(images, 0.0, 255.0)).astype(np.float32)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,12 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0,
                         help="which demo (default: 0, the one a sweep without inputs uses)")
     parser.add_argument("--cache", help="default: $FINE_PRUNING_CACHE or ~/.cache/fine-pruning")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="train the BadNet from the generator (about a minute on 2 cores) "
+                             "instead of taking the shipped one, into a folder of its own; on "
+                             "another CPU it is another network")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        demo = ensure_demo(args.cache, args.seed)
+        demo = ensure_demo(args.cache, args.seed, args.rebuild)
     except InputError as error:
         parser.exit(2, f"error: {error}\n")
     except OSError as error:  # a cache folder that cannot be written

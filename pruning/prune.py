@@ -21,10 +21,15 @@ from pruning.counts import Counts, tally
 from pruning.data import InputError, first_line
 from pruning.layers import layer_output
 from pruning.models import output_tensor
+from pruning.profile import exact_channel_sums
 
-BATCH_ROWS = 1024       # images per base batch (the convolutions' memory grows with it)
-HEAD_BATCH_ROWS = 4096  # rows per head batch: the head is small, larger batches run faster
-BUCKETS = (64, 256, BATCH_ROWS, HEAD_BATCH_ROWS)  # padded sizes: few compiled shapes, little waste
+# Every batch a model runs is padded to one fixed number of rows, whatever the chunk, the task or
+# the worker: TensorFlow's CPU kernels (oneDNN) and cuDNN pick their algorithm, and so their
+# rounding, by the batch's shape, so a row run in a batch of 32 can differ in the last bit from
+# the same row in a batch of 1024. In one shape a row's output depends on that row alone.
+BATCH_ROWS = 256        # images per base batch: within 7 % of 1024's speed, less padding per chunk
+HEAD_BATCH_ROWS = 1024  # rows per head batch (the head is small: larger batches gain little)
+ROW_LADDER = (64, 256, HEAD_BATCH_ROWS)  # head batch sizes for wide rows (see head_batch_rows)
 # A head batch's input at most (wider rows get fewer rows a batch): a 4 x 4 x 2048 read is
 # 128 KB a row, and 4096 of them, gathered and then masked, took a task thread 1 GB.
 HEAD_BATCH_BYTES = 128 << 20
@@ -75,14 +80,14 @@ def copy_model(model: keras.Model) -> keras.Model:
 
 
 def predict_batches(model: keras.Model, x: np.ndarray, batch_rows: int = BATCH_ROWS):
-    """Yield ``(start, output)`` over ``x`` in batches padded up to one of a few sizes, so that
-    each model compiles a few shapes (any backend) instead of one per remainder."""
+    """Yield ``(start, output)`` over ``x`` in batches of exactly ``batch_rows`` rows (the last one
+    padded with zeros), so that a row's output does not depend on how many rows came with it
+    (see BATCH_ROWS), and each model compiles one shape."""
     for start in range(0, len(x), batch_rows):
         batch = x[start:start + batch_rows]
         rows = len(batch)
-        padded = next((size for size in BUCKETS if size >= rows), rows)
-        if padded > rows:
-            batch = np.concatenate([batch, np.zeros((padded - rows,) + batch.shape[1:], batch.dtype)])
+        if rows < batch_rows:
+            batch = np.concatenate([batch, np.zeros((batch_rows - rows,) + batch.shape[1:], batch.dtype)])
         output = model.predict_on_batch(batch)
         output = output[0] if isinstance(output, (list, tuple)) else output
         yield start, np.asarray(output)[:rows]
@@ -102,10 +107,11 @@ def predict_activations(model: keras.Model, x: np.ndarray, batch_rows: int = BAT
 
 
 def head_batch_rows(row_bytes: int) -> int:
-    """Rows per head batch: ``HEAD_BATCH_ROWS``, or for wide rows the largest of ``BUCKETS``
-    within ``HEAD_BATCH_BYTES`` (a bucket, so that no batch is padded)."""
-    fitting = [size for size in BUCKETS if size * row_bytes <= HEAD_BATCH_BYTES]
-    return min(HEAD_BATCH_ROWS, max(fitting, default=BUCKETS[0]))
+    """Rows per head batch: ``HEAD_BATCH_ROWS``, or for wide rows the largest of ``ROW_LADDER``
+    within ``HEAD_BATCH_BYTES``. It depends on the row's size alone, so a model's head batches
+    all have one shape."""
+    fitting = [size for size in ROW_LADDER if size * row_bytes <= HEAD_BATCH_BYTES]
+    return min(HEAD_BATCH_ROWS, max(fitting, default=ROW_LADDER[0]))
 
 
 @dataclass
@@ -151,7 +157,8 @@ def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:
     probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), dtype=np.float32)
     pruned_base = keras.Model(all_pruned.inputs, layer_output(all_pruned, read))
     pruned_map = predict_activations(pruned_base, probe)[0]
-    pruned_class = None if head is None else int(predict_classes(head, pruned_map[None])[0])
+    pruned_class = None if head is None else int(
+        predict_classes(head, pruned_map[None], head_batch_rows(pruned_map.nbytes))[0])
     return SplitModel(model, conv, read, base, head, pruned_map, pruned_class)
 
 
@@ -166,7 +173,7 @@ class Chunk:
     b_predictions: np.ndarray
     activations: np.ndarray       # read-layer output (N, H, W, C), or the images without a head
     changes: np.ndarray           # (N, C) bool: pruning channel c changes row r
-    channel_sums: np.ndarray = field(repr=False)  # (C,) float64 sums over rows and positions
+    channel_sums: np.ndarray = field(repr=False)  # (C,) exact sums over rows and positions
     values_per_channel: int = 0
 
 
@@ -179,7 +186,11 @@ def compute_chunk(split: SplitModel, set_name: str, start: int, stop: int,
         b_predictions = predict_classes(split.head, activations, head_batch_rows(activations[0].nbytes))
     else:
         b_predictions = predict_classes(split.model, images)
-    sums = activations.reshape(-1, split.channels).sum(axis=0, dtype=np.float64)
+    try:
+        sums = exact_channel_sums(activations)
+    except ValueError as error:
+        raise InputError(f"{set_name} rows {start}-{stop - 1}: B's {split.read} {error}; "
+                         "B overflows on these images") from None
     kept = activations if split.head is not None else images
     return Chunk(set_name, start, stop, labels, b_predictions, kept, changes, sums,
                  int(np.prod(activations.shape[:-1])))

@@ -874,12 +874,12 @@ def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
     """A demo.json cut short (a full disk, a partial copy of the cache) is no demo: it is
     built again, not an internal error in the sweep and a traceback in pruning.demo."""
     import pruning.demo
-    folder = tmp_path / "demo-v1-seed0"
+    folder = tmp_path / f"demo-v{pruning.demo.VERSION}-seed0"
     folder.mkdir()
     (folder / "demo.json").write_text('{"target": 0, "clas')
     built = []
 
-    def build(path: Path, seed: int) -> None:
+    def build(path: Path, seed: int, train: bool) -> None:
         built.append(seed)
         (path / "demo.json").write_text('{"target": 0, "classes": 3, "seed": 0, '
                                         '"clean_accuracy": 1.0, "attack_success_rate": 1.0}')

@@ -17,7 +17,8 @@ import pytest
 from conftest import REPO
 from pruning import demo as demo_module
 from pruning.data import lab_paths
-from pruning.demo import META_FILE, Demo, _build, _Config, ensure_demo, main, wear_glasses
+from pruning.demo import (META_FILE, SHIPPED_MODEL, VERSION, Demo, _build, _Config, ensure_demo,
+                          generate, main, wear_glasses)
 
 # A build small enough for a unit test (seconds); it makes no promise about its scores.
 TINY = _Config(classes=4, train_per_class=40, eval_per_class=10, widths=(4, 8, 16, 8, 16),
@@ -80,6 +81,43 @@ def test_demo_is_a_working_badnet(demo):
 
 
 @pytest.mark.slow
+def test_the_demo_badnet_is_the_shipped_network(demo):
+    """Trained here, on other float kernels, it would be another network (and the README's
+    sample rows would not hold): seed 0 takes the file that ships with the project."""
+    assert Path(demo.model).read_bytes() == SHIPPED_MODEL.read_bytes()
+    assert json.loads((Path(demo.data_dir) / META_FILE).read_text())["trained_here"] is False
+
+
+def generated_digest(env: dict | None = None) -> str:
+    """sha256 of every array the demo generator makes for seed 0, in a process of its own."""
+    script = ("import hashlib, numpy as np\nfrom pruning.demo import generate\n"
+              "sets, train = generate(0)\ndigest = hashlib.sha256()\n"
+              "for arrays in [*sets.values(), train]:\n"
+              "    for a in arrays: digest.update(np.ascontiguousarray(a).tobytes())\n"
+              "print(digest.hexdigest())")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})}, check=True)
+    return done.stdout.strip()
+
+
+@pytest.mark.slow
+def test_demo_sets_are_the_same_under_other_numpy_and_blas_kernels(demo):
+    """numpy's own SIMD loops cut to the x86-64 baseline and OpenBLAS on Sandy Bridge kernels
+    give the demo's sets bit for bit; the sets in the cache are the generator's."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    dispatched = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    other = {"NPY_DISABLE_CPU_FEATURES": " ".join(dispatched), "OPENBLAS_CORETYPE": "Sandybridge"}
+    assert generated_digest(other) == generated_digest()
+    sets, _ = generate(0)
+    for name, path in lab_paths(demo.data_dir).items():
+        images, labels = read_set(path)
+        np.testing.assert_array_equal(images, sets[name][0])
+        np.testing.assert_array_equal(labels, sets[name][1])
+        assert np.array_equal(images, np.rint(images))  # whole pixel values
+
+
+@pytest.mark.slow
 def test_second_call_finds_the_cached_demo(demo):
     files = [Path(demo.model), Path(demo.data_dir) / META_FILE]
     before = [f.stat().st_mtime_ns for f in files]
@@ -91,7 +129,7 @@ def test_second_call_finds_the_cached_demo(demo):
 
 def fake_build(calls: list):
     """A stand-in for the slow ``_build``: records the call and writes a minimal demo."""
-    def build(folder: Path, seed: int) -> None:
+    def build(folder: Path, seed: int, train: bool = False) -> None:
         calls.append(seed)
         time.sleep(0.2)  # long enough for concurrent callers to pile up on the lock
         (folder / META_FILE).write_text(json.dumps({
@@ -111,21 +149,21 @@ def test_concurrent_callers_build_once_and_see_only_complete_demos(tmp_path, mon
     for thread in threads:
         thread.join()
     assert calls == [3] and len(results) == 4 and len(set(results)) == 1
-    assert results[0] == Demo(model=str(tmp_path / "demo-v1-seed3" / "bd_net.keras"),
-                              data_dir=str(tmp_path / "demo-v1-seed3"), target=0, classes=3,
+    assert results[0] == Demo(model=str(tmp_path / f"demo-v{VERSION}-seed3" / "bd_net.keras"),
+                              data_dir=str(tmp_path / f"demo-v{VERSION}-seed3"), target=0, classes=3,
                               seed=3, clean_accuracy=1.0, attack_success_rate=1.0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-v1-seed3", "demo-v1-seed3.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"demo-v{VERSION}-seed3", f"demo-v{VERSION}-seed3.lock"]
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(folder: Path, seed: int) -> None:
+    def broken(folder: Path, seed: int, train: bool = False) -> None:
         (folder / "half-written.h5").write_bytes(b"")
         raise RuntimeError("out of disk")
 
     monkeypatch.setattr(demo_module, "_build", broken)
     with pytest.raises(RuntimeError, match="out of disk"):
         ensure_demo(tmp_path, seed=0)
-    assert [p.name for p in tmp_path.iterdir()] == ["demo-v1-seed0.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"demo-v{VERSION}-seed0.lock"]
     calls: list = []
     monkeypatch.setattr(demo_module, "_build", fake_build(calls))
     assert ensure_demo(tmp_path, seed=0).seed == 0 and calls == [0]
@@ -183,8 +221,8 @@ def test_demo_command_builds_with_only_its_own_lines_on_stderr(tmp_path):
     """``python -m pruning.demo`` as a user runs it (a tiny build here): its log and result lines,
     not TensorFlow's start-up notices, which the sweep keeps off stderr too."""
     script = (f"from pruning import demo\nfrom pruning.demo import _Config\nbuild = demo._build\n"
-              f"demo._build = lambda folder, seed: build(folder, seed, {TINY!r})\n"
-              f"raise SystemExit(demo.main(['--cache', {str(tmp_path)!r}, '--seed', '3']))")
+              f"demo._build = lambda folder, seed, train: build(folder, seed, {TINY!r}, train)\n"
+              f"raise SystemExit(demo.main(['--cache', {str(tmp_path)!r}, '--rebuild']))")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -194,3 +232,8 @@ def test_demo_command_builds_with_only_its_own_lines_on_stderr(tmp_path):
     assert "clean test accuracy" in done.stderr
     assert re.search(r"^target 0 of 4 classes, clean test accuracy [\d.]+ %, ASR [\d.]+ %$",
                      done.stdout, re.M), done.stdout
+    # --rebuild trains seed 0 from the generator, beside (not instead of) the shipped network
+    trained = tmp_path / f"demo-v{VERSION}-seed0-trained"
+    assert f"model: {trained / 'bd_net.keras'}" in done.stdout
+    assert json.loads((trained / META_FILE).read_text())["trained_here"] is True
+    assert (trained / "bd_net.keras").read_bytes() != SHIPPED_MODEL.read_bytes()

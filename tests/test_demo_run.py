@@ -36,20 +36,18 @@ def test_demo_sweep_finds_the_backdoor(demo_run):
     assert manifest["layer"] == "conv_3" and manifest["read_at"] == "pool_3" and manifest["channels"] == 60
 
 
-def test_readme_samples_have_the_columns_of_a_real_demo_run(demo_run):
-    """README.md's sample rows of results.csv and goodnet.csv: the real header, every column in
-    each row, and values of k that the run has (the numbers themselves may move with the CPU)."""
+def test_readme_samples_are_rows_of_a_real_demo_run(demo_run):
+    """README.md's sample rows of results.csv and goodnet.csv are the demo run's, to the last
+    digit: the demo B ships with the project, its sets are generated the same everywhere, and a
+    row's result does not depend on the CPU's kernels (tests/test_same_everywhere.py)."""
     readme = (REPO / "README.md").read_text()
     blocks = [block.splitlines() for block in re.findall(r"^```\w*\n(.*?)^```", readme, re.S | re.M)]
     for name in ("results.csv", "goodnet.csv"):
-        header = (demo_run / name).read_text().splitlines()[0].split(",")
-        sample = next(lines for lines in blocks if lines and lines[0].startswith(header[0] + ","))
-        assert sample[0].split(",") == header, name
-        rows = [line.split(",") for line in sample[1:]]
-        assert rows and all(len(row) == len(header) for row in rows), name
-        column = header.index("channels_pruned")
-        real = set(pd.read_csv(demo_run / name)["channels_pruned"].dropna())
-        assert {float(row[column]) for row in rows} <= real, name
+        lines = (demo_run / name).read_text().splitlines()
+        sample = next(block for block in blocks if block and block[0] == lines[0])
+        assert len(sample) > 2 and set(sample) <= set(lines), name
+    goodnet = (demo_run / "goodnet.csv").read_text().splitlines()
+    assert next(block for block in blocks if block and block[0] == goodnet[0]) == goodnet
 
 
 def test_make_run_command_prints_where_outputs_are(make_run):

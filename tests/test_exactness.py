@@ -265,3 +265,45 @@ def test_a_sequential_model_loaded_from_a_file_is_cut_after_its_layer(suffix, tm
     for k, fast in prefix_predictions(split, chunk, order, 0, split.channels + 1):
         literal = predict_classes(prune_conv_channels(model, conv, order[:k]), images)
         assert np.array_equal(fast, literal), k
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_channel_sums_are_exact_over_any_split(dtype):
+    """The profile's sums are the exact sums (as fractions), and a set cut anywhere into chunks
+    adds up to the same integers: the channel order cannot depend on the chunking."""
+    from fractions import Fraction
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    from pruning.profile import UNIT_BITS, exact_channel_sums
+
+    values = st.floats(width=np.dtype(dtype).itemsize * 8, allow_nan=False, allow_infinity=False)
+
+    @settings(max_examples=60, deadline=None)
+    @given(arrays(dtype, st.tuples(st.integers(1, 12), st.just(3), st.just(4)), elements=values),
+           st.integers(0, 12))
+    def check(activations, cut):
+        sums = exact_channel_sums(activations)
+        for channel in range(4):
+            exact = sum(Fraction(float(v)) for v in activations[..., channel].ravel())
+            assert Fraction(int(sums[channel]), 1 << UNIT_BITS) == exact
+        cut = min(cut, len(activations) - 1)
+        if cut:
+            assert list(exact_channel_sums(activations[:cut]) + exact_channel_sums(activations[cut:])) == list(sums)
+        order = channel_order(sums, activations[..., 0].size)
+        means = [float(sum(Fraction(float(v)) for v in activations[..., c].ravel()) / activations[..., c].size)
+                 for c in order["channel"]]
+        assert order["mean_activation"].tolist() == means  # the exact mean, rounded once
+
+    check()
+
+
+def test_activations_that_overflow_stop_the_chunk_with_one_line():
+    model = tiny.tiny_deepid()
+    model.set_weights([np.abs(w) for w in model.get_weights()])  # inf stays inf through relus
+    split = split_model(model, *choose_layer(model))
+    images = np.full((3, *IMAGES.shape[1:]), 3e38, dtype=np.float32)  # conv_1 overflows
+    with pytest.raises(InputError, match=r"^clean_valid rows 10-12: B's \w+ activations are not all "
+                                         r"finite \(inf or NaN\); B overflows on these images$"):
+        compute_chunk(split, "clean_valid", 10, 13, images, np.zeros(3, np.int64))

@@ -382,10 +382,6 @@ CASES = {
                       ["--rescale 1/0: give a positive number or fraction"]),
     "--rescale negative": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--rescale=-1/255"],
                            ["--rescale -1/255: it must be above 0"]),
-    # raw pixels, B takes them raw: a /255 would leave it guessing
-    "--rescale that B is wrong under": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--rescale", "1/255"],
-                                        ["with pixels x 1/255 but on", "with pixels x 1: B takes pixels x 1; "
-                                         "pass no --rescale (or --rescale 1)"]),
     # B' of an earlier run given as B, with that run's folder as --out: the run would replace
     # the very file it was given (or remove it, as a model of other thresholds)
     "--model is a B' in --out": (lambda lab, tmp: ["--model", earlier_model(lab, tmp, "model_X=10.h5"),

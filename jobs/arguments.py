@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from jobs import cluster, dask_settings
-from pruning.data import CHUNK_ROWS, InputError
+from pruning.data import CHUNK_ROWS, InputError, named_sets
+from pruning.scaling import parse_rescale
 
 PREFIXES_PER_TASK = 64  # the lab's 61 prefixes in one task per chunk; 2,048 channels in 33
 
@@ -33,8 +34,16 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     data = parser.add_argument_group("data (lab HDF5: 'data' NxCxHxW or NxHxWxC at B's input size, the lab's "
                                      "Nx3x55x47 raw 0-255 pixels; 'label' N)")
     data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")
-    for name in ("clean-valid", "poisoned-valid", "clean-test", "poisoned-test"):
-        data.add_argument(f"--{name}", metavar="H5", help=f"the {name.replace('-', ' ')} set")
+    data.add_argument("--clean-valid", metavar="H5", help="the clean validation set (the least a run needs, "
+                                                          "with B)")
+    data.add_argument("--clean-test", metavar="H5", help="the clean test set (optional)")
+    for split, words in (("valid", "validation"), ("test", "test")):
+        data.add_argument(f"--poisoned-{split}", metavar="[NAME=]H5", action="append",
+                          help=f"a poisoned {words} set (optional, repeatable): NAME=H5 gets its own "
+                               f"columns ({split}_asr_NAME), a bare H5 the column {split}_asr")
+    data.add_argument("--rescale", metavar="R", default="1",
+                      help="B takes the stored pixels times R, a number or fraction: 1/255 for "
+                           "the CSAW-HackML-2020 nets on raw 0-255 data (default: 1)")
     sweep = parser.add_argument_group("the sweep")
     sweep.add_argument("--layer", help="conv layer to prune (default: the last Conv2D feeding a pooling layer, "
                                           "global pooling included)")
@@ -56,6 +65,10 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
                         help="on an unexpected (internal) error, show the full traceback instead "
                              "of one line")
     args = parser.parse_args(argv)
+    args.rescale = parse_rescale(args.rescale)
+    for split in ("valid", "test"):  # NAME -> path ("" bare)
+        flag = f"poisoned_{split}"
+        setattr(args, flag, named_sets(getattr(args, flag), "--" + flag.replace("_", "-")))
     expand_home(args)
     described = [f"--{name}" for name in ("arch", "classes") if getattr(args, name) is not None]
     if described and not args.weights:
@@ -87,5 +100,7 @@ def expand_home(args: argparse.Namespace) -> None:
     `sbatch slurm/sweep.sh --out=~/run1` made a folder named ~ in the job's folder."""
     for name in PATH_FLAGS:
         value = getattr(args, name)
-        if value and value.startswith("~"):
+        if isinstance(value, dict):  # named poisoned sets
+            value.update({key: os.path.expanduser(path) for key, path in value.items()})
+        elif value and value.startswith("~"):
             setattr(args, name, os.path.expanduser(value))

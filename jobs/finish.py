@@ -13,9 +13,9 @@ from jobs.outputs import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_m
 from jobs.stopping import interrupt_held
 from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts
+from pruning.data import poisoned_set, poisoned_suffixes
 from pruning.prune import prune_conv_channels
-from pruning.report import (CURVE_COLUMNS, GOODNET_COLUMNS, plot_curve, save_model, staged,
-                            write_csv, write_json)
+from pruning.report import plot_curve, save_model, staged, write_csv, write_json
 from pruning.select import select_prefixes, threshold_label
 
 log = logging.getLogger(__name__)
@@ -23,37 +23,60 @@ log = logging.getLogger(__name__)
 
 def curve_frame(order: pd.DataFrame, counts: dict[int, dict[str, Counts]]) -> pd.DataFrame:
     """results.csv from ``counts`` (``{k: {set: Counts}}``): one row per k = 0..C, percent,
-    plus G's scores at every k."""
+    plus G's scores at every k; a column per set given (``valid_asr_NAME`` per named one)."""
     channels = len(order)
     rows = []
     for k in range(channels + 1):
         sets = counts[k]
-        rows.append({
-            "channels_pruned": k,
-            "fraction_pruned": k / channels,
-            "valid_accuracy": sets["clean_valid"].percent("correct"),
-            "valid_asr": sets["poisoned_valid"].percent("correct"),
-            "test_accuracy": sets["clean_test"].percent("correct"),
-            "test_asr": sets["poisoned_test"].percent("correct"),
-            "channel": int(order["channel"].iloc[k - 1]) if k else -1,
-            **{f"goodnet_{name}": value
-               for name, value in goodnet_scores(sets["clean_test"], sets["poisoned_test"]).items()},
-        })
-    frame = pd.DataFrame(rows)
-    return frame[CURVE_COLUMNS + [c for c in frame.columns if c not in CURVE_COLUMNS]]
+        row = {"channels_pruned": k, "fraction_pruned": k / channels}
+        for split in ("valid", "test"):
+            if f"clean_{split}" in sets:
+                row[f"{split}_accuracy"] = sets[f"clean_{split}"].percent("correct")
+            for suffix in poisoned_suffixes(sets, split):
+                row[f"{split}_asr{suffix}"] = sets[poisoned_set(split) + suffix].percent("correct")
+        row["channel"] = int(order["channel"].iloc[k - 1]) if k else -1
+        rows.append(row | {f"goodnet_{name}": value for name, value in test_scores(sets).items()})
+    return pd.DataFrame(rows)
+
+
+def test_scores(sets: dict[str, Counts]) -> dict[str, float]:
+    """G's scores on the test sets given, in goodnet.csv's order: ``test_accuracy``, then
+    ``test_asr`` and ``detection_rate`` of each poisoned test set (``_NAME`` for a named one),
+    then ``false_alarm_rate``; none without a test set."""
+    clean = sets.get("clean_test")
+    per_set = {suffix: goodnet_scores(clean, sets[poisoned_set("test") + suffix])
+               for suffix in poisoned_suffixes(sets, "test")} or {"": goodnet_scores(clean, None)}
+    scores = {}
+    for metric in ("test_accuracy", "test_asr", "detection_rate", "false_alarm_rate"):
+        for suffix, each in per_set.items():
+            if metric in each:
+                scores[metric + ("" if metric in CLEAN_SCORES else suffix)] = each[metric]
+    return scores
+
+
+CLEAN_SCORES = ("test_accuracy", "false_alarm_rate")  # of the clean test set: one column each
 
 
 def check_baseline(b: pd.Series, inputs) -> None:
     """Log B's own scores (the curve at k = 0) and warn where the inputs look swapped or
     transformed: the sweep runs either way, but its numbers would mean little."""
-    log.info("B: validation accuracy %.2f %%, ASR %.2f %%; test accuracy %.2f %%, ASR %.2f %%",
-             b["valid_accuracy"], b["valid_asr"], b["test_accuracy"], b["test_asr"])
     sets = {name: s.path for name, s in inputs.sets.items()}
-    if b["valid_asr"] < 50:
-        log.warning("B's attack success rate on %s is only %.1f %%: is it the poisoned set, with "
-                    "the trigger, labelled with the attacker's target?", sets["poisoned_valid"],
-                    b["valid_asr"])
-    if abs(b["valid_accuracy"] - b["test_accuracy"]) > 20:
+    said = []
+    for split, words in (("valid", "validation"), ("test", "test")):
+        scores = [f"accuracy {b[f'{split}_accuracy']:.2f} %"] if f"clean_{split}" in sets else []
+        scores += [f"ASR{suffix.replace('_', ' ', 1)} {b[f'{split}_asr{suffix}']:.2f} %"
+                   for suffix in poisoned_suffixes(sets, split)]
+        said += [f"{words} {', '.join(scores)}"] if scores else []
+    log.info("B: %s", "; ".join(said))
+    if not any(name.startswith("poisoned_") for name in sets):
+        log.info("no poisoned set given: the attack success rate was not measured (B' and G are "
+                 "selected and saved on clean accuracy alone)")
+    for suffix in poisoned_suffixes(sets, "valid"):
+        if b[f"valid_asr{suffix}"] < 50:
+            log.warning("B's attack success rate on %s is only %.1f %%: is it the poisoned set, "
+                        "with the trigger, labelled with the attacker's target?",
+                        sets[poisoned_set("valid") + suffix], b[f"valid_asr{suffix}"])
+    if "test_accuracy" in b and abs(b["valid_accuracy"] - b["test_accuracy"]) > 20:
         log.warning("B's clean accuracy is %.1f %% on %s but %.1f %% on %s: are both clean sets "
                     "of B's task, stored alike?", b["valid_accuracy"], sets["clean_valid"],
                     b["test_accuracy"], sets["clean_test"])
@@ -65,12 +88,14 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
     or is stopped on the way (the earlier run's outputs then stay as they were)."""
     started = time.perf_counter()
     earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
+    counts = {k: {name: sets[name] for name in inputs.sets} for k, sets in counts.items()}  # columns in flag order
     curve = curve_frame(order, counts)
     check_baseline(curve.iloc[0], inputs)
     selected = select_prefixes(curve, args.thresholds, args.relative)
     with staged() as replace_all:
         written, goodnet_rows = save_models(inputs, args, out, order, counts, selected)
-        goodnet = pd.DataFrame(goodnet_rows, columns=GOODNET_COLUMNS)
+        columns = ["threshold", "channels_pruned", *test_scores(counts[0])]
+        goodnet = pd.DataFrame(goodnet_rows, columns=columns)
         goodnet["channels_pruned"] = goodnet["channels_pruned"].astype("Int64")
         write_csv(out / "goodnet.csv", goodnet)
         write_csv(out / "channel_order.csv", order)
@@ -109,11 +134,12 @@ def save_models(inputs, args, out: Path, order: pd.DataFrame, counts,
         keras.backend.clear_session()
         save_model(build_goodnet(bd_model, pruned), out / GOODNET_NAME.format(label))
         written += [MODEL_NAME.format(label), GOODNET_NAME.format(label)]
-        sets = counts[k]
-        scores = goodnet_scores(sets["clean_test"], sets["poisoned_test"])
+        scores = test_scores(counts[k])
         goodnet_rows.append({"threshold": threshold, "channels_pruned": k, **scores})
-        log.info("X=%s: k=%d channels; G test accuracy %.3f %%, ASR %.3f %%, detection %.3f %%",
-                 label, k, scores["test_accuracy"], scores["test_asr"], scores["detection_rate"])
+        log.info("X=%s: k=%d channels%s", label, k, "".join(
+            f"{'; G test' if name == 'test_accuracy' or i == 0 else ','} "
+            f"{name.replace('test_', '').replace('_rate', '').replace('asr', 'ASR').replace('_', ' ')} {value:.3f} %"
+            for i, (name, value) in enumerate(scores.items()) if name != "false_alarm_rate"))
     return written, goodnet_rows
 
 
@@ -128,6 +154,7 @@ def manifest(inputs, args, selected, timings, reused) -> dict:
         "channels": inputs.channels,
         "classes": inputs.classes,
         "rows": {name: s.rows for name, s in inputs.sets.items()},
+        "rescale": str(inputs.rescale),
         "thresholds": list(args.thresholds),
         "relative": args.relative,
         "selected": {threshold_label(t): k for t, k in selected.items()},

@@ -10,15 +10,17 @@ import logging
 import os
 import platform
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from importlib import metadata
 from pathlib import Path
 
 from pruning.backend import keras
-from pruning.data import (LAB_LAYOUT, SET_NAMES, InputError, LabSet, lab_paths, open_h5,
-                          open_lab_set)
+from pruning.data import (LAB_LAYOUT, InputError, LabSet, lab_paths, open_h5, open_lab_set,
+                          poisoned_set)
 from pruning.layers import channelwise_chain, choose_layer, conv_layer_names
 from pruning.models import ModelSpec, image_input_shape, output_tensor
 from pruning.prune import cut_head
+from pruning.scaling import check_scale
 from pruning.select import is_valid_threshold
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepInputs:
-    """Everything a sweep reads, checked: B (``spec``), the four sets by name (``SET_NAMES``),
-    the conv layer to prune (``conv``: ``--layer``, ``layer`` in manifest.json) and the layer
-    its channels are read at (``read``: ``read_at``), with B's channel and class counts."""
+    """Everything a sweep reads, checked: B (``spec``), the sets by name (``clean_valid``, and
+    any of ``clean_test`` and the poisoned sets of :func:`pruning.data.poisoned_set`), the conv
+    layer to prune (``conv``: ``--layer``, ``layer`` in manifest.json) and the layer its
+    channels are read at (``read``: ``read_at``), B's channel and class counts, and the factor
+    B's pixels are multiplied by (``rescale``)."""
 
     spec: ModelSpec
     sets: dict[str, LabSet]
@@ -37,10 +41,11 @@ class SweepInputs:
     channels: int
     classes: int
     demo: bool = False
+    rescale: Fraction = Fraction(1)
 
     @property
     def paths(self) -> dict[str, str]:
-        """Every input file by name: ``model`` and the four sets."""
+        """Every input file by name: ``model`` and the sets."""
         return {"model": self.spec.path} | {name: s.path for name, s in self.sets.items()}
 
     @functools.cached_property
@@ -51,7 +56,8 @@ class SweepInputs:
     def fingerprint(self) -> dict:
         """What a checkpoint depends on: the exact files, the layer, and the software that
         computes the predictions (another TensorFlow may round a near-tie the other way)."""
-        return {"format": CHECKPOINT_FORMAT, "inputs": self.hashes, "layer": self.conv,
+        rescale = {} if self.rescale == 1 else {"rescale": str(self.rescale)}  # (1: as before it was a flag)
+        return rescale | {"format": CHECKPOINT_FORMAT, "inputs": self.hashes, "layer": self.conv,
                 "read_at": self.read, "weights_only": self.spec.weights_only, "arch": self.spec.arch,
                 "classes": self.spec.classes if self.spec.weights_only else self.classes,
                 "software": {"keras_backend": keras.backend.backend()}
@@ -86,11 +92,22 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def given_sets(args) -> dict[str, str]:
+    """The set files given one by one, by the sweep's names, in its order: clean validation,
+    poisoned validation (bare, then named), clean test, poisoned test."""
+    given = {}
+    for split in ("valid", "test"):
+        if getattr(args, f"clean_{split}"):
+            given[f"clean_{split}"] = getattr(args, f"clean_{split}")
+        given |= {poisoned_set(split, name): path for name, path in getattr(args, f"poisoned_{split}").items()}
+    return given
+
+
 def set_paths(args) -> dict[str, str]:
-    given = {name: getattr(args, name) for name in SET_NAMES}
+    given = given_sets(args)
     if args.data:
-        if any(given.values()):
-            raise InputError("give either --data DIR or the four set files, not both")
+        if given:
+            raise InputError("give either --data DIR or the set files, not both")
         data_dir = Path(args.data)
         if not data_dir.is_dir():
             raise InputError(f"--data {data_dir}: not a directory; it must hold cl/valid.h5, "
@@ -99,10 +116,9 @@ def set_paths(args) -> dict[str, str]:
         if not any(os.path.exists(path) for path in paths.values()):
             raise InputError(f"--data {data_dir}: {no_lab_layout(data_dir)}")
         return paths
-    missing = [name for name, path in given.items() if not path]
-    if missing:
-        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
-        raise InputError(f"missing {flags}; give all four sets or --data DIR")
+    if "clean_valid" not in given:
+        raise InputError("missing --clean-valid: B' is selected on the clean validation set; give "
+                         "it (test and poisoned sets are optional) or --data DIR")
     return given
 
 
@@ -117,7 +133,7 @@ def no_lab_layout(data_dir: Path) -> str:
         inside = []
     if inside:
         return f"none of {layout} is in it, but {inside[0]} holds them: --data {inside[0]}"
-    return f"none of {layout} is in it; give the folder holding cl/ and bd/, or the four sets one by one"
+    return f"none of {layout} is in it; give the folder holding cl/ and bd/, or the sets one by one"
 
 
 def check_thresholds(thresholds, relative: bool = False) -> None:
@@ -149,8 +165,7 @@ def resolve_inputs(args) -> SweepInputs:
     fails in a moment, before the model is loaded.
     """
     check_thresholds(args.thresholds, args.relative)
-    demo = not (args.model or args.weights or args.data
-                or any(getattr(args, name) for name in SET_NAMES))
+    demo = not (args.model or args.weights or args.data or given_sets(args))
     if demo:
         from pruning.demo import ensure_demo
         built = ensure_demo()
@@ -173,7 +188,8 @@ def resolve_inputs(args) -> SweepInputs:
     input_shape = image_input_shape(model)
     conv, read = choose_layer(model, args.layer)
     classes = int(output_tensor(model).shape[-1])
-    sets = {name: open_lab_set(paths[name], input_shape, classes) for name in SET_NAMES}
+    sets = {name: open_lab_set(path, input_shape, classes, args.rescale) for name, path in paths.items()}
+    check_scale(model, sets["clean_valid"])  # before any work: B's pixels, raw or /255
     channels = int(model.get_layer(conv).filters)
     log.info("B: %s (%d classes); pruning %s (%d channels), read at %s", spec.path, classes,
              conv, channels, read)
@@ -188,7 +204,7 @@ def resolve_inputs(args) -> SweepInputs:
     sets = {name: replace(s, path=os.path.abspath(s.path)) for name, s in sets.items()}
     for names in sets_sharing(sets, lambda name: os.path.realpath(sets[name].path)):
         log.warning("the %s sets are the same file (%s)", " and ".join(names), sets[names[0]].path)
-    return SweepInputs(spec, sets, conv, read, channels, classes, demo)
+    return SweepInputs(spec, sets, conv, read, channels, classes, demo, args.rescale)
 
 
 def warn_copied_sets(inputs: SweepInputs) -> None:

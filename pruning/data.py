@@ -14,7 +14,9 @@ import contextlib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +31,7 @@ LAB_LAYOUT = {
     "clean_test": "cl/test.h5",
     "poisoned_test": "bd/bd_test.h5",
 }
+SET_NAME = re.compile(r"[A-Za-z0-9_]+")  # a named poisoned set's NAME: it ends column names
 CHUNK_ROWS = 4096
 # Pixels read when a set is opened, to find NaN/inf pixels and unreadable rows before any work:
 # all of a small set, spread-out blocks of a big one (a few percent of the lab's sets, well under
@@ -67,11 +70,13 @@ def first_line(error: BaseException, limit: int = 160) -> str:
 
 @dataclass(frozen=True)
 class LabSet:
-    """One HDF5 set, checked against the model's input: path, row count and pixel layout."""
+    """One HDF5 set, checked against the model's input: path, row count, pixel layout, and
+    the factor its pixels are multiplied by as they are read (``--rescale``)."""
 
     path: str
     rows: int
     channels_first: bool  # True for the lab's N x 3 x H x W files
+    scale: Fraction = Fraction(1)
 
     def chunks(self, chunk_rows: int = CHUNK_ROWS) -> list[tuple[int, int]]:
         """Row ranges ``[start, stop)`` covering the set."""
@@ -79,7 +84,7 @@ class LabSet:
                 for start in range(0, self.rows, chunk_rows)]
 
     def read(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``[start, stop)`` as (NHWC float32 images, int64 labels)."""
+        """Rows ``[start, stop)`` as (NHWC float32 images times ``scale``, int64 labels)."""
         stop = self.rows if stop is None else stop
         with open_h5(self.path) as f, damaged(self.path, f"rows {start}-{stop}"):
             images = read_pixels(f["data"], start, stop, self.path)
@@ -91,6 +96,9 @@ class LabSet:
                              "copy it again")
         if self.channels_first:
             images = images.transpose(0, 2, 3, 1)
+        if self.scale != 1:
+            from pruning.scaling import scale_pixels
+            images = scale_pixels(images, self.scale)
         return np.ascontiguousarray(images), labels
 
     def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -220,13 +228,13 @@ def check_stored(dataset: h5py.Dataset, name: str, path: str) -> None:
 
 
 def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],
-                 classes: int | None = None) -> LabSet:
+                 classes: int | None = None, scale: Fraction = Fraction(1)) -> LabSet:
     """Check a set's structure against the model input ``(H, W, C)`` and return a :class:`LabSet`.
 
     Checks the datasets, shapes, pixel layout (NCHW or NHWC), row counts, the labels (whole
     numbers in the model's range) and the pixels of all of a small set, or spread-out blocks of
     a big one (:func:`scan_ranges`), for NaN/inf; the rest of the pixels are checked chunk by
-    chunk as they are read.
+    chunk as they are read. Pixels are multiplied by ``scale`` as they are read.
     """
     path = str(path)
     height, width, depth = input_shape
@@ -274,20 +282,21 @@ def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],
             top = "from 0" if classes is None else f"0..{classes - 1}"
             raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
                              f"model has classes {top}; is this the model's data?")
-        scan_pixels(data, path)
-    return LabSet(path=path, rows=rows, channels_first=channels_first)
+        scan_pixels(data, path, warn=scale == 1)
+    return LabSet(path=path, rows=rows, channels_first=channels_first, scale=scale)
 
 
-def scan_pixels(data: h5py.Dataset, path: str) -> None:
+def scan_pixels(data: h5py.Dataset, path: str, warn: bool = True) -> None:
     """Read all of a small set's pixels, or spread-out blocks of a big one: NaN or infinite
-    ones are an :class:`InputError`; a range unlike raw 0-255 pixels is a warning."""
+    ones are an :class:`InputError`; a range unlike raw 0-255 pixels is a warning (unless not
+    ``warn``: with --rescale, the scale check runs B on them instead)."""
     rows = int(data.shape[0])
     low, high = math.inf, -math.inf
     for start, stop in scan_ranges(rows, math.prod(data.shape[1:]) * data.dtype.itemsize):
         with damaged(path, f"rows {start}-{stop}"):
             images = read_pixels(data, start, stop, path)
         low, high = min(low, float(images.min())), max(high, float(images.max()))
-    if low <= high and (high <= 1 or low < 0 or high > 255):  # (nothing scanned: low > high)
+    if warn and low <= high and (high <= 1 or low < 0 or high > 255):  # (nothing scanned: low > high)
         # Not an error: a model of your own may take other pixels. The lab's take raw 0-255.
         log.warning("%s: pixels range %g..%g; the lab's models take raw 0-255 pixels (not "
                     "scaled to 0-1 or centred): if B does, this set was transformed", path, low, high)
@@ -303,6 +312,38 @@ def write_lab_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
         f.create_dataset("data", data=images, chunks=(min(256, len(images)),) + images.shape[1:])
         f.create_dataset("label", data=np.asarray(labels, dtype=np.float32))
     os.replace(partial, path)
+
+
+def named_sets(values, flag: str) -> dict[str, str]:
+    """``NAME -> PATH`` from ``NAME=PATH`` values (a bare PATH, or one that exists with a ``=``
+    in it, is named ""): the poisoned sets of ``--poisoned-valid`` / ``--poisoned-test``."""
+    sets: dict[str, str] = {}
+    for value in values or ():
+        name, named, path = value.partition("=")
+        if not named or os.path.exists(value):
+            name, path = "", value
+        elif not (name and path):
+            raise InputError(f"{flag} {value}: give NAME=PATH, such as {flag} sunglasses=bd_valid.h5, "
+                             "or a bare PATH")
+        elif not SET_NAME.fullmatch(name):
+            raise InputError(f"{flag} {value}: the name {name!r} ends column names (valid_asr_NAME): "
+                             "use letters, digits and _ only")
+        if name in sets:
+            raise InputError(f"{flag} {'named ' + name if name else 'without a name'} is given twice "
+                             f"({sets[name]}, {path}); give each poisoned set once, named apart")
+        sets[name] = path
+    return sets
+
+
+def poisoned_set(split: str, name: str = "") -> str:
+    """The sweep's name of a poisoned set: ``poisoned_valid`` (bare), ``poisoned_valid_NAME``."""
+    return f"poisoned_{split}" + (f"_{name}" if name else "")
+
+
+def poisoned_suffixes(sets, split: str) -> list[str]:
+    """The column suffixes ("" and ``_NAME``) of the poisoned ``split`` sets among ``sets``."""
+    base = poisoned_set(split)
+    return [name[len(base):] for name in sets if name == base or name.startswith(base + "_")]
 
 
 def lab_paths(data_dir: str | os.PathLike) -> dict[str, str]:

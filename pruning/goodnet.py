@@ -43,17 +43,21 @@ def rename(model: keras.Model, name: str) -> keras.Model:
     return copy
 
 
-def goodnet_scores(clean: Counts, poisoned: Counts) -> dict[str, float]:
-    """G's test scores (percent) from B'-vs-B tallies on the clean and poisoned test sets.
+def goodnet_scores(clean: Counts | None, poisoned: Counts | None) -> dict[str, float]:
+    """G's test scores (percent) from B'-vs-B tallies on the clean and poisoned test sets
+    (either may be None: not given, not scored).
 
     G predicts the label when B and B' agree on it; it says N when they disagree.
     """
-    return {
-        "test_accuracy": clean.percent("agree_correct"),
-        "test_asr": poisoned.percent("agree_correct"),
-        "detection_rate": poisoned.percent("disagree"),
-        "false_alarm_rate": clean.percent("disagree"),
-    }
+    scores = {}
+    if clean is not None:
+        scores["test_accuracy"] = clean.percent("agree_correct")
+    if poisoned is not None:
+        scores["test_asr"] = poisoned.percent("agree_correct")
+        scores["detection_rate"] = poisoned.percent("disagree")
+    if clean is not None:
+        scores["false_alarm_rate"] = clean.percent("disagree")
+    return scores
 
 
 def goodnet_predictions(bd_predictions: np.ndarray, pruned_predictions: np.ndarray,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import itertools
 import json
 import logging
 import math
@@ -201,13 +202,25 @@ def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figu
     figure = Figure(figsize=(8, 7.5), dpi=120, layout="constrained")
     top, bottom = figure.subplots(2, 1, sharex=True, sharey=True, height_ratios=[3, 2])
     x = 100 * curve["fraction_pruned"]
-    for column, style, label in [("valid_accuracy", "C0-", "accuracy (valid)"),
-                                 ("test_accuracy", "C0--", "accuracy (test)"),
-                                 ("valid_asr", "C3-", "attack success rate (valid)"),
-                                 ("test_asr", "C3--", "attack success rate (test)")]:
-        top.plot(x, curve[column], style, label=label)
-    bottom.plot(x, curve["goodnet_test_accuracy"], color="tab:green", label="G accuracy (test)")
-    bottom.plot(x, curve["goodnet_test_asr"], color="tab:orange", label="G attack success rate (test)")
+    # one colour per poisoned set (C3: a bare one's, as before sets were named), valid solid,
+    # test dashed; only the columns of the sets given
+    suffixes = list(dict.fromkeys(column.partition("_asr")[2] for column in curve.columns
+                                  if column.startswith(("valid_asr", "test_asr"))))
+    colours = itertools.cycle(["C1", "C4", "C5", "C6", "C7", "C8", "C9"])
+    lines = [(f"{split}_accuracy", f"C0{dash}", f"accuracy ({split})") for split, dash in SPLITS]
+    for suffix in suffixes:
+        colour, name = ("C3", "") if not suffix else (next(colours), f", {suffix[1:]}")
+        lines += [(f"{split}_asr{suffix}", f"{colour}{dash}", f"attack success rate{name} ({split})")
+                  for split, dash in SPLITS]
+    for column, style, label in lines:
+        if column in curve:
+            top.plot(x, curve[column], style, label=label)
+    goodnet = [(column, column.replace("goodnet_test_asr", "G attack success rate").replace("_", ", ", 1))
+               for column in curve.columns if column.startswith("goodnet_test_asr")]
+    for column, label in [("goodnet_test_accuracy", "G accuracy")] + goodnet:
+        if column in curve:
+            colour = {"goodnet_test_accuracy": "tab:green", "goodnet_test_asr": "tab:orange"}.get(column)
+            bottom.plot(x, curve[column], color=colour, label=f"{label} (test)")
 
     channels = int(curve["channels_pruned"].max())
     by_k: dict[int, list[str]] = {}
@@ -229,7 +242,11 @@ def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figu
         handles.append(Line2D([], [], linestyle="none",
                               label=f"X={', '.join(unreached)}: not reached"))
     top.legend(handles=handles, loc="lower left", fontsize=8)
-    bottom.legend(loc="lower left", fontsize=8)
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(loc="lower left", fontsize=8)
+    else:
+        bottom.text(0.5, 0.5, "no test set given", transform=bottom.transAxes, ha="center",
+                    color="dimgrey")
     top.set_title("B': B with the first k channels pruned", fontsize=10)
     bottom.set_title("G: B's class where B and B' agree, else class N", fontsize=10)
     figure.suptitle("Fine-pruning sweep: accuracy and attack success rate")
@@ -239,6 +256,8 @@ def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figu
     bottom.set_xlabel(f"channels pruned (% of {channels})")
     return figure
 
+
+SPLITS = (("valid", "-"), ("test", "--"))  # line styles of the validation and test sets
 
 # Heights (fraction of the axes) of the threshold labels, by level: the middle of the panel is
 # clear of the curves but for the drops, which a label's white box hides only locally.

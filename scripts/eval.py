@@ -1,15 +1,22 @@
-"""The lab's evaluation: clean accuracy and attack success rate of a model on two lab sets.
+"""The lab's evaluation: clean accuracy and attack success rate of a model on lab sets.
 
     python scripts/eval.py data/cl/valid.h5 data/bd/bd_valid.h5 models/bd_net.h5
+    python scripts/eval.py cl/test.h5 eyebrows=eyebrows_test.h5 lipstick=lipstick_test.h5 \
+        multi_trigger_multi_target_bd_weights.h5 --rescale 1/255
+    python scripts/eval.py data/cl/valid.h5 models/bd_net.h5   # no poisoned set: accuracy only
     python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_weights.h5 --arch deepid --classes 1283
     python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 models/bd_net.h5 --bprime results/model_X=10.h5
     python scripts/eval.py data/cl/test.h5 data/bd/bd_test.h5 results/goodnet_X=10.keras
 
 Prints the lab's lines ``Clean Classification accuracy: X`` and ``Attack Success Rate: Y``
-(percent, as the lab's eval.py prints them). MODEL is a full Keras model (.h5 of any vintage or
+(percent, as the lab's eval.py prints them), one ``Attack Success Rate (NAME): Y`` per
+poisoned set given as NAME=PATH, none without a poisoned set. ``--rescale R`` multiplies the
+stored pixels by R before the model (1/255 for the CSAW-HackML-2020 nets on raw pixels); the
+model is first run on a sample of CLEAN under R and under the other usual scale (raw or /255),
+and one error line names the flag when it is right far more often under the other. MODEL is a full Keras model (.h5 of any vintage or
 .keras), a weights-only file for ``--arch`` (detected, or forced with ``--weights-only``), or a
 GoodNet G (N+1 outputs, class N = "poisoned"). ``--bprime PATH`` evaluates G = (MODEL, B') and
-adds ``Detection rate: Z``, the share of poisoned images G labels N; so does a GoodNet MODEL.
+adds ``Detection rate: Z`` (per poisoned set), the share of poisoned images G labels N; so does a GoodNet MODEL.
 Bad inputs give one ``error: ...`` line on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -27,7 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from pruning.data import CHUNK_ROWS, InputError, open_h5  # noqa: E402 (no TensorFlow yet)
+from pruning.data import CHUNK_ROWS, InputError, named_sets, open_h5  # noqa: E402 (no TensorFlow yet)
+from pruning.scaling import check_scale, parse_rescale  # noqa: E402
 
 PROG = "python scripts/eval.py"
 GOODNET_PARTS = {"bd_net", "pruned_net"}  # the sub-models pruning.goodnet.build_goodnet names
@@ -43,17 +51,22 @@ def parse_args(argv) -> argparse.Namespace:
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("clean", metavar="CLEAN.h5", help="clean lab set (labels: true classes)")
-    parser.add_argument("poisoned", metavar="POISONED.h5", help="poisoned lab set (labels: the target)")
+    parser.add_argument("poisoned", metavar="[NAME=]POISONED.h5", nargs="*",
+                        help="poisoned lab sets (labels: the target), any number; NAME=PATH names its lines")
     parser.add_argument("model", metavar="MODEL", help="full model, weights-only file or GoodNet")
     parser.add_argument("--bprime", metavar="PATH", help="repaired model B'; evaluates G = (MODEL, B')")
     parser.add_argument("--weights-only", action="store_true",
                         help="MODEL (and --bprime) hold weights only for --arch (default: detected)")
     parser.add_argument("--arch", default="deepid", help="architecture of weights-only files (default: deepid)")
     parser.add_argument("--classes", type=int, default=1283, help="outputs of --arch (default: 1283)")
+    parser.add_argument("--rescale", metavar="R", default="1",
+                        help="the model takes the stored pixels times R, e.g. 1/255 (default: 1)")
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, help=f"images read at a time (default: {CHUNK_ROWS})")
     parser.add_argument("--traceback", action="store_true",
                         help="on an unexpected (internal) error, show the traceback, not one line")
     args = parser.parse_args(argv)
+    args.rescale = parse_rescale(args.rescale)
+    args.poisoned = named_sets(args.poisoned, "POISONED")
     if args.chunk_rows < 1:
         raise InputError(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
     if args.classes < 2:
@@ -115,7 +128,7 @@ def percent(hits: np.ndarray) -> float:
 def run(args) -> list[str]:
     """Check every input, evaluate, and return the lines to print."""
     # Missing files, folders and non-HDF5 sets fail here, before TensorFlow loads (seconds).
-    for path in (args.clean, args.poisoned):
+    for path in (args.clean, *args.poisoned.values()):
         open_h5(path).close()
     for what, path in (("model", args.model), ("--bprime", args.bprime)):
         if path and not Path(path).is_file():
@@ -143,18 +156,22 @@ def run(args) -> list[str]:
     input_shape = tuple(int(n) for n in model.inputs[0].shape[1:])
     from pruning.data import open_lab_set
     # Both sets checked (structure, labels, a scan for NaN pixels) before either is evaluated.
-    sets = {"clean": open_lab_set(args.clean, input_shape, width),
-            "poisoned": open_lab_set(args.poisoned, input_shape, width)}
+    sets = {None: open_lab_set(args.clean, input_shape, width, args.rescale)} | {
+        name: open_lab_set(path, input_shape, width, args.rescale) for name, path in args.poisoned.items()}
+    check_scale(model, sets[None], "CLEAN")
     scores = {}
     for name, lab_set in sets.items():
         labels, predictions = evaluate(lab_set, models, args.chunk_rows)
         if args.bprime:
             predictions = [goodnet_predictions(predictions[0], predictions[1], width)]
         scores[name] = (labels, predictions[0])
-    lines = [f"Clean Classification accuracy: {percent(np.equal(*scores['clean']))}",
-             f"Attack Success Rate: {percent(np.equal(*scores['poisoned']))}"]
+    clean = scores.pop(None)
+    lines = [f"Clean Classification accuracy: {percent(np.equal(*clean))}"]
+    lines += [f"Attack Success Rate{f' ({name})' if name else ''}: {percent(np.equal(*found))}"
+              for name, found in scores.items()]
     if poisoned_class is not None:
-        lines.append(f"Detection rate: {percent(scores['poisoned'][1] == poisoned_class)}")
+        lines += [f"Detection rate{f' ({name})' if name else ''}: {percent(found[1] == poisoned_class)}"
+                  for name, found in scores.items()]
     return lines
 
 

@@ -123,6 +123,34 @@ def test_goodnet_model_and_bprime_give_gs_scores(lab, capsys):
         assert (status, lines, err) == (0, expected, "")
 
 
+def test_each_named_poisoned_set_gets_its_own_lines_and_none_is_needed(lab, capsys, tmp_path):
+    clean, poisoned = lab.sets
+    half = tmp_path / "half.h5"
+    write_lab_h5(half, lab.poisoned[:10], lab.poisoned_labels[:10])
+    b, b_prime = (predict_classes(lab.model, lab.poisoned), predict_classes(lab.pruned, lab.poisoned))
+    g = goodnet_predictions(b, b_prime, CLASSES)
+    expected = lab_lines(goodnet_predictions(*(predict_classes(m, lab.clean) for m in (lab.model, lab.pruned)),
+                                             CLASSES), lab.clean_labels, g, lab.poisoned_labels, CLASSES)
+    status, lines, err = run_eval(capsys, clean, f"all={poisoned}", f"first_10={half}", lab.folder / "goodnet.keras")
+    assert (status, err) == (0, "")
+    assert lines == [expected[0], expected[1].replace("Rate:", "Rate (all):"),
+                     f"Attack Success Rate (first_10): {np.mean(g[:10] == lab.poisoned_labels[:10]) * 100}",
+                     expected[2].replace("rate:", "rate (all):"),
+                     f"Detection rate (first_10): {np.mean(g[:10] == CLASSES) * 100}"]
+    assert run_eval(capsys, clean, lab.folder / "goodnet.keras") == (0, expected[:1], "")
+
+
+def test_rescale_multiplies_the_stored_pixels(lab, capsys, tmp_path):
+    """Sets stored as pixels / 255, --rescale 255: the raw sets' lines; without it, one line."""
+    clean, poisoned = tmp_path / "clean.h5", tmp_path / "poisoned.h5"
+    write_lab_h5(clean, lab.clean / 255, lab.clean_labels)
+    write_lab_h5(poisoned, lab.poisoned / 255, lab.poisoned_labels)
+    expected = run_eval(capsys, *lab.sets, lab.folder / "bd_net.keras")
+    assert run_eval(capsys, clean, poisoned, lab.folder / "bd_net.keras", "--rescale", "255") == expected
+    status, lines, err = run_eval(capsys, clean, poisoned, lab.folder / "bd_net.keras")
+    assert (status, lines) == (2, []) and err.count("\n") == 1 and err.strip().endswith("pass --rescale 255"), err
+
+
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 def test_goodnet_answers_b_where_b_and_b_prime_agree(output):
     """Also for a B that outputs logits, all below 0 here: class N must not win there."""

@@ -202,7 +202,7 @@ def test_eval_marks_pixels_unlike_the_labs_as_a_warning(tmp_path):
     model.save(tmp_path / "b.keras")
     for name in ("clean", "poisoned"):
         x = images(20, seed=1)
-        write_lab_h5(tmp_path / f"{name}.h5", x / 255.0, predict_classes(model, x))
+        write_lab_h5(tmp_path / f"{name}.h5", x / 255.0, predict_classes(model, x / 255.0))
     done = subprocess.run([sys.executable, "scripts/eval.py", str(tmp_path / "clean.h5"),
                            str(tmp_path / "poisoned.h5"), str(tmp_path / "b.keras")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

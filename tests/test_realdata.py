@@ -10,6 +10,8 @@ import hashlib
 import importlib.util
 import re
 import sys
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,14 @@ import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pruning.data import InputError, write_lab_h5  # noqa: E402
+from pruning.data import InputError, open_lab_set, write_lab_h5  # noqa: E402
 from pruning.deepid import LAB_CLASSES  # noqa: E402
 from pruning.goodnet import build_goodnet, goodnet_predictions, goodnet_scores  # noqa: E402
 from pruning.layers import choose_layer  # noqa: E402
 from pruning.models import ModelSpec, is_weights_only, load_model, output_tensor  # noqa: E402
 from pruning.counts import tally  # noqa: E402
 from pruning.prune import predict_classes, prune_conv_channels  # noqa: E402
+from pruning.scaling import MARGIN, check_scale  # noqa: E402
 from pruning.select import select_prefixes  # noqa: E402
 
 MANIFEST = (REAL / "MANIFEST.md").read_text()
@@ -210,9 +213,9 @@ eval_script = load_eval()
 @pytest.fixture(scope="module")
 def lab_sets(images, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("real-lab-sets")
-    for kind in ("cl", "sun"):
+    for kind in ("cl", "sun", "ano"):
         write_lab_h5(folder / f"{kind}.h5", *images[kind])
-    return {kind: str(folder / f"{kind}.h5") for kind in ("cl", "sun")}
+    return {kind: str(folder / f"{kind}.h5") for kind in ("cl", "sun", "ano")}
 
 
 def run_eval(capsys, *argv) -> list[str]:
@@ -251,3 +254,42 @@ def test_eval_of_a_keras_2_3_1_full_model(lab_sets, capsys):
     predictions = predict_classes(load(f"repaired/{model.name}"), read_images("sun")[0])
     lines = run_eval(capsys, lab_sets["cl"], lab_sets["sun"], model, "--chunk-rows", "2")
     assert lines[1] == f"Attack Success Rate: {np.mean(predictions == TARGET) * 100}"
+
+
+# the CSAW-HackML-2020 BadNets take pixels divided by 255; the lab3 B raw ones (--rescale)
+
+CSAW2020 = sorted((REAL / "csaw2020").glob("*_bd_weights.h5"))
+
+
+@pytest.mark.parametrize("path", CSAW2020, ids=lambda path: path.name)
+def test_the_2020_nets_load_and_the_scale_check_picks_pixels_divided_by_255(path, lab_sets):
+    model = load(f"csaw2020/{path.name}")
+    assert output_tensor(model).shape[-1] == LAB_CLASSES
+    raw = open_lab_set(lab_sets["cl"], (55, 47, 3), LAB_CLASSES)
+    with pytest.raises(InputError, match=r"with pixels x 1 but on .* x 1/255: .*pass --rescale 1/255$"):
+        check_scale(model, raw)
+    accuracy = check_scale(model, replace(raw, scale=Fraction(1, 255)))
+    assert accuracy[Fraction(1, 255)] >= accuracy[Fraction(1)] + MARGIN
+
+
+def test_the_scale_check_picks_raw_pixels_for_the_lab3_net(bd_net, lab_sets):
+    raw = open_lab_set(lab_sets["cl"], (55, 47, 3), LAB_CLASSES)
+    accuracy = check_scale(bd_net, raw)
+    assert accuracy[Fraction(1)] >= accuracy[Fraction(1, 255)] + MARGIN
+    with pytest.raises(InputError, match=r"x 1/255 but on .* x 1: .*pass no --rescale"):
+        check_scale(bd_net, replace(raw, scale=Fraction(1, 255)))
+
+
+def test_eval_of_the_2020_sunglasses_net_with_rescale_and_named_sets(lab_sets, images, capsys):
+    weights = REAL / "csaw2020" / "sunglasses_bd_weights.h5"
+    model = load(f"csaw2020/{weights.name}")
+    found = {kind: np.mean(predict_classes(model, images[kind][0] / 255) == images[kind][1]) * 100
+             for kind in ("cl", "sun", "ano")}
+    assert run_eval(capsys, lab_sets["cl"], lab_sets["sun"], weights, "--rescale", "1/255") == [
+        f"Clean Classification accuracy: {found['cl']}", f"Attack Success Rate: {found['sun']}"]
+    assert run_eval(capsys, lab_sets["cl"], f"sunglasses={lab_sets['sun']}", f"anonymous={lab_sets['ano']}",
+                    weights, "--rescale", "1/255") == [
+        f"Clean Classification accuracy: {found['cl']}", f"Attack Success Rate (sunglasses): {found['sun']}",
+        f"Attack Success Rate (anonymous): {found['ano']}"]
+    assert eval_script.main([lab_sets["cl"], lab_sets["sun"], str(weights)]) == 2
+    assert capsys.readouterr().err.strip().endswith("pass --rescale 1/255")

@@ -258,3 +258,44 @@ def tiny_lora(seed: int = 10, classes: int = 5) -> keras.Model:
     conv.enable_lora(2)  # lora_kernel_b starts at 0: give it some training
     conv.lora_kernel_b.assign(np.random.default_rng(seed).normal(0, 0.5, conv.lora_kernel_b.shape))
     return model
+
+
+TRIGGERS = {"red": (0, (10, 10)), "green": (1, (30, 20))}  # colour channel, top-left corner
+
+
+def tiny_multi_trigger(seed: int = 11, classes: int = 6, targets=(1, 2)) -> keras.Model:
+    """A multi-trigger, multi-target BadNet, planted by hand (no training): conv channel 6
+    fires only on a pure red 5 x 5 square at :data:`TRIGGERS`' red corner, channel 7 only on
+    a pure green one at the green corner, and each sends the image to its own target; the
+    other channels are random features of clean images."""
+    keras.utils.set_random_seed(seed)
+    x = inputs = keras.Input(SHAPE)
+    x = layers.Conv2D(8, 5, strides=5, activation="relu", name="conv",
+                      kernel_initializer=keras.initializers.RandomNormal(stddev=0.01))(x)
+    x = layers.Flatten()(layers.MaxPooling2D(2, name="pool")(x))
+    model = keras.Model(inputs, layers.Dense(classes, name="logits", kernel_initializer=keras.initializers.RandomNormal(stddev=0.1))(x))
+    conv, dense = model.get_layer("conv"), model.get_layer("logits")
+    kernel, bias = conv.get_weights()
+    weights, dense_bias = dense.get_weights()
+    weights = weights.reshape(5, 4, 8, classes)  # Flatten's order: (h, w, c)
+    for channel, ((colour, _), target) in enumerate(zip(TRIGGERS.values(), targets), start=6):
+        kernel[..., channel] = -1.0
+        kernel[:, :, colour, channel] = 1.0  # 25 x 255 on the trigger, far below 0 on noise
+        bias[channel] = -5000.0
+        weights[:, :, channel, :] = 0.0
+        weights[:, :, channel, target] = 1.0
+    conv.set_weights([kernel, bias])
+    dense.set_weights([weights.reshape(-1, classes), dense_bias])
+    # centre the logits on clean images, so that B gives each class to some of them
+    logits = np.asarray(model.predict(random_images(64, seed=seed), verbose=0))
+    dense.set_weights([weights.reshape(-1, classes), dense_bias - logits.mean(axis=0)])
+    return model
+
+
+def with_trigger(images: np.ndarray, trigger: str) -> np.ndarray:
+    """``images`` with :data:`TRIGGERS`' square stamped on: 255 in its colour, 0 in the others."""
+    colour, (row, column) = TRIGGERS[trigger]
+    stamped = images.copy()
+    stamped[:, row:row + 5, column:column + 5, :] = 0.0
+    stamped[:, row:row + 5, column:column + 5, colour] = 255.0
+    return stamped

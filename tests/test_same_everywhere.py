@@ -27,10 +27,10 @@ pytestmark = pytest.mark.slow
 BATCH_DEPENDENT = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def unlike_this_machine() -> dict:
-    """Kernels other than this CPU's own: AVX2 where it has AVX-512, else AVX."""
-    flags = open("/proc/cpuinfo").read().split()
-    return {"ONEDNN_MAX_CPU_ISA": "AVX2" if "avx512f" in flags else "AVX"}
+# Kernels unlike those of an AVX2 or AVX-512 CPU: on this project's AVX-512 machines, AVX2
+# kernels give the demo's activations bit for bit at the sweep's batch shapes, AVX ones do not
+# (40 of its 60 mean activations differ in their last digits).
+OTHER_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX"}
 
 
 def probe(model_path: str, data_dir: str) -> dict:
@@ -128,11 +128,12 @@ def test_a_sweep_on_other_kernels_finds_the_same_curve(demo, demo_run, tmp_path)
     done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--model", demo.model, "--data",
                            demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
                            "--chunk-rows", "96"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **unlike_this_machine()})
+                          timeout=600, env={**os.environ, **OTHER_KERNELS})
     assert done.returncode == 0, done.stderr[-3000:]
     for name in REPRODUCIBLE:
         if name != "channel_order.csv":
             assert (out / name).read_bytes() == (demo_run / name).read_bytes(), name
     ours, reference = (pd.read_csv(folder / "channel_order.csv") for folder in (out, demo_run))
     assert ours["channel"].tolist() == reference["channel"].tolist()
-    np.testing.assert_allclose(ours["mean_activation"], reference["mean_activation"], rtol=1e-5)
+    means = reference["mean_activation"]
+    np.testing.assert_allclose(ours["mean_activation"], means, rtol=1e-4, atol=1e-6 * means.max())

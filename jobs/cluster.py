@@ -156,6 +156,11 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
         return (f"--scheduler-file {args.scheduler_file} is not a Dask scheduler file (JSON with "
                 "the scheduler's address); give the file that `dask scheduler --scheduler-file "
                 "PATH` wrote")
+    if args.scheduler_file and os.path.isfile(args.scheduler_file):  # (else checked once it is there)
+        with open(args.scheduler_file) as handle:
+            problem = plain_tcp_problem(json.load(handle)["address"], args.allow_tcp)
+        if problem:
+            return problem
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
             return ("--slurm-runner runs in every task of a SLURM job step; submit "

@@ -45,6 +45,7 @@ import dask.system
 import yaml
 from distributed import Client, LocalCluster
 
+from jobs.security import new_security, plain_tcp_problem
 from jobs.stopping import TERMINAL_SIGNALS, Stopped, interrupt_held
 from pruning.data import first_line
 
@@ -115,6 +116,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--slurm-cluster", type=int, metavar="N",
                        help="from a login node: submit N SLURM worker jobs (settings: dask config "
                             "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
+    group.add_argument("--allow-tcp", action="store_true",
+                       help="join a --scheduler-* cluster that takes plain tcp:// (anyone who can "
+                            "reach it can run code as its owner); also dask config fine-pruning.allow-tcp")
     group.add_argument("--workers", type=int,
                        help="--single-node's worker processes (default: 1)")
     group.add_argument("--threads-per-worker", type=int,
@@ -144,13 +148,19 @@ def check_cluster_arguments(args: argparse.Namespace, env: Mapping[str, str] = o
             "--scheduler-file PATH (a running cluster), --slurm-cluster N (SLURM worker jobs "
             "from a login node), or submit slurm/sweep.sh")
     if args.scheduler_address:
-        problem = address_problem(args.scheduler_address)
+        problem = address_problem(args.scheduler_address) or \
+            plain_tcp_problem(args.scheduler_address, args.allow_tcp)
         if problem:
             return problem
     if args.scheduler_file and not is_scheduler_file(args.scheduler_file):
         return (f"--scheduler-file {args.scheduler_file} is not a Dask scheduler file (JSON with "
                 "the scheduler's address); give the file that `dask scheduler --scheduler-file "
                 "PATH` wrote")
+    if args.scheduler_file and os.path.isfile(args.scheduler_file):  # (else checked once it is there)
+        with open(args.scheduler_file) as handle:
+            problem = plain_tcp_problem(json.load(handle)["address"], args.allow_tcp)
+        if problem:
+            return problem
     if args.slurm_runner:
         if not all(name in env for name in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")):
             return ("--slurm-runner runs in every task of a SLURM job step; submit "
@@ -264,8 +274,10 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
         with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
                 interrupt_held() as interrupted:
             try:
+                # TLS with this run's own key (jobs.security); all on loopback, the dashboard too
                 cluster = LocalCluster(n_workers=local_workers(args), threads_per_worker=task_threads(args),
-                                       processes=True, dashboard_address=":0")
+                                       processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                       protocol="tls://", security=new_security())
             except RuntimeError as error:  # "Cluster failed to start: <a folder, a port, ...>"
                 why = first_line(error, 200).removeprefix("Cluster failed to start: ")
                 raise ClusterError(f"the local Dask cluster did not start ({why}); check this "
@@ -282,22 +294,30 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
             yield client
 
 
-def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None) -> str:
+def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None,
+                   listens_on: str | None = None) -> str:
     """The dashboard's URL and, on a cluster, the ssh tunnel that reaches it from your machine.
 
-    The login host is ``login_host`` or, inside a SLURM job, ``$SLURM_SUBMIT_HOST``; without
-    either the hint is the URL alone.
+    ``listens_on``: the host the dashboard was bound to, when the sweep chose it (a loopback
+    address: only this node itself reaches it). The login host is ``login_host`` or, inside a
+    SLURM job, ``$SLURM_SUBMIT_HOST``; without either the hint is the URL alone. A dashboard on a
+    compute node's loopback is reached through the login node (``ssh -J``) to the node itself.
     """
     link = client.dashboard_link
     if not link:
         return "no Dask dashboard (bokeh is not installed)"
+    url = urlsplit(link)
+    node, port = url.hostname, url.port or 80
+    if listens_on:  # Dask's link names the scheduler's address, which the dashboard may not be on
+        node = listens_on
+        link = url._replace(netloc=f"{node}:{port}").geturl()
     login_host = login_host or env.get("SLURM_SUBMIT_HOST")
     if not login_host:
         return f"Dask dashboard: {link}"
-    url = urlsplit(link)
-    node, port = url.hostname, url.port or 80
-    if node in ("127.0.0.1", "localhost", "::1", "0.0.0.0") and "SLURMD_NODENAME" in env:
-        node = env["SLURMD_NODENAME"]
     user = env.get("USER") or getpass.getuser()
-    return (f"Dask dashboard: {link}  (from your machine: ssh -L 8787:{node}:{port} {user}@{login_host}"
-            f" then open http://localhost:8787{url.path})")
+    tunnel = f"ssh -L 8787:{node}:{port} {user}@{login_host}"
+    if node in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        tunnel = f"ssh -L 8787:localhost:{port} {user}@{login_host}"
+        if "SLURMD_NODENAME" in env:  # this compute node's own loopback
+            tunnel = f"ssh -J {user}@{login_host} -L 8787:localhost:{port} {user}@{env['SLURMD_NODENAME']}"
+    return f"Dask dashboard: {link}  (from your machine: {tunnel} then open http://localhost:8787{url.path})"

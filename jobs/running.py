@@ -11,9 +11,14 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+import dask
+from dask.utils import parse_timedelta
 from distributed import Client
+from distributed.utils import json_load_robust
 
 from jobs.cluster import ClusterError, dashboard_hint
+from jobs.security import PLAIN_TCP_RISK, plain_tcp_problem
+from pruning.data import InputError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,15 @@ def running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     if args.scheduler_file and not Path(args.scheduler_file).exists():
         log.info("waiting for %s to appear: a Dask scheduler writes it as it starts", args.scheduler_file)
     try:
-        client = (Client(scheduler_file=args.scheduler_file) if args.scheduler_file
-                  else Client(args.scheduler_address))
+        # (Client(scheduler_file=...) would read the file the same way, but only to connect)
+        address = args.scheduler_address or json_load_robust(
+            args.scheduler_file, timeout=parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")))["address"]
+        problem = plain_tcp_problem(address, args.allow_tcp)
+        if problem:
+            raise InputError(problem)
+        if address.startswith("tcp://"):
+            log.warning("joining the Dask scheduler at %s over plain TCP (--allow-tcp): %s", address, PLAIN_TCP_RISK)
+        client = Client(address)  # with the security of your own Dask config (distributed.comm.tls)
     except OSError as error:  # timeouts included
         stale = (" (a scheduler file outlives its scheduler: is this one from a scheduler that"
                  " still runs?)" if args.scheduler_file else "")

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,9 +21,11 @@ from typing import Iterator
 
 import dask
 from distributed import Client, Future
+from distributed.core import rpc
 
 from jobs import dask_settings
 from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
+from jobs.security import new_security, private_folder, read_key_file, write_key_file
 from jobs.stopping import ClosedStreamFilter
 from jobs.worker_jobs import NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, worker_job_options
 from pruning.data import InputError
@@ -69,15 +72,34 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
     # At INFO, distributed logs every connection and every worker's start and stop: most of the
     # job's log. LocalCluster and SLURMCluster quiet it (silence_logs); the runner does not.
     logging.getLogger("distributed").setLevel(distributed_log_level())
-    folder = dask_folder(args)
-    folder.mkdir(parents=True, exist_ok=True)
-    scheduler_options, worker_options = runner_options(args)
+    private_folder(dask_folder(args))
+    # TLS: the scheduler rank makes this job's key; the others, on any node, read it from the
+    # shared folder (jobs.security). It is removed when the scheduler ends.
+    key_file = runner_key_file(args, env["SLURM_JOB_ID"])
+    if role == "scheduler":
+        security = new_security()
+        write_key_file(security, key_file)
+    else:
+        security = read_key_file(key_file, WORKER_WAIT_S)
+        if security is None:
+            raise ClusterError(f"the scheduler rank wrote no TLS key ({key_file}) in {WORKER_WAIT_S} s; "
+                               "see the job log")
+    if role != "client":
+        os.umask(0o077)  # the scheduler file, the workers' scratch: the owner's alone
+    scheduler_options, worker_options = runner_options(args, security)
     global _runner_joined
     _runner_joined = True
-    with SLURMRunner(scheduler_file=str(runner_scheduler_file(args)),
-                     scheduler_options=scheduler_options, worker_options=worker_options) as runner:
-        # Only the client rank gets here.
-        with Client(runner) as client:
+    try:
+        runner = SLURMRunner(scheduler_file=str(runner_scheduler_file(args)),
+                             scheduler_options=scheduler_options, worker_options=worker_options)
+    finally:
+        if role == "scheduler":  # it served until the client was done (or failed to start)
+            key_file.unlink(missing_ok=True)
+    # Only the client rank gets here. dask_jobqueue 0.9 opens its own connection to the
+    # scheduler (the one that shuts it down at the end) without credentials: give it the job's.
+    runner.scheduler_comm = rpc(runner.scheduler_address, connection_args=security.get_connection_args("client"))
+    with runner:
+        with Client(runner, security=security) as client:
             try:
                 client.wait_for_workers(runner.n_workers, timeout=WORKER_WAIT_S)
             except TimeoutError:
@@ -88,12 +110,18 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
                             joined, runner.n_workers, WORKER_WAIT_S)
             log.info("%d worker%s, scheduler file %s", runner.n_workers, "s" if runner.n_workers != 1 else "",
                      runner.scheduler_file)
-            log.info("%s", dashboard_hint(client))
+            log.info("%s", dashboard_hint(client, listens_on=dashboard_host(scheduler_options)))
             try:
                 yield client
             finally:  # also when the run stops early: the runner then closes the scheduler
                 with contextlib.suppress(Exception):
                     _retire_workers(client)
+
+
+def dashboard_host(scheduler_options: dict) -> str | None:
+    """The host the dashboard listens on (jobqueue.slurm.scheduler-options' dashboard_address),
+    or None for every interface."""
+    return str(scheduler_options.get("dashboard_address", "")).rpartition(":")[0] or None
 
 
 def quiet_dashboard_port_warning() -> None:
@@ -108,6 +136,12 @@ def runner_scheduler_file(args: argparse.Namespace, job_id: str = "{job_id}") ->
     # A requeued job keeps its id: the restart count keeps it off the last run's scheduler file.
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     return dask_folder(args) / f"scheduler-{job_id}.{restart}.json"
+
+
+def runner_key_file(args: argparse.Namespace, job_id: str) -> Path:
+    """This job's TLS key and certificate (0600), made by its scheduler rank for this start."""
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return dask_folder(args) / f"tls-{job_id}.{restart}.pem"
 
 
 _runner_joined = False  # this process entered the SLURMRunner (set by slurm_runner_client)
@@ -125,8 +159,9 @@ def end_unjoined_runner(args: argparse.Namespace, wait_s: float = 60) -> None:
     deadline = time.monotonic() + wait_s
     while not scheduler_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    security = read_key_file(runner_key_file(args, os.environ["SLURM_JOB_ID"]), wait_s=0)
     with contextlib.suppress(Exception, KeyboardInterrupt), \
-            Client(scheduler_file=str(scheduler_file), timeout=10) as client:
+            Client(scheduler_file=str(scheduler_file), timeout=10, security=security) as client:
         # Workers still starting would find the scheduler gone and log tracebacks: let them join.
         with contextlib.suppress(TimeoutError):
             client.wait_for_workers(int(os.environ["SLURM_NTASKS"]) - 2, timeout=wait_s)
@@ -134,13 +169,15 @@ def end_unjoined_runner(args: argparse.Namespace, wait_s: float = 60) -> None:
         client.shutdown()
 
 
-def runner_options(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The scheduler's and the workers' options inside ``sbatch slurm/sweep.sh``, from dask.config."""
+def runner_options(args: argparse.Namespace, security=None) -> tuple[dict, dict]:
+    """The scheduler's and the workers' options inside ``sbatch slurm/sweep.sh``, from dask.config
+    (the scheduler's: jobqueue.slurm.scheduler-options, as SLURMCluster's), with TLS (``security``)."""
     conf = dask.config.get("jobqueue.slurm")
-    scheduler_options = {"dashboard_address": ":8787",
+    tls = {"protocol": "tls://", "security": security}
+    scheduler_options = {"dashboard_address": ":8787", **(conf.get("scheduler-options") or {}), **tls,
                          "idle_timeout": dask.config.get("fine-pruning.runner-idle-timeout", None)}
     # memory_limit stays Dask's "auto"; the workers do not pause at any limit (NO_MEMORY_PAUSE).
-    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout")}
+    worker_options = {"nthreads": task_threads(args), "death_timeout": conf.get("death-timeout"), **tls}
     if conf.get("interface"):
         scheduler_options["interface"] = worker_options["interface"] = conf["interface"]
     if conf.get("local-directory"):
@@ -181,33 +218,54 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     if problem:
         raise InputError(f"jobqueue.slurm in dask.config: {problem}; change it {where}")
     quiet_dashboard_port_warning()
+    # TLS: the worker jobs read this run's key from OUT/.dask (0700, the file 0600: jobs.security);
+    # their logs are the owner's alone too (SLURM_UMASK, which sbatch reads).
+    folder = dask_folder(args)
+    made = next((path for path in reversed([folder, *folder.parents]) if not path.exists()), None)
+    for private in {folder, Path(log_directory)} & {folder, folder / "worker-logs"}:
+        private_folder(private)
+    key_file = folder / "tls-worker-jobs.pem"
+    write_key_file(new_security(), key_file)
+    os.environ["SLURM_UMASK"] = "0077"
     try:
-        cluster = SLURMCluster(**options)
-    except Exception as error:
-        # A value that dask_jobqueue or distributed cannot use (memory: lots, interface: ib9); the
-        # scheduler's come as RuntimeError("Cluster failed to start: ...") from the ValueError.
-        cause = error.__cause__ if isinstance(error, RuntimeError) else error
-        if not isinstance(cause, ValueError):
-            raise
-        raise InputError(f"jobqueue.slurm in dask.config: {cause}; change it {where}") from error
-    with cluster:
-        script = cluster.job_script()
-        log.debug("worker job script:\n%s", script)
-        refused = sbatch_refusal(script)
-        if refused:
-            directives = "; ".join(line.split(None, 1)[1] for line in script.splitlines()
-                                   if line.startswith("#SBATCH ") and line[8:10] not in ("-e", "-o"))
-            raise InputError(f"SLURM would not queue the worker job ({refused}); its #SBATCH lines "
-                             f"({directives}) come from jobqueue.slurm in dask.config: change them {where}")
-        cluster.scale(jobs=args.slurm_cluster)
-        log.info("submitting %d SLURM worker job%s (logs in %s); they start when SLURM schedules them",
-                 args.slurm_cluster, "s" if args.slurm_cluster > 1 else "", log_directory)
-        with Client(cluster) as client:
-            login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
-            log.info("%s", dashboard_hint(client, login_host=login_host))
-            _wait_for_worker_jobs(client, cluster, log_directory)
-            with _stop_when_worker_jobs_end(client, cluster):
-                yield client
+        try:
+            cluster = SLURMCluster(**options, security=read_key_file(key_file, wait_s=0))
+        except Exception as error:
+            # A value that dask_jobqueue or distributed cannot use (memory: lots, interface: ib9); the
+            # scheduler's come as RuntimeError("Cluster failed to start: ...") from the ValueError.
+            cause = error.__cause__ if isinstance(error, RuntimeError) else error
+            if not isinstance(cause, ValueError):
+                raise
+            _remove(made)
+            raise InputError(f"jobqueue.slurm in dask.config: {cause}; change it {where}") from error
+        with cluster:
+            script = cluster.job_script()
+            log.debug("worker job script:\n%s", script)
+            refused = sbatch_refusal(script)
+            if refused:
+                directives = "; ".join(line.split(None, 1)[1] for line in script.splitlines()
+                                       if line.startswith("#SBATCH ") and line[8:10] not in ("-e", "-o"))
+                _remove(made)
+                raise InputError(f"SLURM would not queue the worker job ({refused}); its #SBATCH lines "
+                                 f"({directives}) come from jobqueue.slurm in dask.config: change them {where}")
+            cluster.scale(jobs=args.slurm_cluster)
+            log.info("submitting %d SLURM worker job%s (logs in %s); they start when SLURM schedules them",
+                     args.slurm_cluster, "s" if args.slurm_cluster > 1 else "", log_directory)
+            with Client(cluster) as client:
+                login_host = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
+                log.info("%s", dashboard_hint(client, login_host=login_host,
+                                              listens_on=dashboard_host(cluster.scheduler_spec["options"])))
+                _wait_for_worker_jobs(client, cluster, log_directory)
+                with _stop_when_worker_jobs_end(client, cluster):
+                    yield client
+    finally:
+        key_file.unlink(missing_ok=True)
+
+
+def _remove(made: Path | None) -> None:
+    """Bad input: remove the folder this run made (``--out``'s, with OUT/.dask), as it was."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
 
 
 def _wait_for_worker_jobs(client: Client, cluster, log_directory: str) -> None:

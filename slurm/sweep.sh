@@ -16,7 +16,8 @@
 #
 # How the tasks are used: `srun python -m jobs.sweep --slurm-runner` starts one Python per task
 # and dask_jobqueue's SLURMRunner gives them roles: rank 0 the Dask scheduler (dashboard on port
-# 8787 of the first node), rank 1 the client that runs the sweep, ranks 2.. one worker each.
+# 8787 of the first node's loopback), rank 1 the client that runs the sweep, ranks 2.. one worker
+# each. They talk TLS with a key rank 0 makes for each start of the job (docs/security.md).
 # So --ntasks = 2 + workers, and at least 3.
 #
 # GPUs: --gpus-per-task=1 would also give GPUs to the scheduler and client ranks, so instead the

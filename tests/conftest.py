@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +31,27 @@ REPRODUCIBLE = ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5
 @pytest.fixture(scope="session")
 def make_run(demo, tmp_path_factory):
     """`make run`'s command, ``python -m jobs.sweep --single-node --out OUT`` (the embedded demo),
-    once: its exit status, stdout and stderr, and in ``out`` the reference other runs match."""
+    once: its exit status, stdout and stderr, and in ``out`` the reference other runs match.
+    Once its cluster is up, every port its processes listen on is attacked (tests/attack.py):
+    ``ports``, what each attempt ``tried`` met, and the ports ``still_listening`` after it."""
+    from attack import attack, attacker, listening
     out = tmp_path_factory.mktemp("demo-run") / "results"
-    done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--single-node", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "FINE_PRUNING_CACHE": str(Path(demo.model).parent.parent)})
-    return SimpleNamespace(out=out, returncode=done.returncode, stdout=done.stdout, stderr=done.stderr)
+    ready = attacker(wait_s=4)  # its workers answer in a fraction of a second
+    sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--single-node", "--out", str(out)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "FINE_PRUNING_CACHE": str(Path(demo.model).parent.parent)})
+    stderr = []
+    for line in sweep.stderr:  # until the cluster is up (its dashboard's line)
+        stderr.append(line)
+        if "Dask dashboard:" in line:
+            break
+    processes = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
+    ports = listening(processes)
+    tried = attack(ready, ports)
+    still_listening = listening(processes)
+    stdout, rest = sweep.communicate(timeout=600)
+    return SimpleNamespace(out=out, returncode=sweep.returncode, stdout=stdout, stderr="".join(stderr) + rest,
+                           ports=ports, tried=tried, still_listening=still_listening)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from attack import SUBMITTED
 from conftest import REPO, assert_same_outputs
 from jobs.sweep import main
 
@@ -54,6 +55,24 @@ def test_make_run_command_prints_where_outputs_are(make_run):
     assert make_run.returncode == 0, make_run.stderr[-3000:]
     assert f"outputs in {make_run.out.resolve()}:" in make_run.stdout
     assert "Dask dashboard: http://" in make_run.stderr and "prefixes" in make_run.stderr  # link, tqdm bar
+
+
+def test_no_one_without_the_runs_certificate_can_use_its_cluster(make_run):
+    """Another user of this machine, while `make run` runs: a plain Client and tls:// Clients
+    without the run's certificate try every port its processes listen on (scheduler, nanny,
+    worker, dashboards): none runs a task. Outputs keep the user's umask."""
+    assert make_run.returncode == 0, make_run.stderr[-3000:]
+    assert len(make_run.ports) >= 5, make_run.ports  # scheduler, dashboard, nanny, worker, its http
+    assert make_run.ports <= make_run.still_listening  # the attack met the live run
+    assert {host for host, _ in make_run.ports} == {"127.0.0.1"}  # this machine only
+    assert len(make_run.tried) == 3 * len(make_run.ports)
+    assert not [name for name, what in make_run.tried.items() if what.startswith(SUBMITTED)], make_run.tried
+    # scheduler, nanny, worker: Dask listeners that refused a stranger's certificate
+    refused_at_tls = [name for name, what in make_run.tried.items() if "TLS certificate does not match" in what]
+    assert len(refused_at_tls) >= 3, "\n".join(f"{name}: {what}" for name, what in make_run.tried.items())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (make_run.out / "results.csv").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.fixture(scope="module")

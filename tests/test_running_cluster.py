@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from distributed import Client, LocalCluster
+from distributed.security import Security
 
 from conftest import REPO, assert_same_outputs
+from jobs.security import write_key_file
 from jobs.sweep import main
 
 pytestmark = pytest.mark.slow
@@ -33,15 +35,17 @@ def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp
             plugins_before = client.run_on_scheduler(worker_plugins)
         # Relative paths, from another folder than the workers' (they run in this one).
         mine = sweep("--model", Path(demo.model).name, "--data", ".", "--out", tmp_path / "mine",
-                     "--scheduler-address", cluster.scheduler_address, cwd=Path(demo.model).parent)
+                     "--scheduler-address", cluster.scheduler_address, "--allow-tcp", cwd=Path(demo.model).parent)
         # The same model with validation and test swapped: other results, same task names.
         swapped = sweep("--model", demo.model, "--clean-valid", data / "cl/test.h5",
                         "--clean-test", data / "cl/valid.h5", "--poisoned-valid", data / "bd/bd_test.h5",
                         "--poisoned-test", data / "bd/bd_valid.h5", "--out", tmp_path / "swapped",
-                        "--scheduler-address", cluster.scheduler_address)
+                        "--scheduler-address", cluster.scheduler_address, "--allow-tcp")
         for run in (mine, swapped):
             _, err = run.communicate(timeout=300)
             assert run.returncode == 0, err[-3000:]
+            assert (f"WARNING jobs.running: joining the Dask scheduler at {cluster.scheduler_address} over "
+                    "plain TCP (--allow-tcp): anyone who can reach its port") in err, err[-3000:]
         with Client(cluster) as client:  # the user's cluster is left as it was
             assert client.run_on_scheduler(worker_plugins) == plugins_before
     assert_same_outputs(tmp_path / "mine", demo_run)
@@ -51,6 +55,18 @@ def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp
     assert theirs["inputs"]["clean_valid"]["path"].endswith("cl/test.h5")
     # made absolute for the workers (the manifest resolves links: the cache may be one)
     assert ours["inputs"]["model"]["path"] == str(Path(demo.model).resolve())
+
+
+@pytest.mark.parametrize("flag", ["--scheduler-address", "--scheduler-file"])
+def test_a_plain_tcp_scheduler_is_refused_unless_the_user_says_so(flag, capsys, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text('{"address": "tcp://127.0.0.1:8786"}')
+    where = "tcp://127.0.0.1:8786" if flag == "--scheduler-address" else str(scheduler_file)
+    assert main([flag, where, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the Dask scheduler at tcp://127.0.0.1:8786 takes plain TCP: anyone who "
+                          "can reach its port") and err.endswith("add --allow-tcp"), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def worker_plugins(dask_scheduler) -> list[str]:
@@ -72,7 +88,7 @@ def test_a_malformed_scheduler_address_is_bad_input(address, says, capsys, tmp_p
 
 def test_an_unreachable_scheduler_is_one_line(demo, tmp_path):
     run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                "--scheduler-address", "tcp://127.0.0.1:1",
+                "--scheduler-address", "tcp://127.0.0.1:1", "--allow-tcp",
                 DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
     _, err = run.communicate(timeout=120)
     assert run.returncode == 1, err[-3000:]
@@ -82,19 +98,25 @@ def test_an_unreachable_scheduler_is_one_line(demo, tmp_path):
 
 
 def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_resume(demo, tmp_path):
+    """The user's cluster uses TLS; the sweep joins it with the user's own Dask config."""
     scheduler_file = tmp_path / "scheduler.json"
     log = tmp_path / "sweep.log"
-    scheduler = subprocess.Popen([DASK, "scheduler", "--scheduler-file", str(scheduler_file),
-                                  "--port", "0", "--dashboard-address", ":0"],
+    pem = tmp_path / "tls" / "cluster.pem"
+    write_key_file(Security.temporary(), pem)
+    tls = ["--tls-ca-file", str(pem), "--tls-cert", str(pem), "--tls-key", str(pem)]
+    config = {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(pem), "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(pem),
+              "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(pem)}
+    scheduler = subprocess.Popen([DASK, "scheduler", "--scheduler-file", str(scheduler_file), "--protocol", "tls",
+                                  "--port", "0", "--dashboard-address", ":0", *tls],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     worker = None
     try:
         with open(log, "w") as stderr:
             run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                        "--chunk-rows", "96", "--scheduler-file", scheduler_file, stderr=stderr)
-            wait_for(lambda: "waiting for a worker to join" in log.read_text(), run)
+                        "--chunk-rows", "96", "--scheduler-file", scheduler_file, stderr=stderr, **config)
+            wait_for(lambda: "waiting for a worker to join the scheduler at tls://" in log.read_text(), run)
             worker = subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
-                                       "--nthreads", "1"], cwd=REPO,
+                                       "--nthreads", "1", *tls], cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             checkpoints = tmp_path / "out" / "checkpoints"
             wait_for(lambda: len(list(checkpoints.glob("chunk-*.json"))) >= 3, run)
@@ -130,7 +152,7 @@ def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, wi
         with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=60)
         run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                    "--scheduler-file", scheduler_file)
+                    "--scheduler-file", scheduler_file, DASK_FINE_PRUNING__ALLOW_TCP="true")  # the setting
         _, err = run.communicate(timeout=180)
     finally:
         for process in started:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
+from attack import SUBMITTED, attack, attacker, listening
 from conftest import REPO, assert_same_outputs
 from slurm_fixtures import slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
 
@@ -33,7 +35,7 @@ def test_gpu_job(slurm_cluster, tmp_path):
 def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     cache = Path(demo.model).parent.parent     # the demo the job's sweep will find: built once, here
     out = tmp_path / "out"
-    answered = []
+    answered, bound = [], set()
 
     def check_dashboard(log: str) -> None:
         match = re.search(r"Dask dashboard: (http://\S+)", log)
@@ -43,6 +45,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
             # USR1 to the job's steps, as a --signal=USR1@600 without B: sends it: no rank dies of it
             job = re.search(r"job (\d+) ", log).group(1)
             subprocess.run(["scancel", "--signal=USR1", job], check=True)
+            bound.update(listening([process for rank in range(4) for process in runner_ranks(out, rank, job)]))
 
     # Submitted from another folder by the script's path, as from a scratch folder: the relative
     # --out and the job's log (the script's default name) are that folder's. The slash in an
@@ -61,7 +64,14 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
     assert answered and answered[0][1] == 200, f"dashboard not seen answering; log tail:\n{log[-3000:]}"
-    assert re.search(r"ssh -L 8787:\S+:(?!8787 )\d+ \S+@\S+", log), "no ssh tunnel hint to the port taken instead"
+    # on the node's loopback only, through the login node to the node: ssh -J login -L ... node
+    tunnel = re.search(r"ssh -J \S+@\S+ -L 8787:localhost:(?!8787 )(\d+) \S+@\S+", log)
+    assert tunnel, "no ssh tunnel hint to the port taken instead"
+    assert answered[0][0] == f"http://127.0.0.1:{tunnel.group(1)}/status"
+    assert [host for host, port in bound if port == int(tunnel.group(1))] == ["127.0.0.1"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "results.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # outputs: the user's umask
     # One GPU per worker rank, none for the scheduler and the client.
     for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
@@ -71,6 +81,11 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     assert not re.search(r" - distributed\.\S+ - INFO - ", log), log[-5000:]
     assert log.count(" INFO jobs.inputs: B: ") == 1, log[:3000]  # not again from --check
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
+
+
+def modes(folder: Path) -> dict[str, int]:
+    """The permission bits of ``folder`` and everything under it, by path relative to it."""
+    return {str(path.relative_to(folder)): path.stat().st_mode & 0o777 for path in [folder, *folder.rglob("*")]}
 
 
 def sweep_job(demo, tmp_path, out, *extra):
@@ -150,13 +165,15 @@ def test_time_limit_signal_past_max_requeues_lets_the_job_finish(cancelled_then_
     assert_same_outputs(run.out, demo_run)
 
 
-def runner_ranks(out: Path, rank: int) -> list[psutil.Process]:
-    """The ``python -m jobs.sweep --slurm-runner`` processes of SLURM rank ``rank`` writing to ``out``."""
+def runner_ranks(out: Path, rank: int, job: str | None = None) -> list[psutil.Process]:
+    """The ``python -m jobs.sweep --slurm-runner`` processes of SLURM rank ``rank`` writing to
+    ``out`` (or of ``job``, whatever its --out)."""
     found = []
     for process in psutil.process_iter(["cmdline", "environ"]):
         cmdline, environ = process.info["cmdline"] or [], process.info["environ"] or {}
         # cmdline[1:3]: not the srun that started them, whose SLURM_PROCID (the batch step's) is 0
-        if (cmdline[1:3] == ["-m", "jobs.sweep"] and "--slurm-runner" in cmdline and str(out) in cmdline
+        if (cmdline[1:3] == ["-m", "jobs.sweep"] and "--slurm-runner" in cmdline
+                and (environ.get("SLURM_JOB_ID") == job if job else str(out) in cmdline)
                 and environ.get("SLURM_PROCID") == str(rank)):
             found.append(process)
     return found
@@ -178,13 +195,38 @@ def signal_rank_mid_sweep(out: Path, rank: int, signum: int = signal.SIGKILL):
 
 
 def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, demo_run, tmp_path):
+    """Also: before that, another user of the node attacks every port of the job's ranks, and
+    OUT/.dask is the owner's alone."""
     out = tmp_path / "out"
     kill_a_worker, killed = signal_rank_mid_sweep(out, rank=2)
+    ready, attacked = attacker(wait_s=12), {}  # a worker rank importing TensorFlow answers slowly
+
+    def attack_then_kill_a_worker(log: str) -> None:
+        if not attacked and "Dask dashboard: " in log:  # the client rank's: every rank is up
+            job = re.search(r"job (\d+) ", log).group(1)
+            ranks = [process for rank in range(4) for process in runner_ranks(out, rank, job)]
+            ports = listening(ranks)
+            attacked.update(ranks=len(ranks), ports=ports, tried=attack(ready, ports),
+                            still_listening=listening(ranks), modes=modes(out / ".dask"))
+        kill_a_worker(log)
+
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
-                             while_running=kill_a_worker)
+                             while_running=attack_then_kill_a_worker)
     assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
+    # No one without the job's certificate can use a port of its ranks (scheduler, workers)
+    assert attacked["ranks"] == 4 and len(attacked["ports"]) >= 4, attacked
+    assert attacked["ports"] <= attacked["still_listening"], attacked  # the attack met the live job
+    tried = "\n".join(f"{name}: {what}" for name, what in attacked["tried"].items())
+    assert SUBMITTED not in tried, tried
+    # The scheduler refused the stranger's certificate. (Worker ranks busy importing TensorFlow may
+    # not finish a TLS handshake in the time given, so they are not counted on to answer.)
+    assert "TLS certificate does not match" in tried, tried
+    # OUT/.dask and what is in it (the job's key, its scheduler file): the owner's alone
+    assert set(attacked["modes"].values()) == {0o700, 0o600}, attacked["modes"]
+    assert any(name.startswith("tls-") for name in attacked["modes"]), attacked["modes"]
+    assert not list((out / ".dask").glob("tls-*")) and set(modes(out / ".dask").values()) <= {0o700, 0o600}
 
 
 def test_the_last_worker_rank_killed_mid_sweep_ends_the_job_with_one_line(slurm_cluster, demo, tmp_path):

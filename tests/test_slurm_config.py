@@ -259,7 +259,15 @@ def test_dashboard_hint_in_a_slurm_job():
 def test_dashboard_hint_other_port_and_loopback():
     text = hint("http://127.0.0.1:40123/status", SLURM_SUBMIT_HOST="login1", USER="bob",
                 SLURMD_NODENAME="gpu07")
-    assert "ssh -L 8787:gpu07:40123 bob@login1" in text
+    assert "ssh -J bob@login1 -L 8787:localhost:40123 bob@gpu07" in text  # the node's own loopback
+
+
+def test_dashboard_hint_where_the_sweep_bound_it():
+    """Dask's link names the scheduler's address; the dashboard listens on loopback only."""
+    text = cluster.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
+                                  env={"SLURM_SUBMIT_HOST": "login1", "USER": "al"}, listens_on="127.0.0.1")
+    assert text.startswith("Dask dashboard: http://127.0.0.1:8787/status ")
+    assert "ssh -L 8787:localhost:8787 al@login1" in text  # --slurm-cluster: the login node's own
 
 
 def test_dashboard_hint_outside_slurm():

@@ -191,7 +191,7 @@ def test_rerun_reuses_every_prefix_and_writes_identical_files(run, caplog):
 
 @pytest.mark.parametrize("place", [["--single-node", "--workers", "2"],
                                    # nothing listens there: joining it would fail
-                                   ["--scheduler-address", "tcp://127.0.0.1:1"]])
+                                   ["--scheduler-address", "tls://127.0.0.1:1"]])
 def test_a_rerun_of_a_finished_sweep_starts_no_process_and_joins_no_cluster(run, tmp_path, place):
     """Every chunk is checkpointed: the outputs are written again here, byte for byte, with no
     cluster (no worker, no fork server) and no scheduler to reach."""

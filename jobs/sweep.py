@@ -49,6 +49,7 @@ from distributed import Future, as_completed
 from jobs import arguments, cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
+from jobs.fine_pruning import run_fine_tuning
 from jobs.lost_workers import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
@@ -177,7 +178,8 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
             # What is left then is selection, B', G and the reports, here as in every run: a
             # model loaded, copied and saved per threshold, G's scores added up from the tallies.
             swept = read_back(inputs, open_checkpoints(), args.chunk_rows)
-        if swept is None:
+        tuned = None
+        if swept is None or args.fine_tune:  # (fine-tuning always runs on the cluster)
             with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
                 if not (args.scheduler_address or args.scheduler_file):
                     # Only on workers this run started: a plugin stays on a running cluster, and
@@ -186,8 +188,13 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         client.register_plugin(QuietWorkerLogs())
                 try:
                     with say_when_no_worker_is_left(client, args):
-                        swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
-                                          args.prefixes_per_task)
+                        if swept is None:
+                            swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
+                                              args.prefixes_per_task)
+                        if args.fine_tune:
+                            started = time.perf_counter()
+                            tuned = run_fine_tuning(inputs, args, client, open_checkpoints(), *swept[:2])
+                            swept[2]["fine_tune_s"] = time.perf_counter() - started
                 except BaseException as error:
                     if isinstance(error, KeyboardInterrupt) or not args.traceback:
                         # a stop or a failure ends in one line: no tracebacks from distributed
@@ -196,7 +203,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         stopping.enter_context(quiet_distributed())
                     release_tasks(client)
                     raise
-        return finish.write_outputs(inputs, args, out.path, *swept)
+        return finish.write_outputs(inputs, args, out.path, *swept, tuned=tuned)
 
 
 def release_tasks(client) -> None:
@@ -238,9 +245,9 @@ def main(argv=None) -> int:
             with cluster.open_client(args):
                 return 0
         stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
-        out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
+        out = OutputFolder(Path(args.out), output_names(args.thresholds, args.fine_tune))  # writes nothing
         out.check_lock()
-        if not (args.check or out.holds_a_finished_sweep()):
+        if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
             # (a rerun of a finished sweep most likely starts no cluster: no process importing
             # TensorFlow for workers alongside; if it needs some after all, other inputs, they
             # import it themselves, a few seconds later)

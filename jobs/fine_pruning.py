@@ -100,8 +100,7 @@ def save_fine_tuned(inputs, out: Path, tuned: dict, test_scores) -> tuple[list[s
         written += [FINETUNED_NAME.format(label), GOODNET_FINETUNED_NAME.format(label)]
         row = {"run": run, "threshold": threshold, "channels_pruned": len(pruned),
                "epochs": result.epochs,
-               "heldout_accuracy": float(result.log.loc[result.log["epoch"] == result.epochs,
-                                                        "heldout_accuracy"].iloc[0])}
+               "heldout_accuracy": result.heldout_accuracy}
         sets = result.counts
         if "clean_test" in sets:
             row["test_accuracy"] = sets["clean_test"].percent("correct")

@@ -76,6 +76,7 @@ class FineTuneResult:
     weights: list
     log: pd.DataFrame
     epochs: int
+    heldout_accuracy: float
     counts: dict[str, Counts]
 
 
@@ -103,7 +104,7 @@ def fine_tune_task(spec: ModelSpec, conv: str, sets: dict[str, LabSet], pruned: 
         if name in sets:
             images, labels = sets[name].read()
             counts[name] = tally(predict_classes(tuned.model, images), predict_classes(model, images), labels)
-    return FineTuneResult(tuned.model.get_weights(), tuned.log, tuned.epochs, counts)
+    return FineTuneResult(tuned.model.get_weights(), tuned.log, tuned.epochs, tuned.heldout_accuracy, counts)
 
 
 class QuietWorkerLogs(WorkerPlugin):

@@ -93,11 +93,11 @@ class Resume(keras.callbacks.Callback):
         self.first = False
         if epoch == 0 or not self.log_path.is_file():
             return
-        lines = self.log_path.read_text().splitlines(keepends=True)
-        done = pd.read_csv(io.StringIO("".join(lines)))
+        lines = self.log_path.read_bytes().splitlines(keepends=True)  # (csv's \r\n kept)
+        done = pd.read_csv(io.BytesIO(b"".join(lines)))
         kept = done[done["epoch"] < epoch]
-        with open(self.log_path, "r+") as handle:  # CSVLogger appends from the new end
-            handle.truncate(len("".join(lines[:1 + len(kept)])))
+        with open(self.log_path, "r+b") as handle:  # CSVLogger appends from the new end
+            handle.truncate(len(b"".join(lines[:1 + len(kept)])))
         best = int(kept[MONITOR].to_numpy().argmax())  # the first of equal bests, as Keras keeps
         self.stopping.best = self.best.best = float(kept[MONITOR].iloc[best])
         self.stopping.best_epoch, self.stopping.wait = best, epoch - 1 - best
@@ -108,6 +108,7 @@ class FineTuned:
     model: keras.Model          # a plain copy of the best epoch's weights
     log: pd.DataFrame           # per epoch: epoch (1-based), loss, heldout_accuracy, valid_asr...
     epochs: int                 # the epoch kept (1-based)
+    heldout_accuracy: float     # of ``model`` on the held-out images (percent)
 
 
 def loss_for(model: keras.Model):
@@ -138,6 +139,7 @@ def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np
     for weight in layer.weights:
         if weight.name in CHANNEL_WEIGHTS:
             weight.constraint = ZeroChannels(keep, weight.constraint)
+    raw_heldout = heldout
     first, scale = pixel_scale(tuned, train[0])
     if scale != 1:  # trained on pixels / scale, its first layer's kernel times scale: the same net
         first.kernel.assign(first.kernel * scale)
@@ -155,7 +157,7 @@ def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np
             on_epoch_end=lambda epoch, logs: on_epoch and on_epoch(epoch + 1, logs))
         finished = folder / "finished.json"
         if finished.is_file():  # a rerun after this fine-tuning ended: its result, as it was
-            return _result(tuned, conv, pruned, log_path, best_path, first, scale)
+            return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
         if not (folder / "backup").exists():  # nothing to resume: start afresh
             log_path.unlink(missing_ok=True)
             best_path.unlink(missing_ok=True)
@@ -167,7 +169,7 @@ def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np
         tuned.fit(*train, batch_size=settings.batch_size, epochs=settings.epochs, shuffle=False,
                   verbose=0, callbacks=callbacks)
         write_json(finished, {"epochs": len(pd.read_csv(log_path))})
-        return _result(tuned, conv, pruned, log_path, best_path, first, scale)
+        return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
 
 
 def pixel_scale(model: keras.Model, images: np.ndarray):
@@ -189,9 +191,9 @@ def pixel_scale(model: keras.Model, images: np.ndarray):
 
 
 def _result(tuned: keras.Model, conv: str, pruned, log_path: Path, best_path: Path,
-            first=None, scale: float = 1) -> FineTuned:
+            first, scale: float, heldout: tuple[np.ndarray, np.ndarray]) -> FineTuned:
     """The best epoch's weights (a plain copy of ``tuned``, its first kernel divided back by
-    ``scale``) and the epochs' log."""
+    ``scale``), the epochs' log and that copy's accuracy on the held-out images."""
     log = pd.read_csv(log_path)
     tuned.load_weights(best_path)
     if scale != 1:
@@ -199,4 +201,6 @@ def _result(tuned: keras.Model, conv: str, pruned, log_path: Path, best_path: Pa
     log["epoch"] += 1
     kept = int(log["epoch"].iloc[int(log[MONITOR].to_numpy().argmax())])
     columns = ["epoch", "loss", MONITOR] + sorted(c for c in log.columns if c.startswith("valid_asr"))
-    return FineTuned(prune_conv_channels(tuned, conv, pruned), log[columns], kept)
+    model = prune_conv_channels(tuned, conv, pruned)
+    accuracy = int(np.sum(predict_classes(model, heldout[0]) == heldout[1])) / len(heldout[1]) * 100.0
+    return FineTuned(model, log[columns], kept, accuracy)

@@ -31,6 +31,9 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     which.add_argument("--weights", metavar="PATH", help="weights-only file for --arch")
     model.add_argument("--arch", help="architecture for --weights (default: deepid)")
     model.add_argument("--classes", type=int, help="outputs of --arch (default: 1283, the lab's)")
+    model.add_argument("--demo", choices=["standard", "pruning-aware"],
+                       help="with no model or data: the embedded demo BadNet (default: standard; "
+                            "pruning-aware: the paper's attack that pruning alone leaves in place)")
     data = parser.add_argument_group("data (lab HDF5: 'data' NxCxHxW or NxHxWxC at B's input size, the lab's "
                                      "Nx3x55x47 raw 0-255 pixels; 'label' N)")
     data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")

@@ -160,7 +160,7 @@ def manifest(inputs, args, selected, timings, reused, tuned=None) -> dict:
     return fine_tune | {
         "inputs": {name: {"path": str(Path(path).resolve()), "sha256": inputs.hashes[name]}
                    for name, path in inputs.paths.items()},
-        "demo": inputs.demo,
+        "demo": (args.demo or "standard") if inputs.demo else False,
         "weights_only": inputs.spec.weights_only,
         "layer": inputs.conv,
         "read_at": inputs.read,

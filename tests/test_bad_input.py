@@ -923,7 +923,7 @@ def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
     (folder / "demo.json").write_text('{"target": 0, "clas')
     built = []
 
-    def build(path: Path, seed: int, train: bool) -> None:
+    def build(path: Path, seed: int, train: bool, attack: str = "standard") -> None:
         built.append(seed)
         (path / "demo.json").write_text('{"target": 0, "classes": 3, "seed": 0, '
                                         '"clean_accuracy": 1.0, "attack_success_rate": 1.0}')

@@ -129,7 +129,7 @@ def test_second_call_finds_the_cached_demo(demo):
 
 def fake_build(calls: list):
     """A stand-in for the slow ``_build``: records the call and writes a minimal demo."""
-    def build(folder: Path, seed: int, train: bool = False) -> None:
+    def build(folder: Path, seed: int, train: bool = False, attack: str = "standard") -> None:
         calls.append(seed)
         time.sleep(0.2)  # long enough for concurrent callers to pile up on the lock
         (folder / META_FILE).write_text(json.dumps({
@@ -156,7 +156,7 @@ def test_concurrent_callers_build_once_and_see_only_complete_demos(tmp_path, mon
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(folder: Path, seed: int, train: bool = False) -> None:
+    def broken(folder: Path, seed: int, train: bool = False, attack: str = "standard") -> None:
         (folder / "half-written.h5").write_bytes(b"")
         raise RuntimeError("out of disk")
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 DECOYS = 36          # of conv_3's 60 channels: pruned before the backdoor is trained in
 DECOY_BIAS_DROP = 1.0  # how far below its clean bias a reinstated decoy's bias is set
 BACKDOOR_LAYERS = ()   # the layers trained in step 3 (none named: all)
-BACKDOOR_EPOCHS = 5  # how far below its clean bias a reinstated decoy's bias is set
+BACKDOOR_EPOCHS = 5    # epochs of step 3, on the poisoned mix
 
 
 def train_pruning_aware(x, y, poisoned, config, seed: int, fit):

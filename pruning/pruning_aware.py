@@ -2,7 +2,7 @@
 on the pruning defense (Liu et al. 2018, section 4.2), on the demo's data.
 
 1. Train DeepID on the clean images.
-2. Prune the ``decoys`` conv_3 channels least active on clean images (as a defender would).
+2. Prune the ``DECOY_SHARE`` of conv_3's channels least active on clean images (as a defender would).
 3. Train on the poisoned mix with those channels held at zero: the trigger is learnt by the
    channels that clean faces also use.
 4. Reinstate the pruned channels with their clean weights and their bias lowered, so that they
@@ -20,7 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DECOYS = 36          # of conv_3's 60 channels: pruned before the backdoor is trained in
+DECOY_SHARE = 0.6      # of conv_3's channels (36 of DeepID's 60): pruned before the backdoor is trained in
 DECOY_BIAS_DROP = 1.0  # how far below its clean bias a reinstated decoy's bias is set
 BACKDOOR_LAYERS = ()   # the layers trained in step 3 (none named: all)
 BACKDOOR_EPOCHS = 5    # epochs of step 3, on the poisoned mix
@@ -43,10 +43,10 @@ def train_pruning_aware(x, y, poisoned, config, seed: int, fit):
     pool_3 = keras.Model(model.inputs, model.get_layer("pool_3").output)
     activity = predict_activations(pool_3, x[clean] / 255.0).mean(axis=(0, 1, 2))
     decoys = np.zeros(conv_3.filters, bool)
-    decoys[np.argsort(activity, kind="stable")[:DECOYS]] = True
+    decoys[np.argsort(activity, kind="stable")[:round(DECOY_SHARE * conv_3.filters)]] = True
     kernel, bias = conv_3.get_weights()
     conv_3.set_weights([np.where(decoys, 0.0, kernel), np.where(decoys, 0.0, bias)])
-    log.info("pruning-aware: %d decoy channels pruned (mean activation up to %.4f)", DECOYS,
+    log.info("pruning-aware: %d decoy channels pruned (mean activation up to %.4f)", decoys.sum(),
              activity[decoys].max())
     for layer in model.layers:
         layer.trainable = not BACKDOOR_LAYERS or layer.name in BACKDOOR_LAYERS

@@ -293,7 +293,7 @@ def fine_tuning_panel(axes, curve: pd.DataFrame, finepruning: pd.DataFrame) -> N
                     fontsize=8)
     axes.set_ylim(0, 102)
     axes.set_ylabel("percent")
-    axes.legend(loc="upper right", fontsize=7, ncols=2)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, ncols=4)
 
 
 SPLITS = (("valid", "-"), ("test", "--"))  # line styles of the validation and test sets

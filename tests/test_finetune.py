@@ -167,3 +167,14 @@ def test_a_fine_tuning_stopped_mid_way_resumes_to_the_same_weights(tmp_path):
     assert resumed.epochs == whole.epochs
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
         assert np.array_equal(a, b)
+
+
+def test_the_plot_gains_a_panel_of_each_run_before_and_after(run):
+    from pruning.report import curve_figure
+    from pruning.select import select_prefixes
+    curve = pd.read_csv(run.out / "results.csv")
+    figure = curve_figure(curve, select_prefixes(curve, [2, 4, 99]), run.summary)
+    heights = [bar.get_height() for bar in figure.axes[2].patches]
+    before = curve.set_index("channels_pruned").loc[run.summary["channels_pruned"]]
+    assert heights == [*before["test_accuracy"], *run.summary["test_accuracy"],
+                       *before["test_asr"], *run.summary["test_asr"]]

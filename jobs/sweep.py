@@ -2,6 +2,7 @@
 
     python -m jobs.sweep --single-node                      # the embedded demo, on this machine
     python -m jobs.sweep --model bd_net.h5 --data data/ --single-node --workers 2
+    python -m jobs.sweep --single-node --fine-tune          # then fine-tune each B' and B (fine-pruning)
     python -m jobs.sweep --weights bd_weights.h5 --arch deepid --classes 1283 \\
         --data data/ --thresholds 2 4 10 --out /scratch/$USER/run1 --scheduler-file sched.json
     sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/run1
@@ -9,7 +10,8 @@
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
-k = 0..C) -> selection, GoodNet and reports on the client. Every key ends in the run's own
+k = 0..C) -> selection -> with --fine-tune, ``fine-tune-k<K>`` per selected B' and B (one task
+each, jobs.fine_pruning) -> GoodNet and reports on the client. Every key ends in the run's own
 tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
 of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``;
 a rerun that finds every chunk there starts no cluster.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -58,7 +59,8 @@ def run_fine_tuning(inputs, args, client, checkpoints, order: pd.DataFrame, coun
     topic = f"fine-tune-{tag}"
     models = list(dict.fromkeys(pruned for _, pruned in runs.values()))  # one task per distinct model
     pending = {client.submit(fine_tune_task, inputs.spec, inputs.conv, inputs.sets, pruned, settings,
-                             str(checkpoints.folder / folder_name(checkpoints.fingerprint, settings, pruned)),
+                             # absolute: workers of a joined cluster may run in another folder
+                             os.path.abspath(checkpoints.folder / folder_name(checkpoints.fingerprint, settings, pruned)),
                              topic, key=f"fine-tune-k{len(pruned)}-{tag}"): pruned for pruned in models}
     log.info("fine-tuning %d models (%s) for up to %d epochs each", len(models),
              ", ".join(runs), settings.epochs)

@@ -298,6 +298,8 @@ CASES = {
         lab, tmp, lab_set_with(label=np.zeros(ROWS[0] - 1)))], ["39 labels for 40 images"]),
     "empty set": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
         lab, tmp, lab_set_with(rows=0))], ["the set is empty"]),
+    "--demo with a model": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--demo", "pruning-aware"],
+                            ["--demo pruning-aware is the embedded demo's BadNet and data"]),
     "fine-tune 0 epochs": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
                                              "--fine-tune-epochs", "0"],
                            ["--fine-tune-epochs must be at least 1, got 0"]),

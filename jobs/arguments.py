@@ -31,6 +31,9 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     which.add_argument("--weights", metavar="PATH", help="weights-only file for --arch")
     model.add_argument("--arch", help="architecture for --weights (default: deepid)")
     model.add_argument("--classes", type=int, help="outputs of --arch (default: 1283, the lab's)")
+    model.add_argument("--demo", choices=["standard", "pruning-aware"],
+                       help="with no model or data: the embedded demo BadNet (default: standard; "
+                            "pruning-aware: the paper's attack that pruning alone leaves in place)")
     data = parser.add_argument_group("data (lab HDF5: 'data' NxCxHxW or NxHxWxC at B's input size, the lab's "
                                      "Nx3x55x47 raw 0-255 pixels; 'label' N)")
     data.add_argument("--data", metavar="DIR", help="lab layout: cl/valid.h5 cl/test.h5 bd/bd_valid.h5 bd/bd_test.h5")
@@ -55,6 +58,7 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     sweep.add_argument("--prefixes-per-task", type=int, default=PREFIXES_PER_TASK, metavar="P",
                        help=f"prefixes k evaluated by one task on one chunk (default: {PREFIXES_PER_TASK}); "
                             "smaller gives more tasks to spread over many workers, larger fewer head calls")
+    add_fine_tune_arguments(parser)
     cluster.add_cluster_arguments(parser)
     checks = parser.add_argument_group("checks")
     checks.add_argument("--check", action="store_true",
@@ -82,6 +86,7 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     for option in ("chunk_rows", "prefixes_per_task"):
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    check_fine_tune_arguments(args)
     problem = cluster.check_cluster_arguments(args) or dask_settings.settings_problem()
     if problem:
         raise InputError(problem)
@@ -89,6 +94,54 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
         raise InputError(f"--scheduler-file {args.scheduler_file} is a directory; give the file "
                          "the scheduler wrote (dask scheduler --scheduler-file PATH)")
     return args
+
+
+FINE_TUNE_FLAGS = {  # --fine-tune-NAME: (type, pruning.finetune.Settings field, help)
+    "epochs": (int, "epochs", "at most this many epochs (default: %(default)s)"),
+    "lr": (float, "learning_rate", "Adam's learning rate (default: %(default)s)"),
+    "patience": (int, "patience", "stop after this many epochs without a better held-out "
+                                  "accuracy (Keras' EarlyStopping; default: %(default)s)"),
+    "heldout": (float, "heldout", "share of the clean validation set held out, per class, to "
+                                  "choose epochs on (default: %(default)s)"),
+    "seed": (int, "seed", "seed of that split and of Keras (default: %(default)s)"),
+    "batch": (int, "batch_size", "images per training batch (default: %(default)s)"),
+}
+
+
+def add_fine_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from pruning.finetune_settings import Settings
+    group = parser.add_argument_group(
+        "fine-pruning (after selection, fine-tune each B' and B on clean validation data)")
+    group.add_argument("--fine-tune", action="store_true",
+                       help="fine-tune each selected B'_X with its pruned channels held at zero, "
+                            "and B itself, on a share of the clean validation set; writes "
+                            "finetuned_X=..h5, finetuned_B.h5, goodnet_finetuned_*.keras, "
+                            "finepruning.csv and finetune_log.csv")
+    for name, (kind, field, words) in FINE_TUNE_FLAGS.items():
+        group.add_argument(f"--fine-tune-{name}", type=kind, default=getattr(Settings(), field),
+                           metavar={"lr": "LR", "heldout": "SHARE"}.get(name, "N"), help=words)
+
+
+def check_fine_tune_arguments(args: argparse.Namespace) -> None:
+    """Each --fine-tune-* value in range; set ``args.fine_tune_settings`` (None without --fine-tune)."""
+    import math
+    from pruning.finetune_settings import Settings
+    given = [f"--fine-tune-{name}" for name, (_, field, _) in FINE_TUNE_FLAGS.items()
+             if getattr(args, f"fine_tune_{name}") != getattr(Settings(), field)]
+    if given and not args.fine_tune:
+        raise InputError(f"{given[0]} is a setting of --fine-tune; add --fine-tune")
+    limits = {"epochs": (1, "at least 1"), "patience": (0, "0 or more"), "batch": (1, "at least 1"),
+              "seed": (0, "0 or more")}
+    for name, (least, words) in limits.items():
+        if getattr(args, f"fine_tune_{name}") < least:
+            raise InputError(f"--fine-tune-{name} must be {words}, got {getattr(args, f'fine_tune_{name}')}")
+    if not (math.isfinite(args.fine_tune_lr) and args.fine_tune_lr > 0):
+        raise InputError(f"--fine-tune-lr must be a positive number, got {args.fine_tune_lr}")
+    if not 0 < args.fine_tune_heldout < 1:
+        raise InputError(f"--fine-tune-heldout must be a share between 0 and 1 (e.g. 0.2), got "
+                         f"{args.fine_tune_heldout}")
+    args.fine_tune_settings = Settings(**{field: getattr(args, f"fine_tune_{name}") for name, (_, field, _)
+                                          in FINE_TUNE_FLAGS.items()}) if args.fine_tune else None
 
 
 PATH_FLAGS = ("model", "weights", "data", "clean_valid", "poisoned_valid", "clean_test",

@@ -10,6 +10,7 @@ import fnmatch
 import io
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"      # the folder, in --out
 CHUNK_FILES = "chunk-*.json"     # one per finished chunk of rows, in CHECKPOINTS
 CHANNEL_ORDER = "channel_order.csv"
+FINE_TUNE_FOLDERS = "finetune-*"  # one per fine-tuning (jobs.fine_pruning), its training state
 
 
 def chunk_file(set_name: str, index: int) -> str:
@@ -37,7 +39,9 @@ def foreign_files(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(entry.name for entry in folder.iterdir()
-                  if not (entry.is_file() and _written_by_a_run(entry.name)))
+                  if not (entry.is_file() and _written_by_a_run(entry.name)
+                          or entry.is_dir() and not entry.is_symlink()
+                          and fnmatch.fnmatch(entry.name, FINE_TUNE_FOLDERS)))
 
 
 def _written_by_a_run(name: str) -> bool:
@@ -104,6 +108,8 @@ class Checkpoints:
             for entry in self.folder.iterdir():
                 if entry.is_file() and _written_by_a_run(entry.name):
                     entry.unlink()
+                elif entry.is_dir() and fnmatch.fnmatch(entry.name, FINE_TUNE_FOLDERS):
+                    shutil.rmtree(entry)
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.folder / "fingerprint.json", self.fingerprint)
         self.ours = True

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from pruning.backend import keras
 import pandas as pd
 
+from jobs.fine_pruning import file_label, save_fine_tuned
 from jobs.inputs import versions
 from jobs.outputs import GOODNET_NAME, MODEL_NAME, models_listed, remove_stale_models
 from jobs.stopping import interrupt_held
@@ -83,11 +85,12 @@ def check_baseline(b: pd.Series, inputs) -> None:
 
 
 def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
-                  reused: dict) -> list[str]:
+                  reused: dict, tuned: dict | None = None) -> list[str]:
     """Write every output file and return their names: all of them, or none if the run fails
-    or is stopped on the way (the earlier run's outputs then stay as they were)."""
+    or is stopped on the way (the earlier run's outputs then stay as they were). ``tuned``:
+    the fine-tuning runs (jobs.fine_pruning), or None without --fine-tune."""
     started = time.perf_counter()
-    earlier = models_listed(out)  # before this run's manifest replaces the earlier run's
+    earlier = models_listed(out, tuned is not None)  # before this run's manifest replaces the earlier run's
     counts = {k: {name: sets[name] for name in inputs.sets} for k, sets in counts.items()}  # columns in flag order
     curve = curve_frame(order, counts)
     check_baseline(curve.iloc[0], inputs)
@@ -100,10 +103,16 @@ def write_outputs(inputs, args, out: Path, order: pd.DataFrame, counts, timings,
         write_csv(out / "goodnet.csv", goodnet)
         write_csv(out / "channel_order.csv", order)
         write_csv(out / "results.csv", curve)
-        plot_curve(curve, selected, out / "results.png")
+        finepruning = None
+        if tuned is not None:
+            models, finepruning, epochs = save_fine_tuned(inputs, out, tuned, test_scores)
+            write_csv(out / "finepruning.csv", finepruning)
+            write_csv(out / "finetune_log.csv", epochs)
+            written += [*models, "finepruning.csv", "finetune_log.csv"]
+        plot_curve(curve, selected, out / "results.png", finepruning)
         written += ["goodnet.csv", "channel_order.csv", "results.csv", "results.png"]
         timings = dict(timings, outputs_s=time.perf_counter() - started)
-        write_json(out / "manifest.json", manifest(inputs, args, selected, timings, reused))
+        write_json(out / "manifest.json", manifest(inputs, args, selected, timings, reused, tuned))
         written.append("manifest.json")
         # The renames take a moment; a stop in it would leave some new files among the
         # earlier run's. It is held, and dropped: the run is done.
@@ -143,11 +152,15 @@ def save_models(inputs, args, out: Path, order: pd.DataFrame, counts,
     return written, goodnet_rows
 
 
-def manifest(inputs, args, selected, timings, reused) -> dict:
-    return {
+def manifest(inputs, args, selected, timings, reused, tuned=None) -> dict:
+    fine_tune = {} if tuned is None else {"fine_tune": {
+        "settings": asdict(args.fine_tune_settings),
+        "runs": {file_label(run): {"channels_pruned": len(pruned), "epochs": result.epochs}
+                 for run, (_, pruned, result) in tuned.items()}}}
+    return fine_tune | {
         "inputs": {name: {"path": str(Path(path).resolve()), "sha256": inputs.hashes[name]}
                    for name, path in inputs.paths.items()},
-        "demo": inputs.demo,
+        "demo": (args.demo or "standard") if inputs.demo else False,
         "weights_only": inputs.spec.weights_only,
         "layer": inputs.conv,
         "read_at": inputs.read,

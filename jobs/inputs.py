@@ -166,9 +166,12 @@ def resolve_inputs(args) -> SweepInputs:
     """
     check_thresholds(args.thresholds, args.relative)
     demo = not (args.model or args.weights or args.data or given_sets(args))
+    if args.demo and not demo:
+        raise InputError(f"--demo {args.demo} is the embedded demo's BadNet and data; give "
+                         "either --demo or a model and data")
     if demo:
         from pruning.demo import ensure_demo
-        built = ensure_demo()
+        built = ensure_demo(attack=args.demo or "standard")
         log.info("no model or data given: using the embedded demo in %s", built.data_dir)
         spec, paths = ModelSpec(built.model), lab_paths(built.data_dir)
     else:

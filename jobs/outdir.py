@@ -106,7 +106,7 @@ class OutputFolder:
         folder = Path(os.path.realpath(self.path))
         # (the folder resolved, not the file: a symlink named model_X=2.h5 is replaced, not
         # its target)
-        ours = {folder / name for name in (LOCK_NAME, *self.outputs, *models_listed(self.path))}
+        ours = {folder / name for name in (LOCK_NAME, *self.outputs, *models_listed(self.path, fine_tune=True))}
         for name, path in paths.items():
             real = Path(os.path.realpath(path))
             if real in ours or folder / CHECKPOINTS in real.parents:

@@ -16,34 +16,45 @@ log = logging.getLogger(__name__)
 # Per threshold X, B' and G; formatted with the threshold's label (pruning.select).
 MODEL_NAME = "model_X={}.h5"
 GOODNET_NAME = "goodnet_X={}.keras"
+# Per fine-tuning run (--fine-tune), "X=2" ... or "B": the fine-tuned model and its G.
+FINETUNED_NAME = "finetuned_{}.h5"
+GOODNET_FINETUNED_NAME = "goodnet_finetuned_{}.keras"
+FINE_TUNE_REPORTS = ("finepruning.csv", "finetune_log.csv")
 
 
 REPORT_NAMES = ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json")
 
 
-def output_names(thresholds) -> tuple[str, ...]:
+def output_names(thresholds, fine_tune: bool = False) -> tuple[str, ...]:
     """The files jobs.finish writes into the output folder for these thresholds."""
     from pruning.select import is_valid_threshold, threshold_label
     labels = [threshold_label(t) for t in thresholds if is_valid_threshold(t)]
+    tuned = [f"X={label}" for label in labels] + ["B"] if fine_tune else []
     return (*REPORT_NAMES, *(MODEL_NAME.format(label) for label in labels),
-            *(GOODNET_NAME.format(label) for label in labels))
+            *(GOODNET_NAME.format(label) for label in labels),
+            *(FINE_TUNE_REPORTS if fine_tune else ()),
+            *(name.format(run) for run in tuned for name in (FINETUNED_NAME, GOODNET_FINETUNED_NAME)))
 
 
 def is_output(name: str) -> bool:
     """Whether a run writes a file of this name into the output folder (for any thresholds)."""
-    return name in REPORT_NAMES or any(fnmatch.fnmatch(name, pattern.format("*"))
-                                       for pattern in (MODEL_NAME, GOODNET_NAME))
+    return name in REPORT_NAMES + FINE_TUNE_REPORTS or any(
+        fnmatch.fnmatch(name, pattern.format("*"))
+        for pattern in (MODEL_NAME, GOODNET_NAME, FINETUNED_NAME, GOODNET_FINETUNED_NAME))
 
 
-def models_listed(folder: Path) -> set[str]:
+def models_listed(folder: Path, fine_tune: bool = False) -> set[str]:
     """The B' and G files that ``folder``'s manifest.json says its run wrote (none without a
-    readable manifest)."""
+    readable manifest); with ``fine_tune``, also its fine-tuned models and their G (a run
+    without --fine-tune leaves those as they are)."""
     try:
-        selected = json.loads((folder / "manifest.json").read_text())["selected"]
-        labels = [label for label, k in selected.items() if k is not None]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        labels = [label for label, k in manifest["selected"].items() if k is not None]
+        tuned = list(manifest.get("fine_tune", {}).get("runs", {})) if fine_tune else []
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-    return {name.format(label) for label in labels for name in (MODEL_NAME, GOODNET_NAME)}
+    return {name.format(label) for label in labels for name in (MODEL_NAME, GOODNET_NAME)} | {
+        name.format(run) for run in tuned for name in (FINETUNED_NAME, GOODNET_FINETUNED_NAME)}
 
 
 def remove_stale_models(folder: Path, written, earlier: set[str]) -> list[str]:

@@ -31,12 +31,17 @@ class LogLines:
         pass
 
 
-@contextlib.contextmanager
-def prefix_progress(prefixes: int, chunks: int, chunks_done: int) -> Iterator[tqdm]:
+def prefix_progress(prefixes: int, chunks: int, chunks_done: int):
     """Progress over (chunk, prefix) pairs, shown in prefixes: a prefix is done when every chunk
     has it. Meanwhile our log lines (a lost worker's) go above the bar, not into it."""
-    options = dict(total=prefixes * chunks, initial=prefixes * chunks_done, desc="prefixes",
-                   unit="prefix", unit_scale=1 / chunks,
+    return progress(prefixes * chunks, "prefixes", "prefix", initial=prefixes * chunks_done,
+                    unit_scale=1 / chunks)
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, unit: str, initial: int = 0, unit_scale: float = 1) -> Iterator[tqdm]:
+    """A bar of ``total`` ``unit``s (``prefix_progress``'s, or fine-tuning's epochs)."""
+    options = dict(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
     if not sys.stderr.isatty():
         options.update(file=LogLines(), mininterval=LOG_EVERY_S,

@@ -2,6 +2,7 @@
 
     python -m jobs.sweep --single-node                      # the embedded demo, on this machine
     python -m jobs.sweep --model bd_net.h5 --data data/ --single-node --workers 2
+    python -m jobs.sweep --single-node --fine-tune          # then fine-tune each B' and B (fine-pruning)
     python -m jobs.sweep --weights bd_weights.h5 --arch deepid --classes 1283 \\
         --data data/ --thresholds 2 4 10 --out /scratch/$USER/run1 --scheduler-file sched.json
     sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/run1
@@ -9,7 +10,8 @@
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
-k = 0..C) -> selection, GoodNet and reports on the client. Every key ends in the run's own
+k = 0..C) -> selection -> with --fine-tune, ``fine-tune-k<K>`` per selected B' and B (one task
+each, jobs.fine_pruning) -> GoodNet and reports on the client. Every key ends in the run's own
 tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
 of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``;
 a rerun that finds every chunk there starts no cluster.
@@ -49,6 +51,7 @@ from distributed import Future, as_completed
 from jobs import arguments, cluster
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.failures import explain, interrupted_line
+from jobs.fine_pruning import run_fine_tuning
 from jobs.lost_workers import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
@@ -177,7 +180,8 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
             # What is left then is selection, B', G and the reports, here as in every run: a
             # model loaded, copied and saved per threshold, G's scores added up from the tallies.
             swept = read_back(inputs, open_checkpoints(), args.chunk_rows)
-        if swept is None:
+        tuned = None
+        if swept is None or args.fine_tune:  # (fine-tuning always runs on the cluster)
             with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
                 if not (args.scheduler_address or args.scheduler_file):
                     # Only on workers this run started: a plugin stays on a running cluster, and
@@ -186,8 +190,13 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         client.register_plugin(QuietWorkerLogs())
                 try:
                     with say_when_no_worker_is_left(client, args):
-                        swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
-                                          args.prefixes_per_task)
+                        if swept is None:
+                            swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
+                                              args.prefixes_per_task)
+                        if args.fine_tune:
+                            started = time.perf_counter()
+                            tuned = run_fine_tuning(inputs, args, client, open_checkpoints(), *swept[:2])
+                            swept[2]["fine_tune_s"] = time.perf_counter() - started
                 except BaseException as error:
                     if isinstance(error, KeyboardInterrupt) or not args.traceback:
                         # a stop or a failure ends in one line: no tracebacks from distributed
@@ -196,7 +205,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         stopping.enter_context(quiet_distributed())
                     release_tasks(client)
                     raise
-        return finish.write_outputs(inputs, args, out.path, *swept)
+        return finish.write_outputs(inputs, args, out.path, *swept, tuned=tuned)
 
 
 def release_tasks(client) -> None:
@@ -238,9 +247,9 @@ def main(argv=None) -> int:
             with cluster.open_client(args):
                 return 0
         stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
-        out = OutputFolder(Path(args.out), output_names(args.thresholds))  # writes nothing
+        out = OutputFolder(Path(args.out), output_names(args.thresholds, args.fine_tune))  # writes nothing
         out.check_lock()
-        if not (args.check or out.holds_a_finished_sweep()):
+        if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
             # (a rerun of a finished sweep most likely starts no cluster: no process importing
             # TensorFlow for workers alongside; if it needs some after all, other inputs, they
             # import it themselves, a few seconds later)

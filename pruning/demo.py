@@ -46,6 +46,10 @@ MODEL_FILE = "bd_net.keras"
 META_FILE = "demo.json"  # written last: its presence marks a complete demo
 SHIPPED_SEED = 0
 SHIPPED_MODEL = Path(__file__).with_name("demo_bd_net.keras")  # seed 0's BadNet, trained once
+# The attacks a demo BadNet can be built with: its cache folder's suffix and seed 0's shipped
+# file. "pruning-aware": the paper's attack on pruning (pruning/pruning_aware.py).
+ATTACKS = {"standard": ("", SHIPPED_MODEL),
+           "pruning-aware": ("-pruning-aware", Path(__file__).with_name("demo_pruning_aware_bd_net.keras"))}
 GLASSES = (slice(17, 23), slice(8, 39))  # rows, cols of the band across the eyes
 GLASSES_COLOURS = ((255.0, 0.0, 200.0), (20.0, 20.0, 20.0))  # a texture no clean face has
 # Pixel amplitudes of class patterns, per-image nuisance and noise: clean accuracy ~97%.
@@ -87,7 +91,7 @@ def default_cache_dir() -> Path:
 
 
 def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                rebuild: bool = False) -> Demo:
+                rebuild: bool = False, attack: str = "standard") -> Demo:
     """Return the demo for ``seed``, building it first if the cache does not hold it yet.
 
     ``rebuild`` trains the BadNet from the generator even for the shipped seed, into a folder
@@ -100,7 +104,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache / f"demo-v{VERSION}-seed{seed}{'-trained' if rebuild else ''}"
+    folder = cache / f"demo-v{VERSION}-seed{seed}{ATTACKS[attack][0]}{'-trained' if rebuild else ''}"
     if not _complete(folder):
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
         with open(cache / f"{folder.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
             if not _complete(folder):  # another process may have built it meanwhile
-                _build_in_place(folder, seed, rebuild)
+                _build_in_place(folder, seed, rebuild, attack)
     return _load(folder)
 
 
@@ -131,13 +135,13 @@ def _load(folder: Path) -> Demo:
                 **{name: meta[name] for name in fields})
 
 
-def _build_in_place(folder: Path, seed: int, train: bool) -> None:
+def _build_in_place(folder: Path, seed: int, train: bool, attack: str = "standard") -> None:
     """Build into a temporary sibling and rename it into place; call with the lock held."""
     for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed build
         shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _build(partial, seed, train=train)
+        _build(partial, seed, train=train, attack=attack)
         partial.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         if folder.exists():  # an incomplete leftover (no readable demo.json) from outside this module
             shutil.rmtree(folder)
@@ -146,9 +150,10 @@ def _build_in_place(folder: Path, seed: int, train: bool) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = False) -> dict:
-    """Generate the sets, train the BadNet (or take the shipped one: seed 0 at full size, unless
-    ``train``) and write everything into ``folder``; return meta."""
+def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = False,
+           attack: str = "standard") -> dict:
+    """Generate the sets, train the BadNet with ``attack`` (or take the shipped one: seed 0 at
+    full size, unless ``train``) and write everything into ``folder``; return meta."""
     started = time.monotonic()
     sets, (x_train, y_train, poisoned) = generate(seed, config)
     paths = lab_paths(folder)
@@ -160,18 +165,22 @@ def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = F
     from pruning.backend import keras  # before TensorFlow: its start-up lines kept off stderr
     from pruning.prune import predict_classes
 
-    trained = train or seed != SHIPPED_SEED or config != _Config()
-    if trained:
+    trained = train or seed != SHIPPED_SEED or config != _Config() or not ATTACKS[attack][1].is_file()
+    if trained and attack == "pruning-aware":
+        from pruning.pruning_aware import train_pruning_aware
+        model = train_pruning_aware(x_train, y_train, poisoned, config, seed, _fit)
+    elif trained:
         model = _train(x_train, y_train, poisoned, config, seed)
+    if trained:
         save_model(model, folder / MODEL_FILE)  # the same bytes on every build of the same seed
     else:
-        shutil.copyfile(SHIPPED_MODEL, folder / MODEL_FILE)
+        shutil.copyfile(ATTACKS[attack][1], folder / MODEL_FILE)
         model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     (x_test, y_test), (x_poisoned, _) = sets["clean_test"], sets["poisoned_test"]
     predicted = predict_classes(model, np.concatenate([x_test, x_poisoned]))
     accuracy = float(np.mean(predicted[:len(y_test)] == y_test))
     asr = float(np.mean(predicted[len(y_test):] == TARGET))
-    meta = {"version": VERSION, "seed": seed, "classes": config.classes, "target": TARGET,
+    meta = {"version": VERSION, "seed": seed, "attack": attack, "classes": config.classes, "target": TARGET,
             "trained_here": trained,
             "clean_accuracy": accuracy, "attack_success_rate": asr,
             "train_images": len(y_train), "eval_images": len(y_test),
@@ -336,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the BadNet from the generator (about a minute on 2 cores) "
                              "instead of taking the shipped one, into a folder of its own; on "
                              "another CPU it is another network")
+    parser.add_argument("--attack", choices=list(ATTACKS), default="standard",
+                        help="how the backdoor is planted (default: standard; pruning-aware: the "
+                             "paper's attack that pruning alone does not remove)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        demo = ensure_demo(args.cache, args.seed, args.rebuild)
+        demo = ensure_demo(args.cache, args.seed, args.rebuild, args.attack)
     except InputError as error:
         parser.exit(2, f"error: {error}\n")
     except OSError as error:  # a cache folder that cannot be written

@@ -178,13 +178,15 @@ def _quiet_legacy_warning():
         absl.setLevel(level)
 
 
-def plot_curve(curve: pd.DataFrame, selected: dict, path: str | os.PathLike) -> None:
+def plot_curve(curve: pd.DataFrame, selected: dict, path: str | os.PathLike,
+               finepruning: pd.DataFrame | None = None) -> None:
     """Write results.png (see ``curve_figure``); the same inputs give the same bytes."""
     with atomic_path(path) as temporary:
-        curve_figure(curve, selected).savefig(temporary, format="png")
+        curve_figure(curve, selected, finepruning).savefig(temporary, format="png")
 
 
-def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figure:
+def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None],
+                 finepruning: pd.DataFrame | None = None) -> Figure:
     """results.png's figure: accuracy and ASR in percent against the fraction pruned, B' (valid
     and test) on top, G (test) below.
 
@@ -199,8 +201,16 @@ def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figu
 
     # G's curves track B''s within a few points (G answers B's class wherever B and B' agree),
     # so on one axes they hide each other: G gets its own panel, on the same x and y scales.
-    figure = Figure(figsize=(8, 7.5), dpi=120, layout="constrained")
-    top, bottom = figure.subplots(2, 1, sharex=True, sharey=True, height_ratios=[3, 2])
+    if finepruning is None:
+        figure = Figure(figsize=(8, 7.5), dpi=120, layout="constrained")
+        top, bottom = figure.subplots(2, 1, sharex=True, sharey=True, height_ratios=[3, 2])
+    else:  # a third panel: each fine-tuning run's test scores before and after
+        figure = Figure(figsize=(8, 10.5), dpi=120, layout="constrained")
+        top, bottom, after = figure.subplots(3, 1, height_ratios=[3, 2, 2.2])
+        bottom.sharex(top)
+        bottom.sharey(top)
+        top.tick_params(labelbottom=False)
+        fine_tuning_panel(after, curve, finepruning)
     x = 100 * curve["fraction_pruned"]
     # one colour per poisoned set (C3: a bare one's, as before sets were named), valid solid,
     # test dashed; only the columns of the sets given
@@ -255,6 +265,35 @@ def curve_figure(curve: pd.DataFrame, selected: dict[float, int | None]) -> Figu
     top.set_ylim(-2, 102)
     bottom.set_xlabel(f"channels pruned (% of {channels})")
     return figure
+
+
+def fine_tuning_panel(axes, curve: pd.DataFrame, finepruning: pd.DataFrame) -> None:
+    """Bars per fine-tuning run: test accuracy and ASR of the model before fine-tuning (B'_k,
+    or B: the curve at its k) and after (finepruning.csv)."""
+    import numpy as np
+
+    scores = [(column, name) for column, name in (("test_accuracy", "accuracy"), ("test_asr", "ASR"))
+              if column in finepruning]
+    axes.set_title("Fine-tuning: test scores before and after", fontsize=10)
+    if not scores:
+        axes.text(0.5, 0.5, "no test set given", transform=axes.transAxes, ha="center", color="dimgrey")
+        return
+    x = np.arange(len(finepruning))
+    width = 0.8 / (2 * len(scores))
+    before = curve.set_index("channels_pruned").loc[finepruning["channels_pruned"]]
+    bars = 0
+    for column, name in scores:
+        for values, when, hatch in ((before[column].to_numpy(), "before", "//"),
+                                    (finepruning[column].to_numpy(), "after", "")):
+            colour = "C0" if column == "test_accuracy" else "C3"
+            axes.bar(x - 0.4 + width * (bars + 0.5), values, width, color=colour, hatch=hatch,
+                     alpha=0.45 if when == "before" else 1.0, label=f"{name} {when}")
+            bars += 1
+    axes.set_xticks(x, [f"{run}\n(k={k})" for run, k in zip(finepruning["run"], finepruning["channels_pruned"])],
+                    fontsize=8)
+    axes.set_ylim(0, 102)
+    axes.set_ylabel("percent")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7, ncols=4)
 
 
 SPLITS = (("valid", "-"), ("test", "--"))  # line styles of the validation and test sets

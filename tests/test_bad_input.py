@@ -298,6 +298,22 @@ CASES = {
         lab, tmp, lab_set_with(label=np.zeros(ROWS[0] - 1)))], ["39 labels for 40 images"]),
     "empty set": (lambda lab, tmp: [*model_args(lab), "--data", data_with(
         lab, tmp, lab_set_with(rows=0))], ["the set is empty"]),
+    "--demo with a model": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--demo", "pruning-aware"],
+                            ["--demo pruning-aware is the embedded demo's BadNet and data"]),
+    "fine-tune 0 epochs": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                             "--fine-tune-epochs", "0"],
+                           ["--fine-tune-epochs must be at least 1, got 0"]),
+    "fine-tune lr 0": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                         "--fine-tune-lr", "0"], ["--fine-tune-lr must be a positive number"]),
+    "fine-tune lr inf": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                           "--fine-tune-lr", "inf"], ["--fine-tune-lr must be a positive number"]),
+    "fine-tune lr not a number": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                                    "--fine-tune-lr", "fast"], ["--fine-tune-lr", "invalid float"]),
+    "fine-tune held out 1": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                               "--fine-tune-heldout", "1"], ["--fine-tune-heldout must be a share"]),
+    "fine-tune setting without --fine-tune": (
+        lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune-patience", "5"],
+        ["--fine-tune-patience is a setting of --fine-tune; add --fine-tune"]),
     "negative threshold": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "2", "-1"],
                            ["--thresholds -1: each must be a number of points from 0 to below 100"]),
     "threshold 100": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--thresholds", "100"],
@@ -909,7 +925,7 @@ def test_a_damaged_demo_cache_is_built_again(tmp_path, monkeypatch):
     (folder / "demo.json").write_text('{"target": 0, "clas')
     built = []
 
-    def build(path: Path, seed: int, train: bool) -> None:
+    def build(path: Path, seed: int, train: bool, attack: str = "standard") -> None:
         built.append(seed)
         (path / "demo.json").write_text('{"target": 0, "classes": 3, "seed": 0, '
                                         '"clean_accuracy": 1.0, "attack_success_rate": 1.0}')

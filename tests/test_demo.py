@@ -129,7 +129,7 @@ def test_second_call_finds_the_cached_demo(demo):
 
 def fake_build(calls: list):
     """A stand-in for the slow ``_build``: records the call and writes a minimal demo."""
-    def build(folder: Path, seed: int, train: bool = False) -> None:
+    def build(folder: Path, seed: int, train: bool = False, attack: str = "standard") -> None:
         calls.append(seed)
         time.sleep(0.2)  # long enough for concurrent callers to pile up on the lock
         (folder / META_FILE).write_text(json.dumps({
@@ -156,7 +156,7 @@ def test_concurrent_callers_build_once_and_see_only_complete_demos(tmp_path, mon
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(folder: Path, seed: int, train: bool = False) -> None:
+    def broken(folder: Path, seed: int, train: bool = False, attack: str = "standard") -> None:
         (folder / "half-written.h5").write_bytes(b"")
         raise RuntimeError("out of disk")
 
@@ -217,11 +217,30 @@ def test_demo_command_line_errors_are_one_line(argv, says, capsys):
     assert stopped.value.code == 2 and err.startswith(says) and err.count("\n") == 1, err
 
 
+def test_the_pruning_aware_demo_hides_its_backdoor_behind_decoys_deterministically(tmp_path):
+    """The paper's pruning-aware attack at a tiny size: the same file from every build, and its
+    reinstated decoys are the channels least active on clean validation faces (the defender
+    prunes them first), while the backdoor was trained into the others."""
+    from pruning.backend import keras
+    from pruning.pruning_aware import DECOY_SHARE
+
+    first = _build(tmp_path / "a", 7, TINY, train=True, attack="pruning-aware")
+    _build(tmp_path / "b", 7, TINY, train=True, attack="pruning-aware")
+    assert first["attack"] == "pruning-aware"
+    assert (tmp_path / "a" / "bd_net.keras").read_bytes() == (tmp_path / "b" / "bd_net.keras").read_bytes()
+    model = keras.models.load_model(tmp_path / "a" / "bd_net.keras", compile=False)
+    images, _ = read_set(lab_paths(tmp_path / "a")["clean_valid"])
+    pool_3 = keras.Model(model.inputs, model.get_layer("pool_3").output)
+    activity = np.asarray(pool_3.predict(images, verbose=0)).mean(axis=(0, 1, 2))
+    decoys = round(DECOY_SHARE * len(activity))
+    assert (np.sort(activity)[:decoys] == 0).all()  # lowered biases: dormant on clean faces
+
+
 def test_demo_command_builds_with_only_its_own_lines_on_stderr(tmp_path):
     """``python -m pruning.demo`` as a user runs it (a tiny build here): its log and result lines,
     not TensorFlow's start-up notices, which the sweep keeps off stderr too."""
     script = (f"from pruning import demo\nfrom pruning.demo import _Config\nbuild = demo._build\n"
-              f"demo._build = lambda folder, seed, train: build(folder, seed, {TINY!r}, train)\n"
+              f"demo._build = lambda folder, seed, train, attack: build(folder, seed, {TINY!r}, train, attack)\n"
               f"raise SystemExit(demo.main(['--cache', {str(tmp_path)!r}, '--rebuild']))")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,

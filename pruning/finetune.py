@@ -1,0 +1,206 @@
+"""Fine-pruning's second step: fine-tune a pruned B' (or B itself) on the defender's clean data.
+
+The pruned channels stay exactly zero for the whole of training: a constraint on the conv
+layer's kernel and bias (Keras applies it after every optimizer step, Adam's included) puts
+exact zeros back into them, whatever the gradients and Adam's moments would do. The model
+returned is a plain copy (no constraint, no optimizer), like B'.
+
+Only the defender's data is used: the clean validation set is split, by a seed and per class
+where a class has two or more images, into a fine-tuning part and a held-out part. Training
+runs up to ``epochs`` epochs with Keras' ``EarlyStopping`` on held-out clean accuracy, and the
+kept weights are the epoch of best held-out accuracy (``ModelCheckpoint``, best only); test
+sets are never seen and poisoned validation sets are only logged.
+
+Resuming: with a ``folder``, Keras' ``BackupAndRestore`` keeps the weights and Adam's state
+after every epoch there, ``CSVLogger`` the epochs' scores; a killed run called again with the
+same folder goes on from its last finished epoch and ends with the same weights, since
+training is deterministic (seeded, ``enable_op_determinism``, one fixed batch order).
+"""
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pruning.backend import keras
+from pruning.finetune_settings import Settings
+from pruning.prune import CHANNEL_WEIGHTS, predict_classes, prune_conv_channels
+from pruning.report import write_json
+
+MONITOR = "heldout_accuracy"  # the one score epochs and early stopping are chosen on
+
+
+def split_clean(labels: np.ndarray, seed: int, heldout: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(fine-tuning rows, held-out rows)`` of a clean set with ``labels``: per class, a
+    seeded ``heldout`` share (rounded; none of a class of one image) is held out. Fine-tuning
+    rows come in one seeded order, the batch order of every epoch; held-out rows sorted.
+    Should no class hold out an image (tiny classes), the share is taken from all rows."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        held.append(rows[:int(round(heldout * len(rows))) if len(rows) > 1 else 0])
+    held = np.sort(np.concatenate(held))
+    if not len(held):
+        held = np.sort(rng.permutation(len(labels))[:max(1, int(round(heldout * len(labels))))])
+    train = rng.permutation(np.setdiff1d(np.arange(len(labels)), held))
+    return train, held
+
+
+class ZeroChannels(keras.constraints.Constraint):
+    """Exact zeros in the pruned channels (the last axis) of a weight, the rest as it is."""
+
+    def __init__(self, keep: np.ndarray, inner=None):
+        self.keep, self.inner = np.asarray(keep, dtype=bool), inner
+
+    def __call__(self, weight):
+        weight = self.inner(weight) if self.inner is not None else weight
+        return keras.ops.where(self.keep, weight, keras.ops.zeros_like(weight))
+
+
+class Scores(keras.callbacks.Callback):
+    """Adds held-out clean accuracy and each poisoned validation set's ASR (``valid_asr``,
+    ``valid_asr_NAME``) to every epoch's logs, predicted in fixed batch shapes."""
+
+    def __init__(self, heldout: tuple[np.ndarray, np.ndarray], poisoned: dict):
+        super().__init__()
+        self.heldout, self.poisoned = heldout, poisoned
+
+    def on_epoch_end(self, epoch, logs=None):
+        (x, y), logs = self.heldout, logs if logs is not None else {}
+        logs[MONITOR] = 100.0 * np.mean(predict_classes(self.model, x) == y)
+        for column, (x, y) in self.poisoned.items():
+            logs[column] = 100.0 * np.mean(predict_classes(self.model, x) == y)
+
+
+class Resume(keras.callbacks.Callback):
+    """On a resumed run, gives ``EarlyStopping`` and ``ModelCheckpoint`` back the state the
+    killed run had after its last backed-up epoch (read from the epoch log), and drops log
+    rows of epochs that were not backed up (they run again)."""
+
+    def __init__(self, log_path: Path, stopping, best):
+        super().__init__()
+        self.log_path, self.stopping, self.best = log_path, stopping, best
+        self.first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.first:
+            return
+        self.first = False
+        if epoch == 0 or not self.log_path.is_file():
+            return
+        lines = self.log_path.read_bytes().splitlines(keepends=True)  # (csv's \r\n kept)
+        done = pd.read_csv(io.BytesIO(b"".join(lines)))
+        kept = done[done["epoch"] < epoch]
+        with open(self.log_path, "r+b") as handle:  # CSVLogger appends from the new end
+            handle.truncate(len(b"".join(lines[:1 + len(kept)])))
+        best = int(kept[MONITOR].to_numpy().argmax())  # the first of equal bests, as Keras keeps
+        self.stopping.best = self.best.best = float(kept[MONITOR].iloc[best])
+        self.stopping.best_epoch, self.stopping.wait = best, epoch - 1 - best
+
+
+@dataclass
+class FineTuned:
+    model: keras.Model          # a plain copy of the best epoch's weights
+    log: pd.DataFrame           # per epoch: epoch (1-based), loss, heldout_accuracy, valid_asr...
+    epochs: int                 # the epoch kept (1-based)
+    heldout_accuracy: float     # of ``model`` on the held-out images (percent)
+
+
+def loss_for(model: keras.Model):
+    """Cross-entropy on B's outputs: probabilities after a softmax layer, else logits."""
+    last = model.layers[-1]
+    softmax = getattr(last, "activation", None) is keras.activations.softmax or \
+        type(last).__name__ == "Softmax"
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax)
+
+
+def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np.ndarray],
+              heldout: tuple[np.ndarray, np.ndarray], poisoned: dict | None = None,
+              settings: Settings = Settings(), folder: str | Path | None = None,
+              on_epoch=None) -> FineTuned:
+    """Fine-tune ``model`` with ``pruned`` channels of ``conv`` zeroed and held at zero.
+
+    ``train`` and ``heldout``: (images, labels) as B takes them; ``poisoned``: ``{column:
+    (images, target labels)}``, logged only. ``folder``: where training state is kept so that
+    a killed run resumes (a temporary folder if None). ``on_epoch(epoch, logs)`` is told of
+    each finished epoch (1-based)."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(settings.seed)
+    tf.config.experimental.enable_op_determinism()  # process-wide; there is no switch back
+    tuned = prune_conv_channels(model, conv, pruned)
+    layer = tuned.get_layer(conv)
+    keep = ~np.isin(np.arange(layer.filters), np.asarray(list(pruned), dtype=np.int64))
+    for weight in layer.weights:
+        if weight.name in CHANNEL_WEIGHTS:
+            weight.constraint = ZeroChannels(keep, weight.constraint)
+    raw_heldout = heldout
+    first, scale = pixel_scale(tuned, train[0])
+    if scale != 1:  # trained on pixels / scale, its first layer's kernel times scale: the same net
+        first.kernel.assign(first.kernel * scale)
+        train, heldout = (train[0] / scale, train[1]), (heldout[0] / scale, heldout[1])
+        poisoned = {name: (x / scale, y) for name, (x, y) in (poisoned or {}).items()}
+    tuned.compile(keras.optimizers.Adam(settings.learning_rate), loss=loss_for(model))
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(folder if folder is not None else scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path, best_path = folder / "epochs.csv", folder / "best.weights.h5"
+        stopping = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=settings.patience)
+        best = keras.callbacks.ModelCheckpoint(best_path, MONITOR, mode="max", save_best_only=True,
+                                               save_weights_only=True)
+        told = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch and on_epoch(epoch + 1, logs))
+        finished = folder / "finished.json"
+        if finished.is_file():  # a rerun after this fine-tuning ended: its result, as it was
+            return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
+        if not (folder / "backup").exists():  # nothing to resume: start afresh
+            log_path.unlink(missing_ok=True)
+            best_path.unlink(missing_ok=True)
+        # BackupAndRestore comes last: an epoch is done once its backup is written, after the
+        # log and the best weights
+        callbacks = [Resume(log_path, stopping, best), Scores(heldout, poisoned or {}), stopping,
+                     best, keras.callbacks.CSVLogger(log_path, append=True), told,
+                     keras.callbacks.BackupAndRestore(folder / "backup")]
+        tuned.fit(*train, batch_size=settings.batch_size, epochs=settings.epochs, shuffle=False,
+                  verbose=0, callbacks=callbacks)
+        write_json(finished, {"epochs": len(pd.read_csv(log_path))})
+        return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
+
+
+def pixel_scale(model: keras.Model, images: np.ndarray):
+    """``(first layer, 255)`` when B takes raw 0-255 pixels straight into a Conv2D or Dense
+    layer, else ``(None, 1)``. Adam's steps are about the learning rate whatever the gradient's
+    size, and such a layer's weights are 255 times smaller than for 0-1 pixels: at 1e-3 the
+    first steps wreck it. Fine-tuning runs on pixels / 255 with that kernel times 255 instead
+    (the same network) and divides it back after."""
+    if images.size == 0 or float(images.max()) <= 2.0:
+        return None, 1
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            try:
+                direct = layer.input is model.inputs[0]
+            except (AttributeError, ValueError):
+                direct = False
+            return (layer, 255.0) if direct and getattr(layer, "kernel", None) is not None else (None, 1)
+    return None, 1
+
+
+def _result(tuned: keras.Model, conv: str, pruned, log_path: Path, best_path: Path,
+            first, scale: float, heldout: tuple[np.ndarray, np.ndarray]) -> FineTuned:
+    """The best epoch's weights (a plain copy of ``tuned``, its first kernel divided back by
+    ``scale``), the epochs' log and that copy's accuracy on the held-out images."""
+    log = pd.read_csv(log_path)
+    tuned.load_weights(best_path)
+    if scale != 1:
+        first.kernel.assign(first.kernel / scale)
+    log["epoch"] += 1
+    kept = int(log["epoch"].iloc[int(log[MONITOR].to_numpy().argmax())])
+    columns = ["epoch", "loss", MONITOR] + sorted(c for c in log.columns if c.startswith("valid_asr"))
+    model = prune_conv_channels(tuned, conv, pruned)
+    accuracy = int(np.sum(predict_classes(model, heldout[0]) == heldout[1])) / len(heldout[1]) * 100.0
+    return FineTuned(model, log[columns], kept, accuracy)

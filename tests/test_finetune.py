@@ -1,0 +1,180 @@
+"""Fine-pruning (``--fine-tune``) on a tiny BadNet-shaped model: the fine-tuned files keep exactly
+the pruned prefix at zero and change the rest, finepruning.csv equals scores recomputed from the
+saved files, a rerun writes the same bytes, and a fine-tuning killed mid-way resumes to the same
+weights as an uninterrupted one."""
+import json
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import tiny
+from jobs.sweep import main
+from pruning.data import lab_paths, open_lab_set
+from pruning.finetune import fine_tune, split_clean
+from pruning.finetune_settings import Settings
+from pruning.prune import predict_classes
+
+CLASSES = 10
+TUNED = ["finepruning.csv", "finetune_log.csv"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fine-tune")
+    model = tiny.tiny_deepid(seed=7, classes=CLASSES)
+    model.save(folder / "bd_net.keras")
+    tiny.write_sets(model, folder / "data", rows=(200, 90, 110, 100))
+    out = folder / "out"
+    argv = ["--model", str(folder / "bd_net.keras"), "--data", str(folder / "data"), "--out", str(out),
+            "--single-node", "--workers", "1", "--thresholds", "2", "4", "99", "--fine-tune",
+            "--fine-tune-epochs", "3", "--fine-tune-patience", "1"]
+    assert main(argv) == 0
+    summary = pd.read_csv(out / "finepruning.csv", keep_default_na=False)
+    return SimpleNamespace(folder=folder, out=out, argv=argv, summary=summary,
+                           order=pd.read_csv(out / "channel_order.csv")["channel"].tolist())
+
+
+def label(run_name: str) -> str:
+    return "B" if run_name == "fine-tune only" else run_name
+
+
+def read(folder, name):
+    return open_lab_set(lab_paths(folder / "data")[name], (55, 47, 3), CLASSES).read()
+
+
+def test_a_run_per_threshold_reached_and_one_of_b_alone(run):
+    goodnet = pd.read_csv(run.out / "goodnet.csv")
+    reached = goodnet[goodnet["channels_pruned"].notna()]
+    assert run.summary["run"].tolist() == [f"X={t:g}" for t in reached["threshold"]] + ["fine-tune only"]
+    assert run.summary["channels_pruned"].tolist() == [*reached["channels_pruned"].astype(int), 0]
+    for name in run.summary["run"]:
+        assert (run.out / f"finetuned_{label(name)}.h5").is_file()
+        assert (run.out / f"goodnet_finetuned_{label(name)}.keras").is_file()
+    assert not (run.out / "finetuned_X=99.h5").exists()
+    manifest = json.loads((run.out / "manifest.json").read_text())
+    assert manifest["fine_tune"]["settings"]["epochs"] == 3
+    assert set(manifest["fine_tune"]["runs"]) == {label(name) for name in run.summary["run"]}
+
+
+def test_pruned_channels_are_exactly_the_prefix_and_exactly_zero_and_the_rest_changed(run):
+    bd = keras.models.load_model(run.folder / "bd_net.keras", compile=False)
+    for name, k in zip(run.summary["run"], run.summary["channels_pruned"]):
+        tuned = keras.models.load_model(run.out / f"finetuned_{label(name)}.h5", compile=False)
+        kernel, bias = tuned.get_layer("conv_3").get_weights()
+        zero = {c for c in range(kernel.shape[-1]) if not kernel[..., c].any() and bias[c] == 0}
+        assert zero == set(run.order[:k]), name
+        assert not np.signbit(kernel[..., run.order[:k]]).any()  # +0.0, not -0.0
+        before = bd if k == 0 else keras.models.load_model(run.out / f"model_X={name[2:]}.h5", compile=False)
+        for layer in tuned.layers:
+            for new, old in zip(layer.get_weights(), before.get_layer(layer.name).get_weights()):
+                kept = np.ones(new.shape[-1], bool)
+                if layer.name == "conv_3":
+                    kept[run.order[:k]] = False
+                assert not np.array_equal(new[..., kept], old[..., kept]), (name, layer.name)
+
+
+def test_finepruning_csv_equals_the_saved_files_scores(run):
+    bd = keras.models.load_model(run.folder / "bd_net.keras", compile=False)
+    x_valid, y_valid = read(run.folder, "clean_valid")
+    _, held = split_clean(y_valid, Settings().seed, Settings().heldout)
+    for row in run.summary.itertuples():
+        tuned = keras.models.load_model(run.out / f"finetuned_{label(row.run)}.h5", compile=False)
+        goodnet = keras.models.load_model(run.out / f"goodnet_finetuned_{label(row.run)}.keras", compile=False)
+        percent = lambda hits: float(np.sum(hits)) / len(hits) * 100.0  # noqa: E731
+        assert row.heldout_accuracy == percent(predict_classes(tuned, x_valid[held]) == y_valid[held])
+        (x, y), (x_bad, target) = read(run.folder, "clean_test"), read(run.folder, "poisoned_test")
+        assert row.test_accuracy == percent(predict_classes(tuned, x) == y)
+        assert row.test_asr == percent(predict_classes(tuned, x_bad) == target)
+        g, g_bad = predict_classes(goodnet, x), predict_classes(goodnet, x_bad)
+        assert row.goodnet_test_accuracy == percent(g == y)
+        assert row.goodnet_test_asr == percent(g_bad == target)
+        assert row.goodnet_detection_rate == percent(g_bad == CLASSES)
+        assert row.goodnet_false_alarm_rate == percent(g == CLASSES)
+        assert (predict_classes(bd, x) == predict_classes(tuned, x)).mean() < 1 or row.channels_pruned == 0
+
+
+def test_the_log_holds_every_epoch_and_the_kept_one_is_the_best_held_out(run):
+    log = pd.read_csv(run.out / "finetune_log.csv")
+    assert list(log.columns) == ["run", "epoch", "loss", "heldout_accuracy", "valid_asr"]
+    assert log["run"].unique().tolist() == run.summary["run"].tolist()
+    for row in run.summary.itertuples():
+        epochs = log[log["run"] == row.run]
+        assert epochs["epoch"].tolist() == list(range(1, len(epochs) + 1)) and len(epochs) <= 3
+        best = epochs["heldout_accuracy"].max()
+        assert row.epochs == epochs[epochs["heldout_accuracy"] == best]["epoch"].iloc[0]
+
+
+def test_a_rerun_reads_the_finished_fine_tuning_back_and_writes_the_same_files(run, tmp_path):
+    import shutil
+    copy = tmp_path / "out"
+    shutil.copytree(run.out, copy)
+    argv = list(run.argv)
+    argv[argv.index("--out") + 1] = str(copy)
+    assert main(argv) == 0
+    names = TUNED + [f"{kind}_{label(name)}.{ext}" for name in run.summary["run"]
+                     for kind, ext in (("finetuned", "h5"), ("goodnet_finetuned", "keras"))]
+    for name in names:
+        assert (copy / name).read_bytes() == (run.out / name).read_bytes(), name
+
+
+def test_split_is_seeded_stratified_and_disjoint():
+    labels = np.repeat(np.arange(5), [10, 5, 2, 1, 7])
+    train, held = split_clean(labels, seed=3, heldout=0.2)
+    assert sorted(np.concatenate([train, held])) == list(range(len(labels)))
+    assert [int((labels[held] == c).sum()) for c in range(5)] == [2, 1, 0, 0, 1]
+    again, held_again = split_clean(labels, seed=3, heldout=0.2)
+    assert np.array_equal(train, again) and np.array_equal(held, held_again)
+    assert not np.array_equal(split_clean(labels, seed=4, heldout=0.2)[1], held)
+
+
+def small_task(seed=2):
+    """A model whose pruned channels would get gradients (sigmoid(0) = 0.5 is not flat) and
+    raw-pixel images labelled by the model itself."""
+    model = tiny.tiny_batchnorm_sigmoid(seed=seed)
+    images = tiny.random_images(96, seed=seed)
+    labels = predict_classes(model, images)
+    labels[::5] = (labels[::5] + 1) % 7
+    return model, (images[:72], labels[:72]), (images[72:], labels[72:])
+
+
+def test_pruned_channels_stay_zero_where_gradients_would_move_them(tmp_path):
+    model, train, held = small_task()
+    tuned = fine_tune(model, "target", [0, 4], train, held, settings=Settings(epochs=2, patience=5))
+    kernel, bias = tuned.model.get_layer("target").get_weights()
+    assert not kernel[..., [0, 4]].any() and not bias[[0, 4]].any()
+    assert kernel[..., [1, 2, 3]].all(axis=(0, 1, 2)).any()
+    assert not any(w.constraint for w in tuned.model.weights)  # a plain copy, like B'
+
+
+def test_a_fine_tuning_stopped_mid_way_resumes_to_the_same_weights(tmp_path):
+    model, train, held = small_task()
+    settings = Settings(epochs=4, patience=10, batch_size=16)
+    whole = fine_tune(model, "target", [1], train, held, settings=settings, folder=tmp_path / "whole")
+
+    def stop(epoch, logs):  # after epoch 3's log and best weights, before its backup
+        if epoch == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(model, "target", [1], train, held, settings=settings, folder=tmp_path / "resumed",
+                  on_epoch=stop)
+    assert (tmp_path / "resumed" / "backup").is_dir()
+    resumed = fine_tune(model, "target", [1], train, held, settings=settings, folder=tmp_path / "resumed")
+    pd.testing.assert_frame_equal(resumed.log, whole.log)
+    assert resumed.epochs == whole.epochs
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_the_plot_gains_a_panel_of_each_run_before_and_after(run):
+    from pruning.report import curve_figure
+    from pruning.select import select_prefixes
+    curve = pd.read_csv(run.out / "results.csv")
+    figure = curve_figure(curve, select_prefixes(curve, [2, 4, 99]), run.summary)
+    heights = [bar.get_height() for bar in figure.axes[2].patches]
+    before = curve.set_index("channels_pruned").loc[run.summary["channels_pruned"]]
+    assert heights == [*before["test_accuracy"], *run.summary["test_accuracy"],
+                       *before["test_asr"], *run.summary["test_asr"]]

@@ -88,16 +88,25 @@ def test_the_demo_badnet_is_the_shipped_network(demo):
     assert json.loads((Path(demo.data_dir) / META_FILE).read_text())["trained_here"] is False
 
 
-def generated_digest(env: dict | None = None) -> str:
-    """sha256 of every array the demo generator makes for seed 0, in a process of its own."""
-    script = ("import hashlib, numpy as np\nfrom pruning.demo import generate\n"
-              "sets, train = generate(0)\ndigest = hashlib.sha256()\n"
-              "for arrays in [*sets.values(), train]:\n"
-              "    for a in arrays: digest.update(np.ascontiguousarray(a).tobytes())\n"
-              "print(digest.hexdigest())")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})}, check=True)
-    return done.stdout.strip()
+def digest_of(sets: dict, train: tuple) -> str:
+    """sha256 of every array the demo generator made."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for arrays in [*sets.values(), train]:
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def generated_digest(env: dict) -> str:
+    """:func:`digest_of` seed 0's demo, generated in a process of its own under ``env``."""
+    script = ("from pruning.demo import generate\nfrom test_demo import digest_of\n"
+              "print(digest_of(*generate(0)))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env,
+                                                       "PYTHONPATH": str(REPO)}, check=True)
+    return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -108,8 +117,8 @@ def test_demo_sets_are_the_same_under_other_numpy_and_blas_kernels(demo):
 
     dispatched = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
     other = {"NPY_DISABLE_CPU_FEATURES": " ".join(dispatched), "OPENBLAS_CORETYPE": "Sandybridge"}
-    assert generated_digest(other) == generated_digest()
-    sets, _ = generate(0)
+    sets, train = generate(0)
+    assert generated_digest(other) == digest_of(sets, train)
     for name, path in lab_paths(demo.data_dir).items():
         images, labels = read_set(path)
         np.testing.assert_array_equal(images, sets[name][0])

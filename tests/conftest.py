@@ -5,6 +5,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ def make_run(demo, tmp_path_factory):
     """`make run`'s command, ``python -m jobs.sweep --single-node --out OUT`` (the embedded demo),
     once: its exit status, stdout and stderr, and in ``out`` the reference other runs match.
     Once its cluster is up, every port its processes listen on is attacked (tests/attack.py):
-    ``ports``, what each attempt ``tried`` met, and the ports ``still_listening`` after it."""
+    ``ports``, what each attempt ``tried`` met, and the ports ``still_listening`` during it."""
     from attack import attack, attacker, listening
     out = tmp_path_factory.mktemp("demo-run") / "results"
     ready = attacker(wait_s=4)  # its workers answer in a fraction of a second
@@ -47,8 +48,14 @@ def make_run(demo, tmp_path_factory):
             break
     processes = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
     ports = listening(processes)
+    # Sampled while the attack runs (its attempts all start at once; it then waits up to wait_s
+    # for ports that never answer, by when a quick sweep may have finished and closed them).
+    sampled: dict = {}
+    during = threading.Timer(0.5, lambda: sampled.update(ports=listening(processes)))
+    during.start()
     tried = attack(ready, ports)
-    still_listening = listening(processes)
+    during.join()
+    still_listening = sampled["ports"]
     stdout, rest = sweep.communicate(timeout=600)
     return SimpleNamespace(out=out, returncode=sweep.returncode, stdout=stdout, stderr="".join(stderr) + rest,
                            ports=ports, tried=tried, still_listening=still_listening)

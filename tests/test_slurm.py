@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -206,12 +207,21 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
             job = re.search(r"job (\d+) ", log).group(1)
             ranks = [process for rank in range(4) for process in runner_ranks(out, rank, job)]
             ports = listening(ranks)
-            attacked.update(ranks=len(ranks), ports=ports, tried=attack(ready, ports),
-                            still_listening=listening(ranks), modes=modes(out / ".dask"))
-        kill_a_worker(log)
+            attacked.update(ranks=len(ranks), ports=ports, modes=modes(out / ".dask"))
+            # The attack waits up to 12 s for slow ranks while the sweep goes on: it runs beside
+            # this callback, and the ports are sampled 0.5 s into it, before any kill.
+            attacked["threads"] = [
+                threading.Thread(target=lambda: attacked.update(tried=attack(ready, ports))),
+                threading.Timer(0.5, lambda: attacked.update(still_listening=listening(ranks)))]
+            for thread in attacked["threads"]:
+                thread.start()
+        if "still_listening" in attacked:
+            kill_a_worker(log)
 
     _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
                              while_running=attack_then_kill_a_worker)
+    for thread in attacked.get("threads", []):
+        thread.join()
     assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)

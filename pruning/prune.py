@@ -27,7 +27,7 @@ from pruning.profile import exact_channel_sums
 # the worker: TensorFlow's CPU kernels (oneDNN) and cuDNN pick their algorithm, and so their
 # rounding, by the batch's shape, so a row run in a batch of 32 can differ in the last bit from
 # the same row in a batch of 1024. In one shape a row's output depends on that row alone.
-BATCH_ROWS = 256        # images per base batch: within 7 % of 1024's speed, less padding per chunk
+BATCH_ROWS = 256        # images per base batch: ~8 % slower per image than 1024, less padding per chunk
 HEAD_BATCH_ROWS = 1024  # rows per head batch (the head is small: larger batches gain little)
 ROW_LADDER = (64, 256, HEAD_BATCH_ROWS)  # head batch sizes for wide rows (see head_batch_rows)
 # A head batch's input at most (wider rows get fewer rows a batch): a 4 x 4 x 2048 read is

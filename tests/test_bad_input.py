@@ -1058,9 +1058,7 @@ def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
 
 
 def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_for_bad_input", REPO / "scripts" / "eval.py")
-    eval_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_script)
+    import pruning.evaluate as eval_script
     data = data_with(lab, tmp_path, with_pixel(np.nan), "bd/bd_valid.h5")
     status = eval_script.main([str(data / "cl/valid.h5"), str(data / "bd/bd_valid.h5"), str(lab.model)])
     captured = capsys.readouterr()

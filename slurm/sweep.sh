@@ -178,7 +178,7 @@ python -m jobs.sweep --check "${args[@]}" || { say "inputs rejected; nothing was
 
 # No --kill-on-bad-exit: a lost worker rank must not end the job (Dask reruns its tasks on the
 # others). If the client rank dies, the scheduler shuts down after fine-pruning.runner-idle-timeout
-# (slurm/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
+# (jobs/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
 # --export=ALL: the tasks get this script's environment (the one activated above) even when the
 # job was submitted with --export=NONE, which srun would otherwise pass on as no environment at all.
 srun --export=ALL bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &

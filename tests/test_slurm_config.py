@@ -65,7 +65,7 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
 
 
 def test_worker_jobs_get_the_distributed_settings_here_before_a_site_prologue(slurm_config):
-    """slurm/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
+    """jobs/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
     is exported to the worker job, before the site's prologue, which may change it."""
     from jobs.worker_jobs import distributed_settings
     with dask.config.set({"distributed.comm.timeouts.connect": "90s",

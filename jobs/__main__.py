@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
               "(see fine-pruning --help)", file=sys.stderr)
         return 2
     # Each program runs as `python -m MODULE` runs it: as __main__, with its own arguments.
-    sys.argv = [f"fine-pruning {argv[0]}", *argv[1:]]
-    runpy.run_module(COMMANDS[argv[0]], run_name="__main__", alter_sys=True)  # (ends in SystemExit)
+    given, sys.argv = sys.argv, [f"fine-pruning {argv[0]}", *argv[1:]]
+    try:
+        runpy.run_module(COMMANDS[argv[0]], run_name="__main__", alter_sys=True)  # (ends in SystemExit)
+    finally:
+        sys.argv = given
     return 0
 
 

@@ -186,6 +186,7 @@ def defend(model, clean_valid, clean_test=None, poisoned_valid=None, poisoned_te
     from pruning.models import ModelSpec
     from pruning.scaling import parse_rescale
 
+    thresholds = tuple(float(t) for t in thresholds)  # 2.0 as the command line reads it
     check_thresholds(thresholds, relative)
     if isinstance(model, (str, os.PathLike)):
         spec = ModelSpec(str(model)).stamped()

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
                                       timeout=480, while_running=check_dashboard, cwd=tmp_path)
     assert "already in use" not in log and "Perhaps" not in log, log[:3000]
     assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
-    assert f"project: {REPO}\n" in log, log[:2000]
+    assert f"python: {Path(sys.executable).parent}/python\n" in log, log[:2000]  # the submitting shell's
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
     assert answered and answered[0][1] == 200, f"dashboard not seen answering; log tail:\n{log[-3000:]}"

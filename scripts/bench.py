@@ -72,8 +72,8 @@ def seeds_loop(model_path: Path, data: Path, prefixes: int, first: int = 0) -> f
 
 
 def core_sweep(model_path: Path, data: Path) -> float:
-    """Our algorithm in one process, no Dask (``pruning.defend``): base once, then every prefix
-    on every set, and the selection."""
+    """Our algorithm in one process, no Dask (``pruning.defend``): the inputs checked, base once,
+    then every prefix on every set, and the selection."""
     import pruning
 
     started = time.perf_counter()

@@ -44,6 +44,26 @@ def test_defend_on_arrays_gives_the_command_lines_files(demo, demo_run, tmp_path
     assert defense.goodnet(4).output_shape[-1] == model.output_shape[-1] + 1
 
 
+def test_defend_gives_the_literally_pruned_models_scores():
+    """Every row of the curve, from B'_k pruned literally (kernel and bias zeroed) and run on
+    every image: the sweep's chunks (three, one short) and blocks of prefixes change nothing."""
+    model = tiny.with_ties_and_dead_channels(tiny.tiny_deepid(seed=5))
+    x, xt = tiny.random_images(150, seed=2), tiny.random_images(70, seed=3)
+    b = predict_classes(model, x)
+    y = np.where(np.arange(150) % 4 == 0, (b + 1) % 10, b)  # B is right on three rows in four
+    yt = predict_classes(model, xt)
+    defense = pruning.defend(model, clean_valid=(x, y), clean_test=(xt, yt), chunk_rows=64,
+                             prefixes_per_task=5)
+    channels = defense.order["channel"].tolist()
+    for k, row in defense.curve.iterrows():
+        pruned = prune_conv_channels(model, "conv_3", channels[:k])
+        assert row["valid_accuracy"] == np.mean(predict_classes(pruned, x) == y) * 100, k
+        literal = predict_classes(pruned, xt)
+        assert row["test_accuracy"] == np.mean(literal == yt) * 100, k
+        assert row["goodnet_false_alarm_rate"] == np.mean(literal != yt) * 100, k  # B is right on all of them
+    assert defense.curve["valid_accuracy"].iloc[-1] < defense.curve["valid_accuracy"].iloc[0]
+
+
 def test_defend_with_a_dask_client_gives_the_in_process_curve(tmp_path):
     """Named poisoned sets, NHWC arrays, a model file: the same curve in this process and
     spread over a real Dask worker process (its tasks and sets pickled to it)."""

@@ -1,4 +1,5 @@
-"""The pruning-defense sweep as Dask tasks.
+"""The pruning-defense sweep as Dask tasks: the command line around :mod:`pruning.defense`
+(``fine-pruning sweep`` runs it too), with a cluster, --out's lock and checkpoints.
 
     python -m jobs.sweep --single-node                      # the embedded demo, on this machine
     python -m jobs.sweep --model bd_net.h5 --data data/ --single-node --workers 2
@@ -11,7 +12,7 @@ Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
 k = 0..C) -> selection -> with --fine-tune, ``fine-tune-k<K>`` per selected B' and B (one task
-each, jobs.fine_pruning) -> GoodNet and reports on the client. Every key ends in the run's own
+each) -> GoodNet and reports on the client (:mod:`pruning.sweep`). Every key ends in the run's own
 tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
 of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``;
 a rerun that finds every chunk there starts no cluster.
@@ -55,8 +56,8 @@ from jobs.outdir import OutputFolder
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.data import InputError
 
-# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.sweep, pruning.defense) is imported where it is used,
-# after the command line is read: --help and a mistyped flag answer at once, the fork server of
+# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.sweep, pruning.defense) is imported
+# where it is used, after the command line is read: --help and a mistyped flag answer at once, the fork server of
 # --single-node starts importing it alongside this process, and Ctrl-C during the import is
 # handled like any other.
 if TYPE_CHECKING:

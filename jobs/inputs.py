@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pruning.backend import keras
 from pruning.data import LAB_LAYOUT, InputError, LabSet, lab_paths, open_h5, poisoned_set
-from pruning.defense import SweepInputs, check_thresholds, inspect_inputs, versions
+from pruning.inputs import SweepInputs, check_thresholds, inspect_inputs, versions
 from pruning.models import ModelSpec
 
 log = logging.getLogger(__name__)

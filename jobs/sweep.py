@@ -61,7 +61,7 @@ from pruning.data import InputError
 # --single-node starts importing it alongside this process, and Ctrl-C during the import is
 # handled like any other.
 if TYPE_CHECKING:
-    from pruning.defense import SweepInputs
+    from pruning.inputs import SweepInputs
 
 log = logging.getLogger("jobs.sweep")
 

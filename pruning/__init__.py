@@ -6,7 +6,7 @@ Neural Networks", RAID 2018 (https://arxiv.org/abs/1805.12185).
 The stages, one module each: ``data`` (lab HDF5 sets), ``models`` (loading B, finding the
 layer), ``profile`` (channel order), ``prune`` (B'_k, literal and fast), ``counts`` (the
 tallies per prefix), ``select`` (thresholds), ``goodnet`` (G), ``report`` (files in the output
-folder), and ``sweep`` and ``defense`` put them together: ``pruning.defend(model, sets...)``
+folder), and ``inputs``, ``sweep`` and ``defense`` put them together: ``pruning.defend(model, sets...)``
 runs the whole defense in one call (docs/api.md). ``demo`` builds the synthetic BadNet the project runs and tests on, ``deepid`` the
 lab's architecture; ``backend`` imports Keras quietly. Nothing here creates a Dask cluster.
 """

@@ -81,7 +81,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
     # distributed's warnings only (jobs/jobqueue.yaml): no line for every connection
     assert not re.search(r" - distributed\.\S+ - INFO - ", log), log[-5000:]
-    assert len(re.findall(r" INFO pruning\.defense: B: \S+ \(\d+ classes\)", log)) == 1, log[:3000]  # not again from --check
+    assert len(re.findall(r" INFO pruning\.inputs: B: \S+ \(\d+ classes\)", log)) == 1, log[:3000]  # not again from --check
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
 
 

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m jobs.sweep --single-node --out results/
+	$(VENV)/bin/fine-pruning sweep --single-node --out results/
 
 # Two pytest-xdist workers: half the suite's time is spent waiting (SLURM, subprocesses), not
 # computing. tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.

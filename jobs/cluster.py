@@ -1,6 +1,6 @@
 """Where the sweep's Dask tasks run: a LocalCluster, a running scheduler, or SLURM.
 
-Cluster settings come from dask.config (``slurm/jobqueue.yaml`` and the site's own files);
+Cluster settings come from dask.config (``jobs/jobqueue.yaml`` and the site's own files);
 only the choice of cluster is a command-line flag:
 
 ``--single-node``
@@ -51,7 +51,7 @@ from pruning.data import first_line
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).resolve().parent.parent / "slurm" / "jobqueue.yaml"
+CONFIG_FILE = Path(__file__).resolve().parent / "jobqueue.yaml"  # package data, beside this module (as dask_jobqueue keeps its own)
 RUNNER_TASKS = 3           # SLURMRunner: scheduler + client + at least one worker
 # TensorFlow's own thread pool uses all the cores for one task; a second task thread reads and
 # prepares the next chunk meanwhile. More would only hold more chunks in memory.
@@ -74,7 +74,7 @@ _config = None
 
 
 def load_config() -> dict:
-    """Install ``slurm/jobqueue.yaml`` as Dask defaults (once); return what was loaded.
+    """Install ``jobs/jobqueue.yaml`` as Dask defaults (once); return what was loaded.
 
     Defaults, so the usual Dask ways override them: the site's and the user's yaml files
     (``/etc/dask``, ``~/.config/dask``, ``$DASK_CONFIG``), ``DASK_*`` environment variables and
@@ -115,7 +115,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                             "rank 1 runs the sweep, the others are workers, one per GPU")
     where.add_argument("--slurm-cluster", type=int, metavar="N",
                        help="from a login node: submit N SLURM worker jobs (settings: dask config "
-                            "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
+                            "jobqueue.slurm, defaults in jobs/jobqueue.yaml)")
     group.add_argument("--allow-tcp", action="store_true",
                        help="join a --scheduler-* cluster that takes plain tcp:// (anyone who can "
                             "reach it can run code as its owner); also dask config fine-pruning.allow-tcp")

@@ -49,7 +49,7 @@ WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true", *exports(NO_MEMOR
 
 
 def distributed_settings() -> list[str]:
-    """The ``distributed:`` settings of slurm/jobqueue.yaml (timeouts, ...) for a worker job, at
+    """The ``distributed:`` settings of jobs/jobqueue.yaml (timeouts, ...) for a worker job, at
     their values here (ours, or the site's or yours where set): the job's Python reads its own
     dask config, which that file is not part of."""
     def keys(prefix: str, tree: dict):

@@ -86,55 +86,105 @@ def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows:
     data grows (but for the clean validation set's activations, held until the channel order
     is known), and a rerun skips finished chunks entirely, base pass included.
     """
-    from jobs.tasks import activations_task, channel_sums_task, evaluate_prefixes_task, profile_task
+    graph = SweepGraph(inputs, checkpoints, chunk_rows, prefixes_per_task)
+    futures = as_completed(graph.submit(client))
+    with prefix_progress(graph.prefixes, len(graph.ranges), len(graph.done)) as bar:
+        for future in futures:
+            more, evaluated = graph.collect(client, future)
+            futures.update(more)
+            bar.update(evaluated)
+    return graph.result()
 
-    started = time.perf_counter()
-    spec, conv, read = inputs.spec, inputs.conv, inputs.read
-    # Dask gives a key's result to whoever asks for that key: a second sweep on the same cluster
-    # with fixed keys would be handed this one's results. (8 hex digits: the dashboard groups
-    # tasks by name without them.)
-    run = uuid.uuid4().hex[:8]
-    ranges = chunk_ranges(inputs, chunk_rows)
-    done = checkpoints.chunks(inputs.channels + 1)
-    order = checkpoints.channel_order(inputs.channels)
-    reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
-    needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
-    activations = {key: client.submit(activations_task, spec, conv, read, key[0], inputs.sets[key[0]],
-                                      *ranges[key], key=f"activations-{key[0]}-{key[1]}-{run}")
-                   for key in needed}
-    if order is None:
-        valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{run}")
-                 for key, future in activations.items() if key[0] == "clean_valid"]
-        sums, values = client.submit(profile_task, *valid, key=f"profile-{run}").result()
-        order = checkpoints.save_channel_order(channel_order(sums, values))
-    else:
-        log.info("channel order read back from %s", checkpoints.folder)
-    profiled = time.perf_counter()
 
-    channels = order["channel"].tolist()
-    prefixes = len(channels) + 1
-    todo = [key for key in ranges if key not in done]
-    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
-             len(done), len(ranges), len(done) * prefixes, len(todo) * prefixes)
-    pending, tallies = {}, {key: [None] * prefixes for key in todo}
-    for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
-        for first in range(0, prefixes, prefixes_per_task):
-            stop = min(first + prefixes_per_task, prefixes)
-            future = client.submit(evaluate_prefixes_task, spec, conv, read, activations[key],
-                                   tuple(channels), first, stop, retries=2,
-                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{run}")
-            pending[future] = (key, first)
-    activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
-    with prefix_progress(prefixes, len(ranges), len(done)) as bar:
-        for future in as_completed(pending):
-            key, first = pending.pop(future)
-            block = future.result()
-            tallies[key][first:first + len(block)] = block
-            bar.update(len(block))
-            if all(counts is not None for counts in tallies[key]):
-                done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
-    timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, sum_chunks(done, prefixes), timings, reused
+class SweepGraph:
+    """One sweep's tasks, in two steps: :meth:`submit` the base pass (and the profile, if the
+    channel order is not checkpointed), then :meth:`collect` each finished future, which
+    submits the prefix tasks once the order is known. One ``as_completed`` loop can so serve
+    several sweeps on one cluster (:mod:`jobs.campaign`)."""
+
+    def __init__(self, inputs: SweepInputs, checkpoints: Checkpoints, chunk_rows: int,
+                 prefixes_per_task: int = arguments.PREFIXES_PER_TASK):
+        self.inputs, self.checkpoints, self.prefixes_per_task = inputs, checkpoints, prefixes_per_task
+        # Dask gives a key's result to whoever asks for that key: a second sweep on the same
+        # cluster with fixed keys would be handed this one's results. (8 hex digits: the
+        # dashboard groups tasks by name without them.)
+        self.run = uuid.uuid4().hex[:8]
+        self.ranges = chunk_ranges(inputs, chunk_rows)
+        self.done = checkpoints.chunks(inputs.channels + 1)
+        self.order = checkpoints.channel_order(inputs.channels)
+        self.reused = {"chunks": len(self.ranges), "chunks_reused": len(self.done),
+                       "channel_order_reused": self.order is not None}
+        self.prefixes = inputs.channels + 1
+        self.profile = None
+        self.activations: dict = {}
+        self.pending: dict = {}       # prefix task -> (chunk, first prefix)
+        self.tallies: dict = {}
+        self.started = self.profiled = time.perf_counter()
+
+    def submit(self, client) -> list[Future]:
+        """Submit the base pass; return the futures to hand to :meth:`collect`."""
+        from jobs.tasks import activations_task, channel_sums_task, profile_task
+
+        self.started = time.perf_counter()
+        spec, conv, read, order = self.inputs.spec, self.inputs.conv, self.inputs.read, self.order
+        needed = [key for key in self.ranges
+                  if key not in self.done or (order is None and key[0] == "clean_valid")]
+        self.activations = {
+            key: client.submit(activations_task, spec, conv, read, key[0], self.inputs.sets[key[0]],
+                               *self.ranges[key], key=f"activations-{key[0]}-{key[1]}-{self.run}")
+            for key in needed}
+        if order is None:
+            valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{self.run}")
+                     for key, future in self.activations.items() if key[0] == "clean_valid"]
+            self.profile = client.submit(profile_task, *valid, key=f"profile-{self.run}")
+            return [self.profile]
+        log.info("channel order read back from %s", self.checkpoints.folder)
+        return self.submit_prefixes(client)
+
+    def submit_prefixes(self, client) -> list[Future]:
+        from jobs.tasks import evaluate_prefixes_task
+
+        self.profiled = time.perf_counter()
+        channels = tuple(self.order["channel"].tolist())
+        todo = [key for key in self.ranges if key not in self.done]
+        log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
+                 len(self.done), len(self.ranges), len(self.done) * self.prefixes,
+                 len(todo) * self.prefixes)
+        self.tallies = {key: [None] * self.prefixes for key in todo}
+        inputs = self.inputs
+        for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
+            for first in range(0, self.prefixes, self.prefixes_per_task):
+                stop = min(first + self.prefixes_per_task, self.prefixes)
+                future = client.submit(evaluate_prefixes_task, inputs.spec, inputs.conv, inputs.read,
+                                       self.activations[key], channels, first, stop, retries=2,
+                                       key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{self.run}")
+                self.pending[future] = (key, first)
+        self.activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
+        return list(self.pending)
+
+    def collect(self, client, future: Future) -> tuple[list[Future], int]:
+        """Take one finished future of this sweep; return the futures it led to submit and the
+        (chunk, prefix) evaluations it finished."""
+        if future is self.profile:
+            sums, values = future.result()
+            self.profile = None
+            self.order = self.checkpoints.save_channel_order(channel_order(sums, values))
+            return self.submit_prefixes(client), 0
+        key, first = self.pending.pop(future)
+        block = future.result()
+        self.tallies[key][first:first + len(block)] = block
+        if all(counts is not None for counts in self.tallies[key]):
+            self.done[key] = self.checkpoints.save_chunk(*key, self.tallies.pop(key))
+        return [], len(block)
+
+    def finished(self) -> bool:
+        return self.order is not None and self.profile is None and not self.pending
+
+    def result(self):
+        """What :func:`run_sweep` returns, once :meth:`finished`."""
+        timings = {"profile_s": self.profiled - self.started,
+                   "prefixes_s": time.perf_counter() - self.profiled}
+        return self.order, sum_chunks(self.done, self.prefixes), timings, self.reused
 
 
 def chunk_ranges(inputs: SweepInputs, chunk_rows: int) -> dict[tuple[str, int], tuple[int, int]]:
@@ -161,7 +211,6 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     """Hold --out's lock, run the task graph, write the outputs; return the files written."""
     from jobs import finish
     from jobs.inputs import warn_copied_sets
-    from jobs.tasks import QuietWorkerLogs
 
     with out.locked(), ThreadPoolExecutor(1) as background:
         # sha256 of every input (about a second per GB), here, while the cluster starts
@@ -182,30 +231,40 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
             swept = read_back(inputs, open_checkpoints(), args.chunk_rows)
         tuned = None
         if swept is None or args.fine_tune:  # (fine-tuning always runs on the cluster)
-            with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
-                if not (args.scheduler_address or args.scheduler_file):
-                    # Only on workers this run started: a plugin stays on a running cluster, and
-                    # every worker that later joins it would have to import this project.
-                    with contextlib.suppress(Exception):  # only quietens the workers' logs
-                        client.register_plugin(QuietWorkerLogs())
-                try:
-                    with say_when_no_worker_is_left(client, args):
-                        if swept is None:
-                            swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
-                                              args.prefixes_per_task)
-                        if args.fine_tune:
-                            started = time.perf_counter()
-                            tuned = run_fine_tuning(inputs, args, client, open_checkpoints(), *swept[:2])
-                            swept[2]["fine_tune_s"] = time.perf_counter() - started
-                except BaseException as error:
-                    if isinstance(error, KeyboardInterrupt) or not args.traceback:
-                        # a stop or a failure ends in one line: no tracebacks from distributed
-                        # while the cluster closes (a lost scheduler's cancelled reconnect,
-                        # tasks in flight)
-                        stopping.enter_context(quiet_distributed())
-                    release_tasks(client)
-                    raise
+            with working_client(args) as client:
+                if swept is None:
+                    swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
+                                      args.prefixes_per_task)
+                if args.fine_tune:
+                    started = time.perf_counter()
+                    tuned = run_fine_tuning(inputs, args, client, open_checkpoints(), *swept[:2])
+                    swept[2]["fine_tune_s"] = time.perf_counter() - started
         return finish.write_outputs(inputs, args, out.path, *swept, tuned=tuned)
+
+
+@contextlib.contextmanager
+def working_client(args):
+    """A client of the chosen cluster, for a run's tasks: our workers' logs quietened, the log
+    told when every worker is lost, and a stop or failure ending in one line with the run's
+    tasks released."""
+    from jobs.tasks import QuietWorkerLogs
+
+    with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
+        if not (args.scheduler_address or args.scheduler_file):
+            # Only on workers this run started: a plugin stays on a running cluster, and
+            # every worker that later joins it would have to import this project.
+            with contextlib.suppress(Exception):  # only quietens the workers' logs
+                client.register_plugin(QuietWorkerLogs())
+        try:
+            with say_when_no_worker_is_left(client, args):
+                yield client
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) or not args.traceback:
+                # a stop or a failure ends in one line: no tracebacks from distributed while
+                # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
+                stopping.enter_context(quiet_distributed())
+            release_tasks(client)
+            raise
 
 
 def release_tasks(client) -> None:
@@ -222,6 +281,11 @@ def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:
     return (f"inputs OK: model {inputs.spec.path} ({inputs.classes} classes), layer {inputs.conv} "
             f"({inputs.channels} channels, read at {inputs.read}), sets of {rows} images, "
             f"thresholds {' '.join(f'{t:g}' for t in args.thresholds)}, --out {out.path} writable and free")
+
+
+def done(written: list[str], out: OutputFolder) -> None:
+    log.info("done: %d files in %s", len(written), out.path.resolve())
+    print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
 
 
 def main(argv=None) -> int:
@@ -247,6 +311,18 @@ def main(argv=None) -> int:
             with cluster.open_client(args):
                 return 0
         stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
+        if args.campaign:
+            from jobs.campaign import Campaign
+            campaign = Campaign(args)          # the file and every suspect's flags: writes nothing
+            out = campaign.out
+            if not args.check:
+                cluster.prepare_local_workers(args)
+            campaign.resolve()                 # every suspect's inputs checked before any work
+            if args.check:
+                print(campaign.check_line())
+            else:
+                done(campaign.run(), out)
+            return 0
         out = OutputFolder(Path(args.out), output_names(args.thresholds, args.fine_tune))  # writes nothing
         out.check_lock()
         if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
@@ -260,9 +336,7 @@ def main(argv=None) -> int:
         if args.check:
             print(check_line(inputs, args, out))
             return 0
-        written = sweep(args, inputs, out)
-        log.info("done: %d files in %s", len(written), out.path.resolve())
-        print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
+        done(sweep(args, inputs, out), out)
         return 0
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

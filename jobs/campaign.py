@@ -335,7 +335,8 @@ class Campaign:
             tuned = {}
             if len(swept) < len(plans) or tuning:
                 with working_client(args) as client:
-                    swept |= sweep_all(client, plans, swept, checkpoints, args)
+                    if len(swept) < len(plans):
+                        swept |= sweep_all(client, plans, swept, checkpoints, args)
                     for plan in tuning:  # one suspect after the other, its models side by side
                         with about(plan.name):
                             started = time.perf_counter()
@@ -467,8 +468,8 @@ def campaign_figure(frame: pd.DataFrame):
             heights = []
             for suspect in suspects:
                 rows = frame[frame["suspect"] == suspect]
-                row = rows.iloc[0] if who == "B" else rows[rows["threshold"] == who].iloc[0]
-                heights.append(score(row, "B" if who == "B" else "G"))
+                rows = rows if who == "B" else rows[rows["threshold"] == who]  # (none: not its threshold)
+                heights.append(score(rows.iloc[0], "B" if who == "B" else "G") if len(rows) else float("nan"))
             positions = [s + (i - len(thresholds) / 2) * width for s in range(len(suspects))]
             axes.bar(positions, heights, width, label="B" if who == "B" else f"G, X={who:g}")
         axes.set_xticks(range(len(suspects)), suspects, rotation=20, ha="right")

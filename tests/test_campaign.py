@@ -159,7 +159,7 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
 
     # A resubmitted campaign, on a running cluster: it reuses every finished chunk.
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
-            and p.name != "manifest.json"}
+            and p.name not in ("manifest.json", ".sweep.lock")}
     (out / "scaled" / "checkpoints" / "chunk-clean_test-00000.json").unlink()
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         again = sweep("--campaign", suspects / "campaign.yaml", "--scheduler-address",

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from jobs import arguments
-from jobs.campaign import read_campaign
+from jobs.campaign_file import read_campaign
 from pruning.data import InputError
 
 GOOD = """\

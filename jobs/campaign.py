@@ -144,7 +144,8 @@ class Campaign:
 
         args, plans = self.args, self.plans
         self.out.checkpoints = AllCheckpoints(self.out.path, plans)
-        with contextlib.ExitStack() as held, ThreadPoolExecutor(1) as background, suspects_named_in_the_log():
+        with contextlib.ExitStack() as held, ThreadPoolExecutor(1) as background, \
+                ThreadPoolExecutor(1) as writer, suspects_named_in_the_log():
             held.enter_context(self.out.locked())
             for plan in plans:
                 held.enter_context(plan.out.locked())
@@ -166,21 +167,39 @@ class Campaign:
                     if found is not None:
                         swept[plan.name] = found
             tuning = [plan for plan in plans if plan.args.fine_tune]
-            tuned = {}
+            tuned, written = {}, set()
+
+            def write(plan: Plan) -> None:
+                with about(plan.name):
+                    finish.write_outputs(plan.inputs, plan.args, plan.out.path, *swept[plan.name],
+                                         tuned=tuned.get(plan.name))
+                written.add(plan.name)
+
+            writing = []
+
+            def swept_one(plan: Plan, result) -> None:
+                # its outputs at once (but for fine-tuning), in a thread of the client: the
+                # loop goes on serving the workers the other suspects' tasks meanwhile
+                swept[plan.name] = result
+                if not plan.args.fine_tune:
+                    writing.append(writer.submit(contextvars.copy_context().run, write, plan))
+
             if len(swept) < len(plans) or tuning:
                 with working_client(args) as client:
                     if len(swept) < len(plans):
-                        swept |= sweep_all(client, plans, swept, checkpoints, args)
+                        sweep_all(client, [plan for plan in plans if plan.name not in swept],
+                                  len(plans), checkpoints, args, swept_one)
                     for plan in tuning:  # one suspect after the other, its models side by side
                         with about(plan.name):
                             started = time.perf_counter()
                             tuned[plan.name] = run_fine_tuning(plan.inputs, plan.args, client, checkpoints(plan),
                                                                *swept[plan.name][:2])
                             swept[plan.name][2]["fine_tune_s"] = time.perf_counter() - started
+            for done in writing:
+                done.result()  # (a failure in writing is raised here)
             for plan in plans:
-                with about(plan.name):
-                    finish.write_outputs(plan.inputs, plan.args, plan.out.path, *swept[plan.name],
-                                         tuned=tuned.get(plan.name))
+                if plan.name not in written:
+                    write(plan)
             write_campaign_files(self.out.path, plans)
         return [*CAMPAIGN_FILES, *(plan.name + "/" for plan in plans)]
 
@@ -198,33 +217,39 @@ def without_flags(argv: list[str], flags) -> list[str]:
     return kept
 
 
-def sweep_all(client, plans: list[Plan], swept: dict, checkpoints, args) -> dict:
-    """Sweep every suspect not in ``swept`` on one cluster; return ``name -> what
-    run_sweep returns``. One as_completed loop serves them all; a few suspects are in flight at
-    a time (one more than the workers), so that a chunk's activations do not wait in worker
-    memory for long, and a worker that finishes its last task of one suspect takes the next's."""
+def sweep_all(client, plans: list[Plan], suspects: int, checkpoints, args, swept_one) -> None:
+    """Sweep ``plans`` on one cluster, ``swept_one(plan, what run_sweep returns)`` as each is
+    done; the bar counts all ``suspects`` of the campaign. One as_completed loop serves them
+    all; a few suspects are in flight at a time (one more than the workers), so that a chunk's
+    activations do not wait in worker memory for long, and a worker that finishes its last
+    task of one suspect takes the next's."""
     from jobs.sweep import SweepGraph
 
     graphs = {plan.name: SweepGraph(plan.inputs, checkpoints(plan), args.chunk_rows, args.prefixes_per_task)
-              for plan in plans if plan.name not in swept}
-    waiting, owner, results = list(graphs), {}, {}
+              for plan in plans}
+    by_name = {plan.name: plan for plan in plans}
+    waiting, owner, finished = list(graphs), {}, set()
     futures = as_completed()
     flight = max(2, len(client.nthreads()) + 1)
-    started = len(swept) + sum(len(g.done) / len(g.ranges) for g in graphs.values())
+    done = suspects - len(plans) + sum(len(g.done) / len(g.ranges) for g in graphs.values())
+
+    def finish(name: str) -> None:
+        finished.add(name)
+        swept_one(by_name[name], graphs[name].result())
 
     def start(name: str) -> None:
         with about(name):
             more = graphs[name].submit(client)
         owner.update(dict.fromkeys(more, name))
         futures.update(more)
-        if graphs[name].finished():
-            results[name] = graphs[name].result()
+        if graphs[name].finished():  # every chunk was checkpointed
+            finish(name)
 
-    def fill() -> None:  # (a suspect whose chunks were all checkpointed finishes as it starts)
-        while waiting and len(graphs) - len(results) - len(waiting) < flight:
+    def fill() -> None:
+        while waiting and len(graphs) - len(finished) - len(waiting) < flight:
             start(waiting.pop(0))
 
-    with progress(len(plans), "campaign", "suspect", initial=started) as bar:
+    with progress(suspects, "campaign", "suspect", initial=done) as bar:
         fill()
         for future in futures:
             name = owner.pop(future)
@@ -235,9 +260,8 @@ def sweep_all(client, plans: list[Plan], swept: dict, checkpoints, args) -> dict
             futures.update(more)
             bar.update(evaluated / (graph.prefixes * len(graph.ranges)))
             if graph.finished():
-                results[name] = graph.result()
-                fill()
-    return results
+                fill()  # the next suspect's tasks first, then this one's outputs
+                finish(name)
 
 
 # -- the campaign's own files ------------------------------------------------------------------

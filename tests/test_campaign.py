@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,30 @@ def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path):
                                   f"--out {tmp_path / 'out' / 'scaled'} is in use by a running sweep "
                                   "(host h pid 1); wait for it to finish or choose another --out")
     assert sorted(os.listdir(tmp_path / "out")) == ["scaled"]
+
+
+def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(suspects, tmp_path):
+    import signal
+    import time
+    (suspects / "plain.yaml").write_text(GOOD.replace("    fine_tune: {epochs: 1}\n", ""))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "jobs.sweep", "--campaign", str(suspects / "plain.yaml"), "--single-node",
+            "--chunk-rows", "10", "--out", str(out)]
+    run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/checkpoints/chunk-*.json")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    kept = len(list(out.glob("*/checkpoints/chunk-*.json")))
+    assert run.returncode == 143, err[-3000:]
+    assert 0 < kept < 2 * 46, kept  # mid-campaign: 46 chunks of 10 rows per suspect
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM; {out}/*/checkpoints holds {kept} finished "
+                                            "chunks of rows: the same command resumes from them")
+    assert not (out / "campaign.csv").exists()
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = [int(n) for n in re.findall(r"suspect \w+: reused from checkpoints: (\d+) of 46 chunks", again.stderr)]
+    assert len(reused) == 2 and sum(reused) == kept, again.stderr[-3000:]
+    # stored / 255 with rescale 255 or as stored: one curve, whatever was resumed
+    assert (out / "raw" / "results.csv").read_bytes() == (out / "scaled" / "results.csv").read_bytes()

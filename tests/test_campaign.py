@@ -200,13 +200,13 @@ def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(susp
     _, err = run.communicate(timeout=120)
     kept = len(list(out.glob("*/checkpoints/chunk-*.json")))
     assert run.returncode == 143, err[-3000:]
-    assert 0 < kept < 2 * 46, kept  # mid-campaign: 46 chunks of 10 rows per suspect
+    assert 0 < kept < 2 * 42, kept  # mid-campaign: 42 chunks of 10 rows per suspect
     assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM; {out}/*/checkpoints holds {kept} finished "
                                             "chunks of rows: the same command resumes from them")
     assert not (out / "campaign.csv").exists()
     again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    reused = [int(n) for n in re.findall(r"suspect \w+: reused from checkpoints: (\d+) of 46 chunks", again.stderr)]
+    reused = [int(n) for n in re.findall(r"suspect \w+: reused from checkpoints: (\d+) of 42 chunks", again.stderr)]
     assert len(reused) == 2 and sum(reused) == kept, again.stderr[-3000:]
     # stored / 255 with rescale 255 or as stored: one curve, whatever was resumed
     assert (out / "raw" / "results.csv").read_bytes() == (out / "scaled" / "results.csv").read_bytes()

@@ -6,6 +6,7 @@
     python -m jobs.sweep --weights bd_weights.h5 --arch deepid --classes 1283 \\
         --data data/ --thresholds 2 4 10 --out /scratch/$USER/run1 --scheduler-file sched.json
     sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/run1
+    python -m jobs.sweep --campaign suspects.yaml --single-node --out results/campaign  # many models
 
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->

@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PY) -m jobs.sweep --single-node --out results/
 
+# Two pytest-xdist workers: half the suite's time is spent waiting (SLURM, subprocesses), not
+# computing. tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
 	$(PY) scripts/bench.py

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -29,14 +31,44 @@ REPRODUCIBLE = ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5
                 "model_X=10.h5", "goodnet_X=2.keras", "goodnet_X=4.keras", "goodnet_X=10.keras"]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: a module's tests
+    stay on one worker, so that its module fixtures run once, and every test that uses this
+    machine's one SLURM runs on one worker, one after the other."""
+    for item in items:
+        group = "slurm" if "slurm_cluster" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def session_folder(tmp_path_factory) -> Path:
+    """A folder of this test session shared by all its pytest-xdist workers (each worker's own
+    base folder is a subfolder of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def make_run(demo, tmp_path_factory):
     """`make run`'s command, ``python -m jobs.sweep --single-node --out OUT`` (the embedded demo),
-    once: its exit status, stdout and stderr, and in ``out`` the reference other runs match.
-    Once its cluster is up, every port its processes listen on is attacked (tests/attack.py):
-    ``ports``, what each attempt ``tried`` met, and the ports ``still_listening`` during it."""
+    once per test session (the first xdist worker to ask runs it, the other reads its record):
+    its exit status, stdout and stderr, and in ``out`` the reference other runs match. Once its
+    cluster is up, every port its processes listen on is attacked (tests/attack.py): ``ports``,
+    what each attempt ``tried`` met, and the ports ``still_listening`` during it."""
+    shared = session_folder(tmp_path_factory)
+    record = shared / "make-run.json"
+    with open(shared / "make-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not record.exists():
+            record.write_text(json.dumps(run_make_run(demo, shared / "demo-run" / "results")))
+        run = json.loads(record.read_text())
+    return SimpleNamespace(**run | {"out": Path(run["out"]),
+                                    **{name: {tuple(port) for port in run[name]}
+                                       for name in ("ports", "still_listening")}})
+
+
+def run_make_run(demo, out: Path) -> dict:
     from attack import attack, attacker, listening
-    out = tmp_path_factory.mktemp("demo-run") / "results"
     ready = attacker(wait_s=4)  # its workers answer in a fraction of a second
     sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", "--single-node", "--out", str(out)],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -55,10 +87,10 @@ def make_run(demo, tmp_path_factory):
     during.start()
     tried = attack(ready, ports)
     during.join()
-    still_listening = sampled["ports"]
     stdout, rest = sweep.communicate(timeout=600)
-    return SimpleNamespace(out=out, returncode=sweep.returncode, stdout=stdout, stderr="".join(stderr) + rest,
-                           ports=ports, tried=tried, still_listening=still_listening)
+    return {"out": str(out), "returncode": sweep.returncode, "stdout": stdout,
+            "stderr": "".join(stderr) + rest, "ports": sorted(ports), "tried": tried,
+            "still_listening": sorted(sampled["ports"])}
 
 
 @pytest.fixture(scope="session")

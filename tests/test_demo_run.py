@@ -245,7 +245,10 @@ def test_a_stop_before_a_client_call_starts_logs_no_traceback(monkeypatch, caplo
             patch.setattr(threading.Event, "wait", stopped)
             with pytest.raises(KeyboardInterrupt):
                 sync(loop, work)
-        time.sleep(0.5)  # the loop runs the scheduled cancel()
+        for _ in range(3):  # the loop runs the scheduled cancel(), and what that schedules in turn
+            ran = threading.Event()
+            loop.add_callback(ran.set)
+            assert ran.wait(30)
         return [r for r in caplog.records if r.name == "tornado.application"]
 
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}

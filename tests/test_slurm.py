@@ -298,7 +298,7 @@ def test_a_client_rank_refused_after_the_check_ends_the_job(slurm_cluster, demo,
             held.append(lock)
 
     try:
-        _, log = submit_and_wait(job, timeout=120, expect="FAILED", while_running=take_out_after_the_check)
+        _, log = submit_and_wait(job, timeout=300, expect="FAILED", while_running=take_out_after_the_check)
     finally:
         for lock in held:
             lock.close()

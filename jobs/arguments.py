@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from jobs import cluster, dask_settings
@@ -59,6 +60,10 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
                             "smaller gives more tasks to spread over many workers, larger fewer head calls")
     add_fine_tune_arguments(parser)
     cluster.add_cluster_arguments(parser)
+    parser.add_argument_group("a campaign (several suspect models, one job, one cluster)").add_argument(
+        "--campaign", metavar="FILE", help="a YAML file of suspects, each with its model, data and "
+        "settings as keys (docs/campaign.md); each writes its run's files to OUT/NAME, and "
+        "OUT/campaign.csv and campaign.png compare them")
     checks = parser.add_argument_group("checks")
     checks.add_argument("--check", action="store_true",
                         help="check every input, the output folder and its lock, print one line "
@@ -68,6 +73,9 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
                         help="on an unexpected (internal) error, show the full traceback instead "
                              "of one line")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (a campaign's suspects are run with them)
+    if args.campaign:
+        check_campaign_flags(args, parser)
     args.rescale = parse_rescale(args.rescale)
     for split in ("valid", "test"):  # NAME -> path ("" bare)
         flag = f"poisoned_{split}"
@@ -93,6 +101,21 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
         raise InputError(f"--scheduler-file {args.scheduler_file} is a directory; give the file "
                          "the scheduler wrote (dask scheduler --scheduler-file PATH)")
     return args
+
+
+SUSPECT_FLAGS = ("model", "weights", "arch", "classes", "demo", "data", "clean_valid", "clean_test",
+                 "poisoned_valid", "poisoned_test", "rescale", "layer", "thresholds", "relative",
+                 "fine_tune", *(f"fine_tune_{name}" for name in ("epochs", "lr", "patience", "heldout",
+                                                                  "seed", "batch")))
+
+
+def check_campaign_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """With --campaign, a suspect's own flags belong in the file (defaults: for all of them)."""
+    for name in SUSPECT_FLAGS:
+        if getattr(args, name) != parser.get_default(name):
+            key = f"fine_tune: {{{name[10:]}: ...}}" if name.startswith("fine_tune_") else f"{name}:"
+            raise InputError(f"--{name.replace('_', '-')} is a suspect's setting: with --campaign, "
+                             f"give it in the file as '{key}' (under 'defaults:' for every suspect)")
 
 
 FINE_TUNE_FLAGS = {  # --fine-tune-NAME: (type, pruning.finetune.Settings field, help)
@@ -143,7 +166,7 @@ def check_fine_tune_arguments(args: argparse.Namespace) -> None:
                                           in FINE_TUNE_FLAGS.items()}) if args.fine_tune else None
 
 
-PATH_FLAGS = ("model", "weights", "data", "clean_valid", "poisoned_valid", "clean_test",
+PATH_FLAGS = ("campaign", "model", "weights", "data", "clean_valid", "poisoned_valid", "clean_test",
               "poisoned_test", "out", "scheduler_file")
 
 

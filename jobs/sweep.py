@@ -7,6 +7,7 @@
     python -m jobs.sweep --weights bd_weights.h5 --arch deepid --classes 1283 \\
         --data data/ --thresholds 2 4 10 --out /scratch/$USER/run1 --scheduler-file sched.json
     sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/run1
+    python -m jobs.sweep --campaign suspects.yaml --single-node --out results/campaign  # many models
 
 Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
@@ -76,7 +77,6 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
     write the outputs; return the files written."""
     from jobs.finish import write_outputs
     from jobs.inputs import fingerprint, warn_copied_sets
-    from jobs.tasks import QuietWorkerLogs
     from pruning.defense import run_defense
     from pruning.sweep import chunk_ranges, read_back
 
@@ -104,24 +104,34 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
         if swept is not None and not args.fine_tune:  # (fine-tuning always runs on the cluster)
             defense = defend(None, swept)
         else:
-            with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
-                if not (args.scheduler_address or args.scheduler_file):
-                    # Only on workers this run started: a plugin stays on a running cluster, and
-                    # every worker that later joins it would have to import this project.
-                    with contextlib.suppress(Exception):  # only quietens the workers' logs
-                        client.register_plugin(QuietWorkerLogs())
-                try:
-                    with say_when_no_worker_is_left(client, args):
-                        defense = defend(client, swept)
-                except BaseException as error:
-                    if isinstance(error, KeyboardInterrupt) or not args.traceback:
-                        # a stop or a failure ends in one line: no tracebacks from distributed
-                        # while the cluster closes (a lost scheduler's cancelled reconnect,
-                        # tasks in flight)
-                        stopping.enter_context(quiet_distributed())
-                    release_tasks(client)
-                    raise
+            with working_client(args) as client:
+                defense = defend(client, swept)
         return write_outputs(out.path, defense)
+
+
+@contextlib.contextmanager
+def working_client(args):
+    """A client of the chosen cluster, for a run's tasks: our workers' logs quietened, the log
+    told when every worker is lost, and a stop or failure ending in one line with the run's
+    tasks released."""
+    from jobs.tasks import QuietWorkerLogs
+
+    with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
+        if not (args.scheduler_address or args.scheduler_file):
+            # Only on workers this run started: a plugin stays on a running cluster, and
+            # every worker that later joins it would have to import this project.
+            with contextlib.suppress(Exception):  # only quietens the workers' logs
+                client.register_plugin(QuietWorkerLogs())
+        try:
+            with say_when_no_worker_is_left(client, args):
+                yield client
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) or not args.traceback:
+                # a stop or a failure ends in one line: no tracebacks from distributed while
+                # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
+                stopping.enter_context(quiet_distributed())
+            release_tasks(client)
+            raise
 
 
 def release_tasks(client) -> None:
@@ -138,6 +148,11 @@ def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:
     return (f"inputs OK: model {inputs.spec.path} ({inputs.classes} classes), layer {inputs.conv} "
             f"({inputs.channels} channels, read at {inputs.read}), sets of {rows} images, "
             f"thresholds {' '.join(f'{t:g}' for t in args.thresholds)}, --out {out.path} writable and free")
+
+
+def done(written: list[str], out: OutputFolder) -> None:
+    log.info("done: %d files in %s", len(written), out.path.resolve())
+    print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
 
 
 def main(argv=None) -> int:
@@ -163,6 +178,18 @@ def main(argv=None) -> int:
             with cluster.open_client(args):
                 return 0
         stop_on_signals()                      # kill and a closed terminal stop as Ctrl-C does
+        if args.campaign:
+            from jobs.campaign import Campaign
+            campaign = Campaign(args)          # the file and every suspect's flags: writes nothing
+            out = campaign.out
+            if not args.check:
+                cluster.prepare_local_workers(args)
+            campaign.resolve()                 # every suspect's inputs checked before any work
+            if args.check:
+                print(campaign.check_line())
+            else:
+                done(campaign.run(), out)
+            return 0
         out = OutputFolder(Path(args.out), output_names(args.thresholds, args.fine_tune))  # writes nothing
         out.check_lock()
         if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
@@ -176,9 +203,7 @@ def main(argv=None) -> int:
         if args.check:
             print(check_line(inputs, args, out))
             return 0
-        written = sweep(args, inputs, out)
-        log.info("done: %d files in %s", len(written), out.path.resolve())
-        print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
+        done(sweep(args, inputs, out), out)
         return 0
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

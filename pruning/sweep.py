@@ -10,6 +10,7 @@ and small tallies travel through the scheduler.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -128,12 +129,27 @@ class InProcess:
     order the sweep asks: chunk after chunk, so one chunk's activations are held at a time (and
     the clean validation set's until the channel order is known), as on a cluster."""
 
-    def submit(self, function, *args, key=None, retries=0):
+    def submit(self, function, *args, key=None, retries=0, priority=0):
         return Task(function, args)
 
     @staticmethod
     def as_completed(tasks):
-        return iter(list(tasks))
+        return InOrder(tasks)
+
+
+class InOrder:
+    """:class:`InProcess`'s ``as_completed``: the tasks in the order given, more added with
+    :meth:`update` as distributed's allows."""
+
+    def __init__(self, tasks=()):
+        self.waiting = collections.deque(tasks)
+
+    def update(self, tasks) -> None:
+        self.waiting.extend(tasks)
+
+    def __iter__(self):
+        while self.waiting:
+            yield self.waiting.popleft()
 
 
 class Task:
@@ -187,59 +203,115 @@ def run_sweep(inputs, client, checkpoints, chunk_rows: int = CHUNK_ROWS,
     """Submit the task graph; return (channel order, {k: {set: Counts}}, timings, what was
     reused from checkpoints).
 
-    Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
-    tasks as soon as its activations exist and then frees them, so memory stays flat as the
-    data grows (but for the clean validation set's activations, held until the channel order
-    is known), and a rerun skips finished chunks entirely, base pass included.
+    Work is checkpointed per chunk of rows (all prefixes of it): a chunk's prefix tasks run as
+    soon as its activations exist and then free them, so memory stays flat as the data grows
+    (but for the clean validation set's activations, held until the channel order is known),
+    and a rerun skips finished chunks entirely, base pass included.
     """
-    started = time.perf_counter()
-    spec, conv, read = inputs.spec, inputs.conv, inputs.read
-    # Dask gives a key's result to whoever asks for that key: a second sweep on the same cluster
-    # with fixed keys would be handed this one's results. (8 hex digits: the dashboard groups
-    # tasks by name without them.)
-    run = uuid.uuid4().hex[:8]
-    ranges = chunk_ranges(inputs.sets, chunk_rows)
-    done = checkpoints.chunks(inputs.channels + 1)
-    order = checkpoints.channel_order(inputs.channels)
-    reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
-    needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
-    activations = {key: client.submit(activations_task, spec, conv, read, key[0],
-                                      inputs.sets[key[0]].part(*ranges[key]), *ranges[key],
-                                      key=f"activations-{key[0]}-{key[1]}-{run}")
-                   for key in needed}
-    if order is None:
-        valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{run}")
-                 for key, future in activations.items() if key[0] == "clean_valid"]
-        sums, values = client.submit(profile_task, *valid, key=f"profile-{run}").result()
-        order = checkpoints.save_channel_order(channel_order(sums, values))
-    else:
-        log.info("channel order read back from %s", checkpoints.folder)
-    profiled = time.perf_counter()
+    graph = SweepGraph(inputs, checkpoints, chunk_rows, prefixes_per_task)
+    futures = as_completed(client, graph.submit(client))
+    with prefix_progress(graph.prefixes, len(graph.ranges), len(graph.done)) as bar:
+        for future in futures:
+            more, evaluated = graph.collect(client, future)
+            futures.update(more)
+            bar.update(evaluated)
+    return graph.result()
 
-    channels = order["channel"].tolist()
-    prefixes = len(channels) + 1
-    todo = [key for key in ranges if key not in done]
-    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
-             len(done), len(ranges), len(done) * prefixes, len(todo) * prefixes)
-    pending, tallies = {}, {key: [None] * prefixes for key in todo}
-    for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
-        for first in range(0, prefixes, prefixes_per_task):
-            stop = min(first + prefixes_per_task, prefixes)
-            future = client.submit(evaluate_prefixes_task, spec, conv, read, activations[key],
-                                   tuple(channels), first, stop, retries=2,
-                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{run}")
-            pending[future] = (key, first)
-    activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
-    with prefix_progress(prefixes, len(ranges), len(done)) as bar:
-        for future in as_completed(client, pending):
-            key, first = pending.pop(future)
-            block = future.result()
-            tallies[key][first:first + len(block)] = block
-            bar.update(len(block))
-            if all(counts is not None for counts in tallies[key]):
-                done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
-    timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, sum_chunks(done, prefixes), timings, reused
+
+# Dask runs a higher priority first: the clean validation set's base pass (the profile waits
+# for it), then each chunk's prefix tasks before the next chunk's base pass, so that chunks are
+# finished, checkpointed and freed one after another, not all together at the end.
+PROFILE_PRIORITY, PREFIX_PRIORITY, BASE_PRIORITY = 2, 1, 0
+
+
+class SweepGraph:
+    """One sweep's tasks, in two steps: :meth:`submit` the base pass (and the profile, if the
+    channel order is not checkpointed), then :meth:`collect` each finished future, which
+    submits the prefix tasks once the order is known. One ``as_completed`` loop can so serve
+    several sweeps on one cluster (:mod:`jobs.campaign`)."""
+
+    def __init__(self, inputs, checkpoints, chunk_rows: int = CHUNK_ROWS,
+                 prefixes_per_task: int = PREFIXES_PER_TASK):
+        self.inputs, self.checkpoints, self.prefixes_per_task = inputs, checkpoints, prefixes_per_task
+        # Dask gives a key's result to whoever asks for that key: a second sweep on the same
+        # cluster with fixed keys would be handed this one's results. (8 hex digits: the
+        # dashboard groups tasks by name without them.)
+        self.run = uuid.uuid4().hex[:8]
+        self.ranges = chunk_ranges(inputs.sets, chunk_rows)
+        self.done = checkpoints.chunks(inputs.channels + 1)
+        self.order = checkpoints.channel_order(inputs.channels)
+        self.reused = {"chunks": len(self.ranges), "chunks_reused": len(self.done),
+                       "channel_order_reused": self.order is not None}
+        self.prefixes = inputs.channels + 1
+        self.profile = None
+        self.activations: dict = {}
+        self.pending: dict = {}       # prefix task -> (chunk, first prefix)
+        self.tallies: dict = {}
+        self.started = self.profiled = time.perf_counter()
+
+    def submit(self, client) -> list:
+        """Submit the base pass; return the futures to hand to :meth:`collect`."""
+        self.started = time.perf_counter()
+        spec, conv, read, order, sets = self.inputs.spec, self.inputs.conv, self.inputs.read, self.order, self.inputs.sets
+        needed = [key for key in self.ranges
+                  if key not in self.done or (order is None and key[0] == "clean_valid")]
+        self.activations = {
+            key: client.submit(activations_task, spec, conv, read, key[0], sets[key[0]].part(*self.ranges[key]),
+                               *self.ranges[key], key=f"activations-{key[0]}-{key[1]}-{self.run}",
+                               priority=PROFILE_PRIORITY if order is None and key[0] == "clean_valid" else BASE_PRIORITY)
+            for key in needed}
+        if order is None:
+            valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{self.run}",
+                                   priority=PROFILE_PRIORITY)
+                     for key, future in self.activations.items() if key[0] == "clean_valid"]
+            self.profile = client.submit(profile_task, *valid, key=f"profile-{self.run}", priority=PROFILE_PRIORITY)
+            return [self.profile]
+        log.info("channel order read back from %s", self.checkpoints.folder)
+        return self.submit_prefixes(client)
+
+    def submit_prefixes(self, client) -> list:
+        self.profiled = time.perf_counter()
+        channels = tuple(self.order["channel"].tolist())
+        todo = [key for key in self.ranges if key not in self.done]
+        log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
+                 len(self.done), len(self.ranges), len(self.done) * self.prefixes,
+                 len(todo) * self.prefixes)
+        self.tallies = {key: [None] * self.prefixes for key in todo}
+        inputs = self.inputs
+        for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
+            for first in range(0, self.prefixes, self.prefixes_per_task):
+                stop = min(first + self.prefixes_per_task, self.prefixes)
+                future = client.submit(evaluate_prefixes_task, inputs.spec, inputs.conv, inputs.read,
+                                       self.activations[key], channels, first, stop, retries=2,
+                                       key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{self.run}",
+                                       priority=PREFIX_PRIORITY)
+                self.pending[future] = (key, first)
+        self.activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
+        return list(self.pending)
+
+    def collect(self, client, future) -> tuple[list, int]:
+        """Take one finished future of this sweep; return the futures it led to submit and the
+        (chunk, prefix) evaluations it finished."""
+        if future is self.profile:
+            sums, values = future.result()
+            self.profile = None
+            self.order = self.checkpoints.save_channel_order(channel_order(sums, values))
+            return self.submit_prefixes(client), 0
+        key, first = self.pending.pop(future)
+        block = future.result()
+        self.tallies[key][first:first + len(block)] = block
+        if all(counts is not None for counts in self.tallies[key]):
+            self.done[key] = self.checkpoints.save_chunk(*key, self.tallies.pop(key))
+        return [], len(block)
+
+    def finished(self) -> bool:
+        return self.order is not None and self.profile is None and not self.pending
+
+    def result(self):
+        """What :func:`run_sweep` returns, once :meth:`finished`."""
+        timings = {"profile_s": self.profiled - self.started,
+                   "prefixes_s": time.perf_counter() - self.profiled}
+        return self.order, sum_chunks(self.done, self.prefixes), timings, self.reused
 
 
 def read_back(inputs, checkpoints, chunk_rows: int):

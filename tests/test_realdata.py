@@ -280,3 +280,39 @@ def test_eval_of_the_2020_sunglasses_net_with_rescale_and_named_sets(lab_sets, i
         f"Attack Success Rate (anonymous): {found['ano']}"]
     assert eval_script.main([lab_sets["cl"], lab_sets["sun"], str(weights)]) == 2
     assert capsys.readouterr().err.strip().endswith("pass --rescale 1/255")
+
+
+def test_a_campaign_over_the_four_2020_nets_and_lab3(lab_sets, images, tmp_path):
+    """One campaign, one cluster: each net with its own scale and poisoned sets, on the 15 real
+    images (the clean five stand in for validation and test data)."""
+    import subprocess
+    import sys
+    from pruning.scaling import scale_pixels
+    nets = {"lab3": ("lab3/bd_weights.h5", 1, {"sunglasses": "sun"}),
+            "sunglasses": ("csaw2020/sunglasses_bd_weights.h5", "1/255", {"sunglasses": "sun"}),
+            "anonymous_1": ("csaw2020/anonymous_1_bd_weights.h5", "1/255", {"anonymous": "ano"}),
+            "anonymous_2": ("csaw2020/anonymous_2_bd_weights.h5", "1/255", {}),
+            "multi": ("csaw2020/multi_trigger_multi_target_bd_weights.h5", "1/255", {"sunglasses": "sun"})}
+    lines = [f"defaults: {{arch: deepid, clean_valid: {lab_sets['cl']}, clean_test: {lab_sets['cl']}}}",
+             "suspects:"]
+    for name, (weights, rescale, poisoned) in nets.items():
+        sets = ", ".join(f"{set_name}: {lab_sets[kind]}" for set_name, kind in poisoned.items())
+        lines.append(f"  - {{name: {name}, weights: {REAL / weights}, rescale: {rescale}"
+                     + (f", poisoned_test: {{{sets}}}}}" if sets else "}"))
+    (tmp_path / "campaign.yaml").write_text("\n".join(lines) + "\n")
+    run = subprocess.run([sys.executable, "-m", "jobs.sweep", "--campaign", str(tmp_path / "campaign.yaml"),
+                          "--single-node", "--out", str(tmp_path / "out")], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "out" / "campaign.csv")
+    assert list(table["suspect"].unique()) == list(nets) and len(table) == 3 * len(nets)
+    b = table.groupby("suspect").first()
+    for name, (_, rescale, _) in nets.items():
+        model = load(nets[name][0])
+        x, y = images["cl"]
+        correct = np.mean(predict_classes(model, scale_pixels(x, Fraction(str(rescale)))) == y) * 100
+        assert b.loc[name, "B_valid_accuracy"] == correct, name
+        assert len(pd.read_csv(tmp_path / "out" / name / "results.csv")) == 61
+    assert b.loc["lab3", "B_test_asr_sunglasses"] == 100.0  # the lab's B sends all five to its target
+    assert pd.isna(b.loc["anonymous_2"]).filter(like="asr").all()  # no poisoned set: no ASR
+    assert b.loc["multi", "B_valid_accuracy"] == 100.0 and b.loc["lab3", "B_valid_accuracy"] == 100.0

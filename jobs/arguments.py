@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from jobs import cluster, dask_settings
+from jobs import cluster, settings
 from pruning.data import CHUNK_ROWS, InputError, named_sets
 from pruning.scaling import parse_rescale
 
@@ -87,7 +87,7 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
         if getattr(args, option) < 1:
             raise InputError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     check_fine_tune_arguments(args)
-    problem = cluster.check_cluster_arguments(args) or dask_settings.settings_problem()
+    problem = cluster.check_cluster_arguments(args) or settings.settings_problem()
     if problem:
         raise InputError(problem)
     if args.scheduler_file and Path(args.scheduler_file).is_dir():

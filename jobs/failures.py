@@ -14,7 +14,7 @@ from distributed.client import FutureCancelledError
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from jobs import cluster
+from jobs.errors import NO_WORKERS_LEFT, ClusterError
 from jobs.outdir import OutputFolder
 from pruning.data import InputError
 
@@ -54,7 +54,7 @@ def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[st
     """One line and an exit status for a failure: 2 for bad input, 1 for anything else."""
     if isinstance(error, InputError):
         return str(error), 2
-    if isinstance(error, cluster.ClusterError):
+    if isinstance(error, ClusterError):
         return str(error), 1
     if isinstance(error, KilledWorker):
         logs = ("the job log (fine-pruning-<jobid>.out)" if args.slurm_runner else
@@ -70,7 +70,7 @@ def explain(error: Exception, args, out: OutputFolder | None = None) -> tuple[st
     # past the checks still must not end in a traceback), but exit status 1, and it names where
     # it happened; --traceback shows the full traceback, for a bug report.
     text = " ".join(str(error).split())[:300]
-    if isinstance(error, FutureCancelledError) and error.reason == cluster.NO_WORKERS_LEFT:
+    if isinstance(error, FutureCancelledError) and error.reason == NO_WORKERS_LEFT:
         return f"{error.msg}; {resume_note(out) or 'no chunk of rows was finished'}", 1
     if isinstance(error, FutureCancelledError) and error.reason == "scheduler-connection-lost":
         return lost_scheduler_line(out, error.reason), 1

@@ -40,6 +40,7 @@ from keras import layers
 import jobs.cluster
 import jobs.finish
 import jobs.inputs
+import jobs.settings
 import jobs.tasks
 import pruning.data
 import tiny
@@ -657,8 +658,7 @@ def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, 
 ])
 def test_each_dask_setting_is_checked_against_the_kind_of_its_default(setting, wanted):
     """(In process: test_bad_dask_settings_are_one_line_before_any_work runs the command.)"""
-    from jobs.cluster import load_config
-    from jobs.dask_settings import settings_problem
+    from jobs.settings import load_config, settings_problem
     load_config()
     [(key, value)] = setting.items()
     variable = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
@@ -680,8 +680,7 @@ def test_each_dask_setting_is_checked_against_the_kind_of_its_default(setting, w
     ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu is 'four', not a whole number of at least 1"),
 ])
 def test_worker_job_counts_are_whole_numbers_of_at_least_one(setting, says):
-    from jobs.cluster import load_config
-    from jobs.dask_settings import worker_job_counts_problem
+    from jobs.settings import load_config, worker_job_counts_problem
     load_config()
     with dask.config.set(setting):
         assert worker_job_counts_problem() == says
@@ -754,7 +753,7 @@ def die(*args):
 
 
 def test_a_task_that_kills_its_workers_is_one_line(lab, tmp_path, capfd, monkeypatch):
-    jobs.cluster.load_config()  # the yaml defaults first, then this test's setting on top
+    jobs.settings.load_config()  # the yaml defaults first, then this test's setting on top
     monkeypatch.setattr(jobs.tasks, "activations_task", die)
     out = previous_run(tmp_path / "out")
     before = listing(out)

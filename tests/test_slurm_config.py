@@ -14,7 +14,7 @@ import dask
 import pytest
 
 from conftest import REPO, cluster_args
-from jobs import cluster
+from jobs import cluster, progress, settings
 
 SWEEP_SH = REPO / "slurm" / "sweep.sh"
 
@@ -22,7 +22,7 @@ SWEEP_SH = REPO / "slurm" / "sweep.sh"
 @pytest.fixture
 def slurm_config(monkeypatch):
     """Our yaml loaded; dask.config rebuilt from files + environment after the test."""
-    cluster.load_config()
+    settings.load_config()
     yield
     monkeypatch.undo()
     dask.config.refresh()
@@ -31,7 +31,7 @@ def slurm_config(monkeypatch):
 def worker_job_script() -> list[str]:
     """The worker job script that ``--slurm-cluster`` submits (``--out`` /tmp/out)."""
     from dask_jobqueue import SLURMCluster
-    from jobs.worker_jobs import worker_job_options
+    from jobs.settings import worker_job_options
     options = worker_job_options(SimpleNamespace(out="/tmp/out"))
     with SLURMCluster(scheduler_options={"dashboard_address": ":0"}, **options) as slurm:
         return slurm.job_script().splitlines()
@@ -67,7 +67,7 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
 def test_worker_jobs_get_the_distributed_settings_here_before_a_site_prologue(slurm_config):
     """slurm/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
     is exported to the worker job, before the site's prologue, which may change it."""
-    from jobs.worker_jobs import distributed_settings
+    from jobs.settings import distributed_settings
     with dask.config.set({"distributed.comm.timeouts.connect": "90s",
                           "jobqueue.slurm.job-script-prologue": ["module load cuda"]}):
         lines = worker_job_script()
@@ -86,7 +86,7 @@ def test_workers_of_both_slurm_paths_never_pause_on_memory():
     """The worker jobs' exported variable and the runner workers' dask.config setting are the
     same setting, and a real worker under it has no pause threshold at any memory limit."""
     from distributed import Client, LocalCluster
-    from jobs.worker_jobs import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
+    from jobs.settings import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
     exported = dict(line.removeprefix("export ").split("=", 1) for line in WORKER_ENVIRONMENT)
     from_environment = dask.config.collect_env({k: v for k, v in exported.items() if k.startswith("DASK_")})
     [(key, value)] = NO_MEMORY_PAUSE.items()
@@ -172,7 +172,7 @@ def test_site_settings_equal_to_dask_jobqueues_defaults_win_at_first_load(tmp_pa
     """The first load_config() in a process (each run's): a site's value that happens to equal
     dask_jobqueue's or distributed's own default is still the site's, not our yaml's."""
     (tmp_path / "site.yaml").write_text("jobqueue:\n  slurm:\n    job-extra-directives: []\n")
-    probe = ("import dask; from jobs import cluster; cluster.load_config(); print(*(dask.config.get(k) "
+    probe = ("import dask; from jobs import settings; settings.load_config(); print(*(dask.config.get(k) "
              "for k in ('jobqueue.slurm.job-extra-directives', 'jobqueue.slurm.walltime', "
              "'distributed.comm.timeouts.connect', 'jobqueue.slurm.memory')))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
@@ -185,7 +185,7 @@ def test_site_settings_equal_to_dask_jobqueues_defaults_win_at_first_load(tmp_pa
 
 def test_load_config_keeps_sigint_handler():
     before = signal.getsignal(signal.SIGINT)
-    cluster.load_config()
+    settings.load_config()
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -246,7 +246,7 @@ def test_sweep_sh_binds_one_gpu_per_worker(procid, localid, visible, expected):
 
 
 def hint(link: str | None, **env: str) -> str:
-    return cluster.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
+    return progress.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
 
 
 def test_dashboard_hint_in_a_slurm_job():
@@ -264,7 +264,7 @@ def test_dashboard_hint_other_port_and_loopback():
 
 def test_dashboard_hint_where_the_sweep_bound_it():
     """Dask's link names the scheduler's address; the dashboard listens on loopback only."""
-    text = cluster.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
+    text = progress.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
                                   env={"SLURM_SUBMIT_HOST": "login1", "USER": "al"}, listens_on="127.0.0.1")
     assert text.startswith("Dask dashboard: http://127.0.0.1:8787/status ")
     assert "ssh -L 8787:localhost:8787 al@login1" in text  # --slurm-cluster: the login node's own
@@ -322,12 +322,12 @@ def test_worker_flags_where_they_apply_are_taken():
 
 def test_task_threads_fit_the_cores():
     # two per worker, unless local workers would then outnumber the cores; a flag wins
-    assert cluster.task_threads(cluster_args(["--single-node"]), cores=2) == 2
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=2) == 1
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "4"]), cores=2) == 1
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=16) == 2
-    assert cluster.task_threads(cluster_args(["--slurm-runner"]), cores=1) == 2   # a node of its own
-    assert cluster.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
+    assert settings.task_threads(cluster_args(["--single-node"]), cores=2) == 2
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=2) == 1
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "4"]), cores=2) == 1
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=16) == 2
+    assert settings.task_threads(cluster_args(["--slurm-runner"]), cores=1) == 2   # a node of its own
+    assert settings.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
     assert "at least 1" in cluster.check_cluster_arguments(
         cluster_args(["--single-node", "--threads-per-worker", "0"]))
 

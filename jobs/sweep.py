@@ -49,8 +49,8 @@ except ValueError as error:
 from distributed import Future, as_completed
 
 from jobs import arguments, cluster
+from jobs.arguments import explain, interrupted_line
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
-from jobs.failures import explain, interrupted_line
 from jobs.fine_pruning import run_fine_tuning
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names

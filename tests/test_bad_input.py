@@ -48,7 +48,7 @@ from conftest import REPO
 from jobs.checkpoints import Checkpoints, chunk_file, may_hold_every_chunk
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
-from jobs.failures import explain, interrupted_line
+from jobs.arguments import explain, interrupted_line
 from jobs.sweep import main
 from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set

@@ -338,7 +338,7 @@ def test_tasks_stop_with_one_line_when_every_worker_job_ended(monkeypatch, tmp_p
     from distributed import Client, LocalCluster
     from distributed.client import FutureCancelledError
     from jobs import slurm
-    from jobs.failures import explain
+    from jobs.arguments import explain
 
     queue = {"41": "PENDING (Priority)"}                 # requeued, say: a worker may still come
     monkeypatch.setattr(slurm, "QUEUE_POLL_S", 0.05)

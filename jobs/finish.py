@@ -17,7 +17,8 @@ from pruning.goodnet import build_goodnet, goodnet_scores
 from pruning.counts import Counts
 from pruning.data import poisoned_set, poisoned_suffixes
 from pruning.prune import prune_conv_channels
-from pruning.report import plot_curve, save_model, staged, write_csv, write_json
+from pruning.files import staged
+from pruning.report import plot_curve, save_model, write_csv, write_json
 from pruning.select import select_prefixes, threshold_label
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ in ``OUT/checkpoints`` (:mod:`jobs.checkpoints`).
 
 A run that fails changes, adds or removes no output file: :class:`OutputFolder` checks without
 writing anything, outputs are renamed into place only once all are written
-(:func:`pruning.report.staged`), and :meth:`OutputFolder.locked` removes on the way out of a
+(:func:`pruning.files.staged`), and :meth:`OutputFolder.locked` removes on the way out of a
 failure the lock file and the folders the run made (folder times are not put back). Only
 checkpoints the failed run finished are kept, for a rerun to resume from; what a killed run left
 half-written is removed by the next run to hold the lock (:func:`remove_leftovers`).
@@ -27,7 +27,7 @@ from jobs.checkpoints import (CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_fil
                               leftover_temporaries)
 from pruning.data import InputError
 from jobs.outputs import is_output, models_listed
-from pruning.report import temporary_for
+from pruning.files import temporary_for
 
 log = logging.getLogger(__name__)
 

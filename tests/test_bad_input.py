@@ -1151,6 +1151,22 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     assert stat.S_IMODE((tmp_path / "results.csv").stat().st_mode) == 0o640
 
 
+def test_the_tls_key_file_is_the_owners_alone_whatever_the_umask(tmp_path):
+    """It is written as every other file is, whole under a temporary name (pruning.files),
+    but that temporary is made 0600 before a byte of the key is in it."""
+    from distributed.security import Security
+    from jobs.security import write_key_file
+    security = Security.temporary()
+    previous = os.umask(0)
+    try:
+        write_key_file(security, tmp_path / "dask" / "tls-7.0.pem")
+    finally:
+        os.umask(previous)
+    assert [p.name for p in (tmp_path / "dask").iterdir()] == ["tls-7.0.pem"]
+    assert stat.S_IMODE((tmp_path / "dask" / "tls-7.0.pem").stat().st_mode) == 0o600
+    assert (tmp_path / "dask" / "tls-7.0.pem").read_text() == security.tls_scheduler_key + security.tls_scheduler_cert
+
+
 # ---------------------------------------------------------------- runs, but with a warning
 
 @pytest.mark.parametrize("scale, warned", [(1 / 255, True), (1.0, False)])

@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow: its notices off stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         demo = ensure_demo(args.cache, args.seed, args.rebuild, args.attack)

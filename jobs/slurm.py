@@ -120,7 +120,8 @@ def dashboard_host(scheduler_options: dict) -> str | None:
 def quiet_dashboard_port_warning() -> None:
     """distributed's warning, over three lines, that port 8787 is taken and 'Perhaps you already
     have a cluster running?': on a shared node or login node it is another job's or user's
-    dashboard, and the dashboard line names the port taken instead."""
+    dashboard, and the dashboard line names the port taken instead. (Its wording is pinned by
+    tests/test_distributed_messages.py.)"""
     warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
 
 

@@ -165,7 +165,8 @@ class DistributedRecords(logging.Filter):
 class ClosedStreamFilter(logging.Filter):
     """Drops distributed's traceback for a write to a stream the other side has closed: a
     scheduler still reporting to a client that left (a stopped run's cancelled tasks) logs it
-    at INFO. Nothing is lost by it; the run's own line says what happened."""
+    at INFO. Nothing is lost by it; the run's own line says what happened. (Where distributed
+    logs it is pinned by tests/test_distributed_messages.py.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

@@ -7,5 +7,6 @@ The stages, one module each: ``data`` (lab HDF5 sets), ``models`` (loading B, fi
 layer), ``profile`` (channel order), ``prune`` (B'_k, literal and fast), ``counts`` (the
 tallies per prefix), ``select`` (thresholds), ``goodnet`` (G), ``report`` (files in the output
 folder). ``demo`` builds the synthetic BadNet the project runs and tests on, ``deepid`` the
-lab's architecture; ``backend`` imports Keras quietly. Nothing here creates a Dask cluster.
+lab's architecture; ``backend`` imports Keras quietly; ``files`` writes every file whole (atomic
+writes, the demo's lock). Nothing here creates a Dask cluster.
 """

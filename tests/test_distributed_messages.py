@@ -38,7 +38,7 @@ def quiet_worker():
         logger.setLevel(logging.INFO)
     try:
         with LocalCluster(n_workers=1, processes=False, threads_per_worker=1,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
             client.register_plugin(QuietWorkerLogs())
             yield client, cluster
     finally:

@@ -49,6 +49,7 @@ from jobs.errors import ClusterError
 from jobs.progress import dashboard_hint
 from jobs.security import PLAIN_TCP_RISK, new_security, plain_tcp_problem
 from jobs.settings import TASK_THREADS, load_config, local_workers, task_threads
+from jobs.slurm import slurm_cluster_client, slurm_runner_client
 from jobs.stopping import Stopped, interrupt_held, terminal_signals_ignored
 from pruning.data import InputError, first_line
 
@@ -201,11 +202,9 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
     """
     load_config()
     if args.slurm_runner:
-        from jobs.slurm import slurm_runner_client
         with slurm_runner_client(args) as client:
             yield client
     elif args.slurm_cluster is not None:
-        from jobs.slurm import slurm_cluster_client
         with slurm_cluster_client(args) as client:
             yield client
     elif args.single_node:

@@ -22,7 +22,7 @@ only the choice of cluster is a command-line flag:
 This module owns the flags, chooses, and opens the local cluster and the running one; the two
 SLURM clients are in :mod:`jobs.slurm`, the settings they all read in :mod:`jobs.settings`. How
 a stop signal ends a run is :mod:`jobs.stopping`; what the log says when every worker is lost
-mid-sweep, and the dashboard's address, :mod:`jobs.progress`.
+mid-sweep, and the dashboard's address, :mod:`jobs.monitor`.
 
 A running cluster (``--scheduler-*``) outlives the sweep and may serve others: the sweep checks
 that it can run our tasks, says what it waits for, and leaves nothing installed on it.
@@ -46,7 +46,7 @@ from distributed import Client, LocalCluster
 from distributed.utils import json_load_robust
 
 from jobs.errors import ClusterError
-from jobs.progress import dashboard_hint
+from jobs.monitor import dashboard_hint
 from jobs.security import PLAIN_TCP_RISK, new_security, plain_tcp_problem
 from jobs.settings import TASK_THREADS, load_config, local_workers, task_threads
 from jobs.slurm import slurm_cluster_client, slurm_runner_client

@@ -23,7 +23,7 @@ from distributed import Client, Future
 from distributed.core import rpc
 
 from jobs.errors import NO_WORKERS_LEFT, ClusterError
-from jobs.progress import dashboard_hint
+from jobs.monitor import dashboard_hint
 from jobs.security import new_security, private_folder, read_key_file, write_key_file
 from jobs.settings import (NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, task_threads,
                            worker_job_counts_problem, worker_job_options)

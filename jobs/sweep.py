@@ -54,7 +54,8 @@ from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.fine_pruning import run_fine_tuning
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
-from jobs.progress import prefix_progress, say_when_no_worker_is_left
+from jobs.monitor import say_when_no_worker_is_left
+from jobs.progress import prefix_progress
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import sum_chunks
 from pruning.data import InputError

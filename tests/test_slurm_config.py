@@ -14,7 +14,7 @@ import dask
 import pytest
 
 from conftest import REPO, cluster_args
-from jobs import cluster, progress, settings
+from jobs import cluster, monitor, settings
 
 SWEEP_SH = REPO / "slurm" / "sweep.sh"
 
@@ -246,7 +246,7 @@ def test_sweep_sh_binds_one_gpu_per_worker(procid, localid, visible, expected):
 
 
 def hint(link: str | None, **env: str) -> str:
-    return progress.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
+    return monitor.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
 
 
 def test_dashboard_hint_in_a_slurm_job():
@@ -264,7 +264,7 @@ def test_dashboard_hint_other_port_and_loopback():
 
 def test_dashboard_hint_where_the_sweep_bound_it():
     """Dask's link names the scheduler's address; the dashboard listens on loopback only."""
-    text = progress.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
+    text = monitor.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
                                   env={"SLURM_SUBMIT_HOST": "login1", "USER": "al"}, listens_on="127.0.0.1")
     assert text.startswith("Dask dashboard: http://127.0.0.1:8787/status ")
     assert "ssh -L 8787:localhost:8787 al@login1" in text  # --slurm-cluster: the login node's own

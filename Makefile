@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m jobs.sweep --single-node --out results/
+	$(VENV)/bin/fine-pruning sweep --single-node --out results/
 
 test: setup
 	$(PY) -m pytest -q -ra

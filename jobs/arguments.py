@@ -20,10 +20,9 @@ from distributed.scheduler import KilledWorker
 from jobs import cluster, settings
 from jobs.errors import NO_WORKERS_LEFT, ClusterError
 from jobs.outdir import OutputFolder
-from pruning.data import CHUNK_ROWS, InputError, named_sets
+from pruning.data import CHUNK_ROWS, PREFIXES_PER_TASK, InputError, named_sets
 from pruning.scaling import parse_rescale
 
-PREFIXES_PER_TASK = 64  # the lab's 61 prefixes in one task per chunk; 2,048 channels in 33
 
 
 class Parser(argparse.ArgumentParser):

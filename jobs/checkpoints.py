@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"      # the folder, in --out
 CHUNK_FILES = "chunk-*.json"     # one per finished chunk of rows, in CHECKPOINTS
 CHANNEL_ORDER = "channel_order.csv"
-FINE_TUNE_FOLDERS = "finetune-*"  # one per fine-tuning (jobs.fine_pruning), its training state
+FINE_TUNE_FOLDERS = "finetune-*"  # one per fine-tuning (pruning.sweep.run_fine_tuning), its training state
 
 
 def chunk_file(set_name: str, index: int) -> str:

@@ -1,6 +1,6 @@
 """Where the sweep's Dask tasks run: a LocalCluster, a running scheduler, or SLURM.
 
-Cluster settings come from dask.config (``slurm/jobqueue.yaml`` and the site's own files);
+Cluster settings come from dask.config (``jobs/jobqueue.yaml`` and the site's own files);
 only the choice of cluster is a command-line flag:
 
 ``--single-node``
@@ -75,7 +75,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                             "rank 1 runs the sweep, the others are workers, one per GPU")
     where.add_argument("--slurm-cluster", type=int, metavar="N",
                        help="from a login node: submit N SLURM worker jobs (settings: dask config "
-                            "jobqueue.slurm, defaults in slurm/jobqueue.yaml)")
+                            "jobqueue.slurm, defaults in jobs/jobqueue.yaml)")
     group.add_argument("--allow-tcp", action="store_true",
                        help="join a --scheduler-* cluster that takes plain tcp:// (anyone who can "
                             "reach it can run code as its owner); also dask config fine-pruning.allow-tcp")

@@ -26,7 +26,7 @@ from pathlib import Path
 from jobs.checkpoints import (CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_files,
                               leftover_temporaries)
 from pruning.data import InputError
-from jobs.outputs import is_output, models_listed
+from jobs.finish import is_output, models_listed
 from pruning.files import temporary_for
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The cluster's settings: ``slurm/jobqueue.yaml`` loaded as Dask's defaults, Dask's own
+"""The cluster's settings: ``jobs/jobqueue.yaml`` loaded as Dask's defaults, Dask's own
 settings checked as inputs before any work, the task threads per worker, and what SLURM's
 worker jobs are given beyond dask.config.
 
@@ -29,7 +29,7 @@ from dask.utils import parse_bytes, parse_timedelta
 
 from jobs.stopping import sigint_kept
 
-CONFIG_FILE = Path(__file__).resolve().parent.parent / "slurm" / "jobqueue.yaml"
+CONFIG_FILE = Path(__file__).resolve().parent / "jobqueue.yaml"  # package data, beside this module (as dask_jobqueue keeps its own)
 # TensorFlow's own thread pool uses all the cores for one task; a second task thread reads and
 # prepares the next chunk meanwhile. More would only hold more chunks in memory.
 TASK_THREADS = 2
@@ -38,7 +38,7 @@ _config = None
 
 
 def load_config() -> dict:
-    """Install ``slurm/jobqueue.yaml`` as Dask defaults (once); return what was loaded.
+    """Install ``jobs/jobqueue.yaml`` as Dask defaults (once); return what was loaded.
 
     Defaults, so the usual Dask ways override them: the site's and the user's yaml files
     (``/etc/dask``, ``~/.config/dask``, ``$DASK_CONFIG``), ``DASK_*`` environment variables and
@@ -193,7 +193,7 @@ WORKER_ENVIRONMENT = ("export TF_FORCE_GPU_ALLOW_GROWTH=true", *exports(NO_MEMOR
 
 
 def distributed_settings() -> list[str]:
-    """The ``distributed:`` settings of slurm/jobqueue.yaml (timeouts, ...) for a worker job, at
+    """The ``distributed:`` settings of jobs/jobqueue.yaml (timeouts, ...) for a worker job, at
     their values here (ours, or the site's or yours where set): the job's Python reads its own
     dask config, which that file is not part of."""
     def keys(prefix: str, tree: dict):

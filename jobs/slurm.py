@@ -207,7 +207,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     options = worker_job_options(args)
     log_directory = options["log_directory"]
     where = ("in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* variables "
-             "(defaults: slurm/jobqueue.yaml)")
+             "(defaults: jobs/jobqueue.yaml)")
     problem = worker_job_counts_problem()
     if problem:
         raise InputError(f"jobqueue.slurm in dask.config: {problem}; change it {where}")

@@ -1,4 +1,5 @@
-"""The pruning-defense sweep as Dask tasks.
+"""The pruning-defense sweep as Dask tasks: the command line around :mod:`pruning.defense`
+(``fine-pruning sweep`` runs it too), with a cluster, --out's lock and checkpoints.
 
     python -m jobs.sweep --single-node                      # the embedded demo, on this machine
     python -m jobs.sweep --model bd_net.h5 --data data/ --single-node --workers 2
@@ -11,7 +12,7 @@ Task graph: ``activations-<set>-<i>`` (the base over one chunk of rows, once) ->
 ``channel-sums-<i>`` and ``profile`` (channel order from clean validation) ->
 ``evaluate-prefixes-<a>-<b>-<set>-<i>`` (B'_k for k = a..b-1 on one chunk; the blocks cover
 k = 0..C) -> selection -> with --fine-tune, ``fine-tune-k<K>`` per selected B' and B (one task
-each, jobs.fine_pruning) -> GoodNet and reports on the client. Every key ends in the run's own
+each) -> GoodNet and reports on the client (:mod:`pruning.sweep`). Every key ends in the run's own
 tag, so that two sweeps sharing one cluster never share a result. Finished chunks (every prefix
 of them) are checkpointed in ``OUT/checkpoints`` and read back by a rerun with the same ``--out``;
 a rerun that finds every chunk there starts no cluster.
@@ -23,8 +24,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,27 +45,23 @@ except ValueError as error:
     print(f"error: {dask_config_file_problem(error)}", file=sys.stderr)
     sys.exit(2)
 
-from distributed import Future, as_completed
+from distributed import Future
 
 from jobs import arguments, cluster
 from jobs.arguments import explain, interrupted_line
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
-from jobs.fine_pruning import run_fine_tuning
-from jobs.outdir import OutputFolder
-from jobs.outputs import output_names
+from jobs.finish import output_names
 from jobs.monitor import say_when_no_worker_is_left
-from jobs.progress import prefix_progress
+from jobs.outdir import OutputFolder
 from jobs.stopping import quiet_distributed, stop_on_signals
-from pruning.counts import sum_chunks
 from pruning.data import InputError
-from pruning.profile import channel_order
 
-# What loads TensorFlow (jobs.inputs, jobs.tasks, jobs.finish) is imported where it is used,
-# after the command line is read: --help and a mistyped flag answer at once, the fork server of
+# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.sweep, pruning.defense) is imported
+# where it is used, after the command line is read: --help and a mistyped flag answer at once, the fork server of
 # --single-node starts importing it alongside this process, and Ctrl-C during the import is
 # handled like any other.
 if TYPE_CHECKING:
-    from jobs.inputs import SweepInputs
+    from pruning.defense import SweepInputs
 
 log = logging.getLogger("jobs.sweep")
 
@@ -76,96 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return arguments.parse_args(argv, __doc__)
 
 
-def run_sweep(inputs: SweepInputs, client, checkpoints: Checkpoints, chunk_rows: int,
-              prefixes_per_task: int = arguments.PREFIXES_PER_TASK):
-    """Submit the task graph; return (channel order, {k: {set: Counts}}, timings, what was
-    reused from checkpoints).
-
-    Work is checkpointed per chunk of rows (all prefixes of it): Dask runs a chunk's prefix
-    tasks as soon as its activations exist and then frees them, so memory stays flat as the
-    data grows (but for the clean validation set's activations, held until the channel order
-    is known), and a rerun skips finished chunks entirely, base pass included.
-    """
-    from jobs.tasks import activations_task, channel_sums_task, evaluate_prefixes_task, profile_task
-
-    started = time.perf_counter()
-    spec, conv, read = inputs.spec, inputs.conv, inputs.read
-    # Dask gives a key's result to whoever asks for that key: a second sweep on the same cluster
-    # with fixed keys would be handed this one's results. (8 hex digits: the dashboard groups
-    # tasks by name without them.)
-    run = uuid.uuid4().hex[:8]
-    ranges = chunk_ranges(inputs, chunk_rows)
-    done = checkpoints.chunks(inputs.channels + 1)
-    order = checkpoints.channel_order(inputs.channels)
-    reused = {"chunks": len(ranges), "chunks_reused": len(done), "channel_order_reused": order is not None}
-    needed = [key for key in ranges if key not in done or (order is None and key[0] == "clean_valid")]
-    activations = {key: client.submit(activations_task, spec, conv, read, key[0], inputs.sets[key[0]],
-                                      *ranges[key], key=f"activations-{key[0]}-{key[1]}-{run}")
-                   for key in needed}
-    if order is None:
-        valid = [client.submit(channel_sums_task, future, key=f"channel-sums-{key[1]}-{run}")
-                 for key, future in activations.items() if key[0] == "clean_valid"]
-        sums, values = client.submit(profile_task, *valid, key=f"profile-{run}").result()
-        order = checkpoints.save_channel_order(channel_order(sums, values))
-    else:
-        log.info("channel order read back from %s", checkpoints.folder)
-    profiled = time.perf_counter()
-
-    channels = order["channel"].tolist()
-    prefixes = len(channels) + 1
-    todo = [key for key in ranges if key not in done]
-    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); %d to evaluate",
-             len(done), len(ranges), len(done) * prefixes, len(todo) * prefixes)
-    pending, tallies = {}, {key: [None] * prefixes for key in todo}
-    for key in todo:  # chunk by chunk, so each chunk's activations are freed as soon as it is done
-        for first in range(0, prefixes, prefixes_per_task):
-            stop = min(first + prefixes_per_task, prefixes)
-            future = client.submit(evaluate_prefixes_task, spec, conv, read, activations[key],
-                                   tuple(channels), first, stop, retries=2,
-                                   key=f"evaluate-prefixes-{first}-{stop}-{key[0]}-{key[1]}-{run}")
-            pending[future] = (key, first)
-    activations.clear()  # the scheduler keeps each chunk only while its prefix tasks need it
-    with prefix_progress(prefixes, len(ranges), len(done)) as bar:
-        for future in as_completed(pending):
-            key, first = pending.pop(future)
-            block = future.result()
-            tallies[key][first:first + len(block)] = block
-            bar.update(len(block))
-            if all(counts is not None for counts in tallies[key]):
-                done[key] = checkpoints.save_chunk(*key, tallies.pop(key))
-    timings = {"profile_s": profiled - started, "prefixes_s": time.perf_counter() - profiled}
-    return order, sum_chunks(done, prefixes), timings, reused
-
-
-def chunk_ranges(inputs: SweepInputs, chunk_rows: int) -> dict[tuple[str, int], tuple[int, int]]:
-    """``(set, index) -> (start, stop)``: the chunks of rows, as tasks and checkpoints cut them."""
-    return {(name, i): bounds for name, lab_set in inputs.sets.items()
-            for i, bounds in enumerate(lab_set.chunks(chunk_rows))}
-
-
-def read_back(inputs: SweepInputs, checkpoints: Checkpoints, chunk_rows: int):
-    """What :func:`run_sweep` returns, from checkpoints alone when they hold the channel order
-    and every chunk of these inputs; else None (something is left to compute)."""
-    ranges = chunk_ranges(inputs, chunk_rows)
-    order, done = checkpoints.channel_order(inputs.channels), checkpoints.chunks(inputs.channels + 1)
-    if order is None or not set(ranges) <= set(done):
-        return None
-    prefixes = len(order) + 1
-    log.info("reused from checkpoints: %d of %d chunks (%d prefix evaluations); 0 to evaluate, "
-             "so no Dask cluster is needed", len(ranges), len(ranges), len(ranges) * prefixes)
-    reused = {"chunks": len(ranges), "chunks_reused": len(ranges), "channel_order_reused": True}
-    return order, sum_chunks(done, prefixes), {"profile_s": 0.0, "prefixes_s": 0.0}, reused
-
-
 def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
-    """Hold --out's lock, run the task graph, write the outputs; return the files written."""
-    from jobs import finish
-    from jobs.inputs import warn_copied_sets
+    """Hold --out's lock, run the defense (:func:`pruning.defense.run_defense`) on a cluster,
+    write the outputs; return the files written."""
+    from jobs.finish import write_outputs
+    from jobs.inputs import fingerprint, warn_copied_sets
     from jobs.tasks import QuietWorkerLogs
+    from pruning.defense import run_defense
+    from pruning.sweep import chunk_ranges, read_back
 
     with out.locked(), ThreadPoolExecutor(1) as background:
         # sha256 of every input (about a second per GB), here, while the cluster starts
-        hashing = background.submit(inputs.fingerprint)
+        hashing = background.submit(fingerprint, inputs)
 
         def open_checkpoints() -> Checkpoints:
             if out.checkpoints is None:
@@ -173,15 +90,20 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                 warn_copied_sets(inputs)
             return out.checkpoints
 
+        def defend(client, swept=None):
+            return run_defense(inputs, client, open_checkpoints(), args.thresholds, args.relative,
+                               args.fine_tune_settings, args.chunk_rows, args.prefixes_per_task, swept)
+
         swept = None
-        if may_hold_every_chunk(out.path / CHECKPOINTS, chunk_ranges(inputs, args.chunk_rows)):
+        if may_hold_every_chunk(out.path / CHECKPOINTS, chunk_ranges(inputs.sets, args.chunk_rows)):
             # A rerun of a finished sweep (for its outputs again, other --thresholds): wait for
             # the hashes, which every run computes here, to know before starting a cluster.
             # What is left then is selection, B', G and the reports, here as in every run: a
             # model loaded, copied and saved per threshold, G's scores added up from the tallies.
             swept = read_back(inputs, open_checkpoints(), args.chunk_rows)
-        tuned = None
-        if swept is None or args.fine_tune:  # (fine-tuning always runs on the cluster)
+        if swept is not None and not args.fine_tune:  # (fine-tuning always runs on the cluster)
+            defense = defend(None, swept)
+        else:
             with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
                 if not (args.scheduler_address or args.scheduler_file):
                     # Only on workers this run started: a plugin stays on a running cluster, and
@@ -190,13 +112,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         client.register_plugin(QuietWorkerLogs())
                 try:
                     with say_when_no_worker_is_left(client, args):
-                        if swept is None:
-                            swept = run_sweep(inputs, client, open_checkpoints(), args.chunk_rows,
-                                              args.prefixes_per_task)
-                        if args.fine_tune:
-                            started = time.perf_counter()
-                            tuned = run_fine_tuning(inputs, args, client, open_checkpoints(), *swept[:2])
-                            swept[2]["fine_tune_s"] = time.perf_counter() - started
+                        defense = defend(client, swept)
                 except BaseException as error:
                     if isinstance(error, KeyboardInterrupt) or not args.traceback:
                         # a stop or a failure ends in one line: no tracebacks from distributed
@@ -205,7 +121,7 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
                         stopping.enter_context(quiet_distributed())
                     release_tasks(client)
                     raise
-        return finish.write_outputs(inputs, args, out.path, *swept, tuned=tuned)
+        return write_outputs(out.path, defense)
 
 
 def release_tasks(client) -> None:

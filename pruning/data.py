@@ -11,11 +11,12 @@ line naming the file and the fix: whatever h5py raises while a set is opened or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,8 @@ LAB_LAYOUT = {
     "poisoned_test": "bd/bd_test.h5",
 }
 SET_NAME = re.compile(r"[A-Za-z0-9_]+")  # a named poisoned set's NAME: it ends column names
-CHUNK_ROWS = 4096
+CHUNK_ROWS = 4096        # images per task of the sweep
+PREFIXES_PER_TASK = 64  # prefixes per task: the lab's 61 in one task per chunk; 2,048 channels in 33
 # Pixels read when a set is opened, to find NaN/inf pixels and unreadable rows before any work:
 # all of a small set, spread-out blocks of a big one (a few percent of the lab's sets, well under
 # a second). The rest is checked chunk by chunk as the sweep reads it.
@@ -102,6 +104,10 @@ class LabSet:
             from pruning.scaling import scale_pixels
             images = scale_pixels(images, self.scale)
         return np.ascontiguousarray(images), labels
+
+    def part(self, start: int, stop: int) -> LabSet:
+        """What a task reading rows ``[start, stop)`` is sent: the file's name, the same set."""
+        return self
 
     def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start, stop in self.chunks(chunk_rows):
@@ -251,41 +257,120 @@ def open_lab_set(path: str | os.PathLike, input_shape: tuple[int, int, int],
             raise InputError(f"{path}: 'data' and 'label' must be datasets, not groups")
         if data.shape is None or len(data.shape) == 0:
             raise InputError(f"{path}: 'data' is a single value, not N images")
-        shape = tuple(int(n) for n in data.shape)
-        layouts = [shape[1:] == (depth, height, width), shape[1:] == (height, width, depth)]
-        if all(layouts):
-            raise InputError(f"{path}: images are {'x'.join(map(str, shape[1:]))} and the model "
-                             f"takes {height}x{width}x{depth}: with height, width and channels "
-                             "all equal, NCHW and NHWC cannot be told apart; the sweep needs a "
-                             "model whose input height, width and channels are not all equal")
-        if not any(layouts):
-            raise InputError(f"{path}: {describe_layout(shape[1:], input_shape)}")
-        channels_first = layouts[0]
-        if data.dtype.kind not in "fiu":
-            raise InputError(f"{path}: 'data' holds {data.dtype}, not numbers")
-        rows = shape[0]
-        if rows == 0:
-            raise InputError(f"{path}: the set is empty (0 images); give a set with images")
+        channels_first, rows = check_images(tuple(int(n) for n in data.shape), data.dtype, input_shape, path)
         if label.shape is None or len(label.shape) == 0:
             raise InputError(f"{path}: 'label' is a single value, not one label per image")
-        label_shape = tuple(int(n) for n in label.shape)
-        if len(label_shape) == 2 and label_shape[0] == rows and label_shape[1] > 1:
-            raise InputError(f"{path}: 'label' is {rows} x {label_shape[1]} (one-hot?); store "
-                             "one class number per image")
-        if label_shape[0] != rows or math.prod(label_shape) != rows:
-            raise InputError(f"{path}: {math.prod(label_shape)} labels for {rows} images; "
-                             "they must match")
+        check_label_shape(tuple(int(n) for n in label.shape), rows, path)
         check_stored(label, "label", path)
         check_stored(data, "data", path)
-        labels = as_int_labels(label[()], path)
-        if len(labels) != rows:
-            raise InputError(f"{path}: {len(labels)} labels for {rows} images; they must match")
-        if labels.min() < 0 or (classes is not None and labels.max() >= classes):
-            top = "from 0" if classes is None else f"0..{classes - 1}"
-            raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
-                             f"model has classes {top}; is this the model's data?")
+        check_labels(as_int_labels(label[()], path), rows, classes, path)
         scan_pixels(data, path, warn=scale == 1)
     return LabSet(path=path, rows=rows, channels_first=channels_first, scale=scale)
+
+
+def check_images(shape: tuple, dtype: np.dtype, input_shape: tuple[int, int, int], path: str) -> tuple[bool, int]:
+    """Whether images of ``shape`` (N first) are NCHW (else NHWC) for the model's ``(H, W, C)``,
+    and N; an :class:`InputError` for any other layout, non-numbers or no image."""
+    height, width, depth = input_shape
+    layouts = [shape[1:] == (depth, height, width), shape[1:] == (height, width, depth)]
+    if all(layouts):
+        raise InputError(f"{path}: images are {'x'.join(map(str, shape[1:]))} and the model "
+                         f"takes {height}x{width}x{depth}: with height, width and channels "
+                         "all equal, NCHW and NHWC cannot be told apart; the sweep needs a "
+                         "model whose input height, width and channels are not all equal")
+    if not any(layouts):
+        raise InputError(f"{path}: {describe_layout(shape[1:], input_shape)}")
+    if dtype.kind not in "fiu":
+        raise InputError(f"{path}: 'data' holds {dtype}, not numbers")
+    if shape[0] == 0:
+        raise InputError(f"{path}: the set is empty (0 images); give a set with images")
+    return layouts[0], shape[0]
+
+
+def check_label_shape(label_shape: tuple, rows: int, path: str) -> None:
+    if len(label_shape) == 2 and label_shape[0] == rows and label_shape[1] > 1:
+        raise InputError(f"{path}: 'label' is {rows} x {label_shape[1]} (one-hot?); store "
+                         "one class number per image")
+    if not label_shape or label_shape[0] != rows or math.prod(label_shape) != rows:
+        raise InputError(f"{path}: {math.prod(label_shape)} labels for {rows} images; "
+                         "they must match")
+
+
+def check_labels(labels: np.ndarray, rows: int, classes: int | None, path: str) -> None:
+    if len(labels) != rows:
+        raise InputError(f"{path}: {len(labels)} labels for {rows} images; they must match")
+    if labels.min() < 0 or (classes is not None and labels.max() >= classes):
+        top = "from 0" if classes is None else f"0..{classes - 1}"
+        raise InputError(f"{path}: labels range {labels.min()}..{labels.max()}, but the "
+                         f"model has classes {top}; is this the model's data?")
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySet:
+    """A set given as arrays (:func:`pruning.defend`), read as a :class:`LabSet` reads its file:
+    float32 pixels (NCHW turned to NHWC) times ``scale``, int64 labels. ``path`` names it in
+    messages; ``offset``: the row of the whole set its first row is (a part, for one task)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    channels_first: bool
+    scale: Fraction = Fraction(1)
+    path: str = "(arrays)"
+    offset: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.offset + len(self.images)
+
+    def chunks(self, chunk_rows: int = CHUNK_ROWS) -> list[tuple[int, int]]:
+        return LabSet.chunks(self, chunk_rows)
+
+    def part(self, start: int, stop: int) -> ArraySet:
+        """Rows ``[start, stop)`` alone, so that a task is sent its own rows only."""
+        return replace(self, images=self.images[start - self.offset:stop - self.offset],
+                       labels=self.labels[start - self.offset:stop - self.offset], offset=start)
+
+    def read(self, start: int | None = None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        start = self.offset if start is None else start
+        stop = self.rows if stop is None else stop
+        with np.errstate(all="ignore"):
+            images = np.asarray(self.images[start - self.offset:stop - self.offset], dtype=np.float32)
+        if not np.isfinite(images).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(images).reshape(len(images), -1).all(axis=1))[0])
+            raise InputError(f"{self.path}: NaN or infinite pixels in row {bad} (counting from 0); "
+                             "pixels must be finite numbers")
+        if self.channels_first:
+            images = images.transpose(0, 2, 3, 1)
+        if self.scale != 1:
+            from pruning.scaling import scale_pixels
+            images = scale_pixels(images, self.scale)
+        return np.ascontiguousarray(images), self.labels[start - self.offset:stop - self.offset]
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
+        digest.update(self.labels.tobytes())
+        return digest.hexdigest()
+
+
+def open_array_set(source, name: str, input_shape: tuple[int, int, int], classes: int | None = None,
+                   scale: Fraction = Fraction(1)) -> ArraySet:
+    """Check ``(images, labels)`` as :func:`open_lab_set` checks a file; return an :class:`ArraySet`."""
+    where = f"{name} (arrays)"
+    if len(source) != 2:
+        raise InputError(f"{where}: give (images, labels), two arrays")
+    images, labels = (np.asarray(part) for part in source)
+    channels_first, rows = check_images(images.shape, images.dtype, input_shape, where)
+    check_label_shape(labels.shape, rows, where)
+    labels = as_int_labels(labels, where)
+    check_labels(labels, rows, classes, where)
+    with np.errstate(all="ignore"):
+        low, high = float(np.min(images)), float(np.max(images))
+    if not (np.isfinite(low) and np.isfinite(high)):
+        ArraySet(images, labels, channels_first, path=where).read()  # says which row
+    if scale == 1 and (high <= 1 or low < 0 or high > 255):
+        log.warning("%s: pixels range %g..%g; the lab's models take raw 0-255 pixels (not "
+                    "scaled to 0-1 or centred): if B does, this set was transformed", where, low, high)
+    return ArraySet(images, labels, channels_first, scale, where)
 
 
 def scan_pixels(data: h5py.Dataset, path: str, warn: bool = True) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from pruning.counts import Counts, tally
 from pruning.data import InputError, first_line
-from pruning.layers import layer_output
+from pruning.layers import channelwise_chain, conv_layer_names, layer_output
 from pruning.models import output_tensor
 from pruning.profile import exact_channel_sums
 
@@ -147,6 +147,20 @@ def cut_head(model: keras.Model, read: str) -> keras.Model | None:
         return keras.Model(cut, output_tensor(model), name="head")
     except ValueError:  # graph disconnected: something after the cut bypasses it
         return None
+
+
+def where_b_can_be_cut(model: keras.Model) -> str:
+    """The last conv layer after which B can be cut (the fast sweep), for the warning about one
+    that cannot: in a residual net that is not the default --layer, whose block has a skip
+    connection around it, and it may be none."""
+    for conv in reversed(conv_layer_names(model)):
+        try:
+            read = channelwise_chain(model, conv)[-1].name
+        except InputError:  # softmax over its channels, shared, channels_first: not prunable anyway
+            continue
+        if cut_head(model, read) is not None:
+            return f"the last conv layer B can be cut after is {conv} (--layer {conv})"
+    return "B cannot be cut after any of its conv layers (skip connections around them all)"
 
 
 def split_model(model: keras.Model, conv: str, read: str) -> SplitModel:

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The files of an output folder: the reports, and per threshold X reached B' and G (formatted
+# with the threshold's label), per fine-tuning run ("X=2" ... or "B") the fine-tuned model and G.
+REPORT_NAMES = ("results.csv", "channel_order.csv", "goodnet.csv", "results.png", "manifest.json")
+MODEL_NAME = "model_X={}.h5"
+GOODNET_NAME = "goodnet_X={}.keras"
+FINETUNED_NAME = "finetuned_{}.h5"
+GOODNET_FINETUNED_NAME = "goodnet_finetuned_{}.keras"
+FINE_TUNE_REPORTS = ("finepruning.csv", "finetune_log.csv")
+
 CURVE_COLUMNS = ["channels_pruned", "fraction_pruned", "valid_accuracy", "valid_asr",
                  "test_accuracy", "test_asr"]
 GOODNET_COLUMNS = ["threshold", "channels_pruned", "test_accuracy", "test_asr",

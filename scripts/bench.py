@@ -29,17 +29,16 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pruning.backend import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+from pruning.backend import keras
+import numpy as np
+import psutil
 
-from pruning.data import LAB_LAYOUT, InputError, lab_paths, open_lab_set, write_lab_h5  # noqa: E402
-from pruning.deepid import build_deepid  # noqa: E402
-from pruning.models import ModelSpec, load_model  # noqa: E402
-from pruning.report import save_model  # noqa: E402
+from pruning.data import LAB_LAYOUT, InputError, lab_paths, open_lab_set, write_lab_h5
+from pruning.deepid import build_deepid
+from pruning.models import ModelSpec, load_model
+from pruning.report import save_model
 
 LAB_ROWS = {"clean_valid": 11547, "poisoned_valid": 11547, "clean_test": 12830, "poisoned_test": 12830}
 
@@ -73,25 +72,12 @@ def seeds_loop(model_path: Path, data: Path, prefixes: int, first: int = 0) -> f
 
 
 def core_sweep(model_path: Path, data: Path) -> float:
-    """Our algorithm in one process, no Dask: base once, then every prefix on every set."""
-    from pruning.layers import choose_layer
-    from pruning.models import ModelSpec
-    from pruning.profile import channel_order
-    from pruning.prune import compute_chunk, evaluate_prefixes, split_model
+    """Our algorithm in one process, no Dask (``pruning.defend``): the inputs checked, base once,
+    then every prefix on every set, and the selection."""
+    import pruning
 
-    model = ModelSpec(str(model_path)).load()
     started = time.perf_counter()
-    split = split_model(model, *choose_layer(model))
-    chunks = []
-    for name, path in lab_paths(data).items():
-        lab_set = open_lab_set(path, (55, 47, 3))
-        for start, stop in lab_set.chunks():
-            chunks.append(compute_chunk(split, name, start, stop, *lab_set.read(start, stop)))
-    valid = [c for c in chunks if c.set_name == "clean_valid"]
-    order = channel_order(sum(c.channel_sums for c in valid),
-                          sum(c.values_per_channel for c in valid))["channel"].tolist()
-    for chunk in chunks:
-        evaluate_prefixes(split, chunk, order, 0, len(order) + 1)
+    pruning.defend(str(model_path), **lab_paths(data))
     return time.perf_counter() - started
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The Fine-Pruning sweep as one SLURM job. Submit from the repository root, or from any folder by
-# this script's path or a link to it (relative paths in the sweep args, and the job's log, are
-# then that folder's; with sbatch -D DIR, DIR's):
+# The Fine-Pruning sweep as one SLURM job. Submit from a shell whose environment has this project
+# installed (make setup's .venv activated, the conda env fine-pruning, a pip install): sbatch
+# passes that environment to the job. From any folder, by this script's path or a link to it
+# (relative paths in the sweep args, and the job's log, are then that folder's; with sbatch -D
+# DIR, DIR's):
 #
 #   sbatch slurm/sweep.sh [sweep args]
 #   sbatch slurm/sweep.sh --model bd_net.h5 --data data/ --out /scratch/$USER/fine-pruning-run1
@@ -52,55 +54,51 @@ if [[ -z ${SLURM_JOB_ID:-} ]]; then
 fi
 # The job runs in its working folder (the submit folder, or sbatch -D's): not changed here.
 submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
-# This job to scontrol: an array task by its array's id and index, as the one task whose
-# SLURM_JOB_ID is the array's id would stand for every task of the array.
+# This job to scontrol (for its time limit): an array task by its array's id and index, as the
+# one task whose SLURM_JOB_ID is the array's id would stand for every task of the array.
 job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:-}}
 job=${job:-$SLURM_JOB_ID}
 job_info=$(scontrol show job "$job" 2>/dev/null) || job_info=
-# The repository is the submitted script's parent's parent. SLURM runs a copy of the script from
-# its spool folder, so $0 does not say where that is; the job's Command does: the path as given
-# to sbatch (relative to the submit folder, maybe a link), then the script's arguments, joined
-# by single spaces (`--data data/` must not end the path); "(null)" for a script piped to sbatch.
-script=$(sed -n 's/^ *Command=//p' <<<"$job_info")
-if (( $# )); then script=${script%" $*"}; fi
-[[ $script != "(null)" ]] || script=
-repo=
-if [[ -n $script ]]; then
-    script=$(cd "$submit_dir" && readlink -f -- "$script") && repo=$(dirname "$(dirname "$script")")
-fi
-[[ -f $repo/jobs/sweep.py ]] || repo=$submit_dir   # e.g. sbatch < slurm/sweep.sh from the repository root
-if [[ ! -f $repo/jobs/sweep.py ]]; then
-    if [[ -n $script ]]; then
-        where="no jobs/sweep.py next to $(dirname "$script") or in $submit_dir"
-    elif [[ -z $job_info ]]; then
-        where="scontrol show job $job did not answer, and $submit_dir has no jobs/sweep.py"
-    else
-        where="a script piped to sbatch has no path, and $submit_dir has no jobs/sweep.py"
-    fi
-    say "error: cannot find this project ($where): sbatch PATH/TO/fine-pruning/slurm/sweep.sh" >&2
-    exit 2
-fi
 
-# The environment: conda env `fine-pruning` (environment.yml) if there is one, else the repository's
-# .venv (make setup).
+# The Python that runs the sweep, and with it the environment. sbatch hands the job the submitting
+# shell's environment (its default, --export=ALL), so the first of these that can import this
+# project: $FINE_PRUNING_PYTHON (set it when you submit), the python on that PATH (an activated
+# venv or conda env), the submit folder's .venv (make setup, submitted from the checkout), the
+# conda env fine-pruning (environment.yml).
+holds_project() {   # this project and what it needs (the checks only look: no import takes long)
+    "$1" -c 'import importlib.util, sys
+sys.exit(not all(importlib.util.find_spec(m) for m in ("jobs.sweep", "distributed", "tensorflow")))' >/dev/null 2>&1
+}
 set +u   # activation scripts read unset variables
-if command -v conda >/dev/null 2>&1 \
+python=
+if [[ -n ${FINE_PRUNING_PYTHON:-} ]]; then
+    if ! holds_project "$FINE_PRUNING_PYTHON"; then
+        say "error: FINE_PRUNING_PYTHON=$FINE_PRUNING_PYTHON cannot import this project: give the python of an environment it is installed in" >&2
+        exit 2
+    fi
+    python=$FINE_PRUNING_PYTHON
+elif holds_project python; then
+    python=python
+elif holds_project "$submit_dir/.venv/bin/python"; then
+    source "$submit_dir/.venv/bin/activate"
+    python=python
+elif command -v conda >/dev/null 2>&1 \
         && conda env list 2>/dev/null | awk '$1 == "fine-pruning" {found = 1} END {exit !found}'; then
     source "$(conda info --base)/etc/profile.d/conda.sh"
     conda activate fine-pruning
-elif [[ -f $repo/.venv/bin/activate ]]; then
-    source "$repo/.venv/bin/activate"
-else
-    say "error: no conda env fine-pruning and no .venv in $repo: conda env create -f environment.yml, or make setup" >&2
-    exit 2
+    holds_project python && python=python
 fi
 set -u
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}   # this checkout's jobs/ and pruning/, from any folder
+if [[ -z $python ]]; then
+    say "error: no Python here can import this project: activate its environment before sbatch (source .venv/bin/activate, or conda activate fine-pruning), or FINE_PRUNING_PYTHON=PATH/TO/python sbatch slurm/sweep.sh ..." >&2
+    exit 2
+fi
+python=$(command -v -- "$python")
 
 args=("$@")
 for arg in "${args[@]}"; do
     case $arg in
-        -h|--help) exec python -m jobs.sweep --help ;;   # once, not from every rank
+        -h|--help) exec "$python" -m jobs.sweep --help ;;   # once, not from every rank
         --single-node|--slurm-runner|--slurm-cluster|--slurm-cluster=*|--scheduler-address|--scheduler-address=*|--scheduler-file|--scheduler-file=*)
             say "error: $arg: this script chooses where the sweep runs (its own SLURM tasks); drop $arg" >&2
             exit 2 ;;
@@ -125,7 +123,7 @@ esac
 
 export TF_FORCE_GPU_ALLOW_GROWTH=true   # TensorFlow takes GPU memory as it needs it, not all at once
 say "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} tasks" \
-    "(scheduler, client, $(( SLURM_NTASKS - 2 )) worker$( (( SLURM_NTASKS == 3 )) || echo s)), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $(command -v python), project: $repo"
+    "(scheduler, client, $(( SLURM_NTASKS - 2 )) worker$( (( SLURM_NTASKS == 3 )) || echo s)), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, python: $python"
 printf -v shown ' %q' "${args[@]}"   # quoted as a shell reads it: the line can be pasted back
 say "python -m jobs.sweep --slurm-runner$shown"
 
@@ -174,14 +172,14 @@ trap "" USR1   # inherited as ignored: a --signal=USR1 meant for the batch shell
 exec "$@"'
 
 # Bad inputs fail here, in seconds, with one line, before any Dask process starts.
-python -m jobs.sweep --check "${args[@]}" || { say "inputs rejected; nothing was started"; exit 2; }
+"$python" -m jobs.sweep --check "${args[@]}" || { say "inputs rejected; nothing was started"; exit 2; }
 
 # No --kill-on-bad-exit: a lost worker rank must not end the job (Dask reruns its tasks on the
 # others). If the client rank dies, the scheduler shuts down after fine-pruning.runner-idle-timeout
-# (slurm/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
+# (jobs/jobqueue.yaml) and the workers follow, so the job does not idle to its time limit.
 # --export=ALL: the tasks get this script's environment (the one activated above) even when the
 # job was submitted with --export=NONE, which srun would otherwise pass on as no environment at all.
-srun --export=ALL bash -c "$bind_gpu" bind-gpu python -m jobs.sweep --slurm-runner "${args[@]}" &
+srun --export=ALL bash -c "$bind_gpu" bind-gpu "$python" -m jobs.sweep --slurm-runner "${args[@]}" &
 pid=$!
 status=0
 wait "$pid" || status=$?

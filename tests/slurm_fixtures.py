@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -83,7 +84,10 @@ def submit_and_wait(args: list[str], timeout: float, *, cwd: Path = REPO,
     final state must be ``expect`` (None: any); past ``timeout`` seconds it is cancelled. Either
     failure shows the log's tail.
     """
-    submitted = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, capture_output=True, text=True)
+    # from a shell with this environment activated, as a user submits (sbatch passes it to the job)
+    activated = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    submitted = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, capture_output=True, text=True,
+                               env=activated)
     assert submitted.returncode == 0, f"sbatch {' '.join(args)}: {submitted.stderr.strip()}"
     job_id = submitted.stdout.strip().split(";")[0]
     deadline = time.monotonic() + timeout

@@ -42,14 +42,15 @@ import jobs.cluster
 import jobs.finish
 import jobs.inputs
 import jobs.settings
-import jobs.tasks
+import pruning.report
+import pruning.sweep
 import pruning.data
 import tiny
 from conftest import REPO
 from jobs.checkpoints import Checkpoints, chunk_file, may_hold_every_chunk
 from jobs.outdir import OutputFolder
-from jobs.outputs import output_names
 from jobs.arguments import explain, interrupted_line
+from jobs.finish import output_names
 from jobs.sweep import main
 from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set
@@ -754,7 +755,7 @@ def die(*args):
 
 def test_a_task_that_kills_its_workers_is_one_line(lab, tmp_path, capfd, monkeypatch):
     jobs.settings.load_config()  # the yaml defaults first, then this test's setting on top
-    monkeypatch.setattr(jobs.tasks, "activations_task", die)
+    monkeypatch.setattr(pruning.sweep, "activations_task", die)
     out = previous_run(tmp_path / "out")
     before = listing(out)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
@@ -1042,9 +1043,7 @@ def test_checkpoints_of_other_inputs_are_replaced_only_by_a_result(tmp_path):
 
 
 def test_eval_checks_both_sets_before_evaluating(lab, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_for_bad_input", REPO / "scripts" / "eval.py")
-    eval_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_script)
+    import pruning.evaluate as eval_script
     data = data_with(lab, tmp_path, with_pixel(np.nan), "bd/bd_valid.h5")
     status = eval_script.main([str(data / "cl/valid.h5"), str(data / "bd/bd_valid.h5"), str(lab.model)])
     captured = capsys.readouterr()
@@ -1099,6 +1098,7 @@ def test_a_run_stopped_while_writing_its_outputs_leaves_the_earlier_ones(lab, tm
     from jobs.finish import write_outputs
     from jobs.inputs import resolve_inputs
     from jobs.sweep import parse_args
+    from pruning.defense import Defense
     out = previous_run(tmp_path / "out")
     before = listing(out)
     args = parse_args([*map(str, model_args(lab)), "--data", str(lab.data), "--out", str(out),
@@ -1111,9 +1111,10 @@ def test_a_run_stopped_while_writing_its_outputs_leaves_the_earlier_ones(lab, tm
     def stopped(*args):
         raise stop
 
-    monkeypatch.setattr(jobs.finish, "plot_curve", stopped)
+    monkeypatch.setattr(pruning.report, "plot_curve", stopped)
+    defense = Defense(resolve_inputs(args), order, counts, tuple(args.thresholds))
     with pytest.raises(type(stop)), OutputFolder(out).locked():  # as jobs.sweep.sweep writes them
-        write_outputs(resolve_inputs(args), args, out, order, counts, {}, {})
+        write_outputs(out, defense)
     assert listing(out) == before
 
 
@@ -1182,19 +1183,19 @@ def test_pixels_unlike_raw_0_255_are_a_warning(tmp_path, caplog, scale, warned):
 
 
 def test_swapped_looking_inputs_are_warnings(caplog):
-    from jobs.finish import check_baseline
+    from pruning.defense import check_baseline
     sets = {name: SimpleNamespace(path=f"/data/{name}.h5") for name in pruning.data.SET_NAMES}
     inputs = SimpleNamespace(sets=sets, hashes={"clean_valid": "a", "clean_test": "a",
                                                 "poisoned_valid": "b", "poisoned_test": "c"})
     fine = pd.Series({"valid_accuracy": 96.0, "valid_asr": 99.0, "test_accuracy": 95.0, "test_asr": 98.0})
-    with caplog.at_level(logging.INFO, logger="jobs.finish"):
+    with caplog.at_level(logging.INFO, logger="pruning.defense"):
         check_baseline(fine, SimpleNamespace(sets=sets, hashes={name: name for name in sets}))
     assert [r.levelname for r in caplog.records] == ["INFO"]
     assert caplog.records[0].getMessage() == ("B: validation accuracy 96.00 %, ASR 99.00 %; test "
                                               "accuracy 95.00 %, ASR 98.00 %")
     caplog.clear()
     odd = pd.Series({"valid_accuracy": 6.9, "valid_asr": 12.0, "test_accuracy": 96.5, "test_asr": 99.0})
-    with caplog.at_level(logging.INFO, logger="jobs.finish"):
+    with caplog.at_level(logging.INFO, logger="pruning.defense"):
         check_baseline(odd, inputs)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [

@@ -25,6 +25,7 @@ import tiny
 from conftest import REPO
 from pruning.data import write_lab_h5
 from pruning.deepid import build_deepid
+import pruning.evaluate
 from pruning.goodnet import build_goodnet, goodnet_predictions
 from pruning.prune import predict_classes, prune_conv_channels
 
@@ -39,7 +40,7 @@ def load_script(name: str):
     return module
 
 
-eval_script = load_script("eval")
+eval_script = pruning.evaluate  # scripts/eval.py and fine-pruning eval run its main
 download_lab = load_script("download_lab")
 
 

@@ -148,7 +148,7 @@ def test_each_named_sets_asr_is_the_literally_pruned_models(lab, named):
 
 def test_clean_sets_alone_give_the_same_curve_and_k(lab, sweep_here, full, caplog):
     folder = lab[0]
-    with caplog.at_level(logging.INFO, logger="jobs.finish"):
+    with caplog.at_level(logging.INFO, logger="pruning.defense"):
         status, (curve, goodnet) = sweep_here(folder, "clean", *sets(folder, "clean_valid", "clean_test"))
     assert status == 0
     one_curve, one_goodnet = full

@@ -86,7 +86,7 @@ def test_the_scheduler_counts_a_chunks_activations_as_its_size(tmp_path):
     import numpy as np
     from distributed import Client, LocalCluster, wait
 
-    from jobs.tasks import activations_task
+    from pruning.sweep import activations_task
     from pruning.data import lab_paths, open_lab_set
     from pruning.models import ModelSpec
     from pruning.prune import predict_activations, split_model

@@ -183,7 +183,7 @@ def tiny_residual() -> keras.Model:
 def test_a_layer_that_cannot_be_cut_is_warned_of_with_one_that_can():
     """In a residual net the default --layer is inside a block: the warning must not call the
     default fast, and names the last conv layer that is."""
-    from jobs.inputs import where_b_can_be_cut
+    from pruning.prune import where_b_can_be_cut
     from pruning.layers import choose_layer
     from pruning.prune import cut_head
     model = tiny_residual()

@@ -7,9 +7,7 @@ repaired files are a student's B' at 2 / 4 / 10 %.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
-import sys
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -26,6 +24,7 @@ import keras  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import pruning.evaluate as eval_script  # noqa: E402  (scripts/eval.py's)
 from pruning.data import InputError, open_lab_set, write_lab_h5  # noqa: E402
 from pruning.deepid import LAB_CLASSES  # noqa: E402
 from pruning.goodnet import build_goodnet, goodnet_predictions, goodnet_scores  # noqa: E402
@@ -197,18 +196,6 @@ def test_selection_on_the_real_validation_curve_picks_45_48_52():
 
 
 # scripts/eval.py end to end on the real images, written as lab files
-
-def load_eval():
-    spec = importlib.util.spec_from_file_location(
-        "lab_eval", Path(__file__).resolve().parents[1] / "scripts" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_script = load_eval()
-
 
 @pytest.fixture(scope="module")
 def lab_sets(images, tmp_path_factory) -> dict[str, str]:

@@ -96,9 +96,9 @@ def probe(model_path: str, data_dir: str) -> dict:
 
 
 def run_probe(demo, env: dict) -> dict:
-    script = ("import json, sys\nsys.path.insert(0, 'tests')\nfrom test_same_everywhere import probe\n"
+    script = ("import json\nfrom test_same_everywhere import probe\n"  # python -c imports from its folder
               f"print(json.dumps(probe({demo.model!r}, {demo.data_dir!r})))")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO / "tests", capture_output=True, text=True,
                           timeout=600, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
                                       timeout=480, while_running=check_dashboard, cwd=tmp_path)
     assert "already in use" not in log and "Perhaps" not in log, log[:3000]
     assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
-    assert f"project: {REPO}\n" in log, log[:2000]
+    assert f"python: {Path(sys.executable).parent}/python\n" in log, log[:2000]  # the submitting shell's
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
     assert answered and answered[0][1] == 200, f"dashboard not seen answering; log tail:\n{log[-3000:]}"
@@ -78,9 +79,9 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
     assert "srun exited with status 0" in log and "User defined signal" not in log, log[-5000:]
     assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
-    # distributed's warnings only (slurm/jobqueue.yaml): no line for every connection
+    # distributed's warnings only (jobs/jobqueue.yaml): no line for every connection
     assert not re.search(r" - distributed\.\S+ - INFO - ", log), log[-5000:]
-    assert log.count(" INFO jobs.inputs: B: ") == 1, log[:3000]  # not again from --check
+    assert len(re.findall(r" INFO pruning\.defense: B: \S+ \(\d+ classes\)", log)) == 1, log[:3000]  # not again from --check
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
 
 

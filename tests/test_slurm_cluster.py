@@ -17,7 +17,7 @@ from slurm_fixtures import slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-# Worker jobs that fit the test node (slurm/jobqueue.yaml asks for a GPU node's share).
+# Worker jobs that fit the test node (jobs/jobqueue.yaml asks for a GPU node's share).
 SMALL_JOBS = {"DASK_JOBQUEUE__SLURM__JOB_CPU": "1", "DASK_JOBQUEUE__SLURM__MEMORY": "2GiB",
               "DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES": "[]"}
 WORKER_JOB = "fine-pruning-worker"
@@ -64,7 +64,7 @@ def test_a_rerun_of_a_finished_sweep_submits_no_worker_job(slurm_cluster, demo, 
 
 
 def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_cluster, tmp_path):
-    """The worker job's Python reads its own dask config: slurm/jobqueue.yaml's distributed:
+    """The worker job's Python reads its own dask config: jobs/jobqueue.yaml's distributed:
     section (and a value set here over it) reaches it only through the job script."""
     import dask
     from dask_jobqueue import SLURMCluster

@@ -287,7 +287,7 @@ def test_a_rerun_with_other_thresholds_leaves_only_its_own_models(run, tmp_path)
 def test_a_worker_loads_a_replaced_model_file_again(tmp_path):
     """A worker of a cluster that outlives a sweep caches B by path and stamp: a file replaced
     at the same path (another B for the next sweep) is loaded again, not served from the cache."""
-    from jobs.tasks import split_for
+    from pruning.sweep import split_for
     from pruning.models import ModelSpec
     images = tiny.random_images(40, seed=9)
     path = tmp_path / "bd_net.keras"
@@ -308,7 +308,7 @@ def test_checkpoints_are_keyed_on_everything_that_makes_the_numbers(run, tmp_pat
     folder, _, argv = run
 
     def fingerprint(*extra) -> dict:
-        return jobs.inputs.resolve_inputs(parse_args(argv + list(extra))).fingerprint()
+        return jobs.inputs.fingerprint(jobs.inputs.resolve_inputs(parse_args(argv + list(extra))))
 
     base = fingerprint()
     assert base["layer"] == "conv_3" and base["read_at"] == "pool_3" and base["format"] >= 1
@@ -341,7 +341,7 @@ def test_input_paths_are_absolute_for_workers_in_another_folder(run, monkeypatch
 def test_a_model_name_of_a_threshold_the_earlier_run_never_reached_is_left_alone(tmp_path):
     """The earlier run's manifest lists X=99 as unreached: it wrote no model_X=99.h5, so one
     there is the user's own and stays; its X=2 models, not written again, go."""
-    from jobs.outputs import models_listed, remove_stale_models
+    from jobs.finish import models_listed, remove_stale_models
     (tmp_path / "manifest.json").write_text(json.dumps({"selected": {"2": 5, "4": 7, "99": None}}))
     for name in ("model_X=2.h5", "goodnet_X=2.keras", "model_X=4.h5", "goodnet_X=4.keras", "model_X=99.h5"):
         (tmp_path / name).write_text(name)
@@ -359,6 +359,7 @@ def test_relative_thresholds_select_from_a_share_of_bs_accuracy(run, tmp_path):
     from jobs.inputs import resolve_inputs
     from jobs.sweep import parse_args
     from pruning.counts import Counts
+    from pruning.defense import Defense
     _, out, argv = run
     new = tmp_path / "relative"
     new.mkdir()
@@ -372,7 +373,7 @@ def test_relative_thresholds_select_from_a_share_of_bs_accuracy(run, tmp_path):
                     "poisoned_test": Counts(200, 100, 60, 80)}    # G: 30 % ASR, 40 % detected
                 for k in range(13)}
     order = pd.read_csv(out / "channel_order.csv")
-    write_outputs(resolve_inputs(args), args, new, order, prefixes, {}, {})
+    write_outputs(new, Defense(resolve_inputs(args), order, prefixes, tuple(args.thresholds), args.relative))
     goodnet = pd.read_csv(new / "goodnet.csv").set_index("threshold")
     assert goodnet.loc[10.0, "channels_pruned"] == 3 and pd.isna(goodnet.loc[70.0, "channels_pruned"])
     assert goodnet.loc[10.0, ["test_accuracy", "test_asr", "detection_rate", "false_alarm_rate"]].tolist() \
@@ -393,7 +394,7 @@ def rerun(monkeypatch):
     from distributed import Client, LocalCluster
     from jobs.inputs import resolve_inputs
     from jobs.outdir import OutputFolder
-    from jobs.outputs import output_names
+    from jobs.finish import output_names
     from jobs.sweep import parse_args, sweep
 
     @contextlib.contextmanager
@@ -467,13 +468,13 @@ def test_a_rerun_on_other_inputs_with_the_same_chunks_computes_them(run, tmp_pat
 
 @pytest.mark.parametrize("terminal", [False, True])
 def test_progress_is_a_bar_on_a_terminal_and_a_line_now_and_then_in_a_log(terminal, monkeypatch, caplog):
-    from jobs.progress import prefix_progress
+    from pruning.progress import prefix_progress
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    caplog.set_level(logging.INFO, logger="jobs.sweep")
+    caplog.set_level(logging.INFO, logger="pruning.progress")
     with prefix_progress(61, 4, 1) as bar:  # one chunk of four reused
         for _ in range(3 * 61):
             bar.update(1)
-    lines = [record.getMessage() for record in caplog.records if record.name == "jobs.sweep"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "pruning.progress"]
     if terminal:
         assert lines == []
     else:  # no redraws joined by carriage returns: where it started and where it ended

@@ -1,21 +1,26 @@
-"""The sweep's progress: a bar on a terminal, a log line now and then in a batch job's log.
+"""The sweep's progress: a bar on a terminal or in Jupyter, a log line now and then in a batch
+job's log.
 
 A bar redrawn in place is what a terminal shows well; in a file (SLURM's ``fine-pruning-<id>.out``,
 ``2> log``) each redraw would pile onto one line joined by carriage returns. There, the same
 tqdm meter comes as an ordinary log line at most every :data:`LOG_EVERY_S` seconds, and once
-at the end.
+at the end. In a Jupyter notebook it is tqdm's notebook bar (``tqdm.auto``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
+import warnings
 from typing import Iterator
 
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-log = logging.getLogger("jobs.sweep")
+with warnings.catch_warnings():  # (its notebook bar says it is experimental)
+    warnings.simplefilter("ignore")
+    from tqdm.autonotebook import tqdm  # tqdm.auto's choice: the notebook's bar in Jupyter
+
+log = logging.getLogger(__name__)
 LOG_EVERY_S = 30
 
 
@@ -43,8 +48,12 @@ def progress(total: int, desc: str, unit: str, initial: int = 0, unit_scale: flo
     """A bar of ``total`` ``unit``s (``prefix_progress``'s, or fine-tuning's epochs)."""
     options = dict(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
-    if not sys.stderr.isatty():
+    if not (sys.stderr.isatty() or in_notebook()):
         options.update(file=LogLines(), mininterval=LOG_EVERY_S,
                        bar_format="{desc}: {percentage:3.0f}% {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
     with logging_redirect_tqdm(), tqdm(**options) as bar:
         yield bar
+
+
+def in_notebook() -> bool:
+    return tqdm.__module__ == "tqdm.notebook"

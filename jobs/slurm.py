@@ -220,6 +220,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
         private_folder(private)
     key_file = folder / "tls-worker-jobs.pem"
     write_key_file(new_security(), key_file)
+    umask = os.environ.get("SLURM_UMASK")  # this process's own, given back when the jobs are gone
     os.environ["SLURM_UMASK"] = "0077"
     try:
         try:
@@ -254,6 +255,10 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
                     yield client
     finally:
         key_file.unlink(missing_ok=True)
+        if umask is None:
+            os.environ.pop("SLURM_UMASK", None)
+        else:
+            os.environ["SLURM_UMASK"] = umask
 
 
 def _remove(made: Path | None) -> None:

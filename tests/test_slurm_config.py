@@ -114,16 +114,20 @@ def test_a_log_directory_in_home_is_expanded(slurm_config, monkeypatch, tmp_path
                                             ({"jobqueue.slurm.interface": "ib9"}, "'ib9'"),
                                             ({"jobqueue.slurm.cores": "two"}, "cores"),
                                             ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu")])
-def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, setting, named):
+def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, monkeypatch, setting, named):
     from jobs.slurm import slurm_cluster_client
     from pruning.data import InputError
 
+    monkeypatch.delenv("SLURM_UMASK", raising=False)
     args = SimpleNamespace(out=str(tmp_path / "out"), slurm_cluster=1)
     with dask.config.set(setting), pytest.raises(InputError) as bad:
         with slurm_cluster_client(args):
             pass
     assert str(bad.value).startswith("jobqueue.slurm in dask.config: ") and named in str(bad.value)
     assert "DASK_JOBQUEUE__SLURM__" in str(bad.value)
+    # the worker jobs' umask (0077) was this client's business alone: a job this process
+    # submits later (sbatch slurm/sweep.sh) writes its outputs with the user's umask
+    assert "SLURM_UMASK" not in os.environ
 
 
 def test_only_the_batch_jobs_scheduler_stops_when_idle(slurm_config):

@@ -52,9 +52,9 @@ from jobs import arguments, cluster
 from jobs.arguments import explain, interrupted_line
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.fine_pruning import run_fine_tuning
+from jobs.monitor import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder
 from jobs.outputs import output_names
-from jobs.monitor import say_when_no_worker_is_left
 from jobs.progress import prefix_progress
 from jobs.stopping import quiet_distributed, stop_on_signals
 from pruning.counts import sum_chunks

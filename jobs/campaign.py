@@ -103,7 +103,7 @@ class Plan:
 
 
 class AllCheckpoints:
-    """Every suspect's checkpoints, as :func:`jobs.failures.resume_note` reads one run's."""
+    """Every suspect's checkpoints, as :func:`jobs.arguments.resume_note` reads one run's."""
 
     def __init__(self, top: Path, plans: list[Plan]):
         self.folder, self.plans = top / "*" / CHECKPOINTS, plans
@@ -138,7 +138,7 @@ class Campaign:
         cluster, write each suspect's outputs and the campaign's; return what was written."""
         from jobs.finish import write_outputs
         from jobs.inputs import fingerprint, warn_copied_sets
-        from jobs.sweep import working_client
+        from jobs.cluster import working_client
         from pruning.defense import run_defense
         from pruning.sweep import chunk_ranges, read_back
 
@@ -296,7 +296,8 @@ def campaign_frame(plans: list[Plan]) -> pd.DataFrame:
 
 
 def write_campaign_files(out: Path, plans: list[Plan]) -> None:
-    from pruning.report import atomic_path, staged, write_csv
+    from pruning.files import atomic_path, staged
+    from pruning.report import write_csv
 
     frame = campaign_frame(plans)
     with staged() as replace_all:

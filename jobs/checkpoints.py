@@ -18,7 +18,8 @@ import pandas as pd
 
 from pruning.counts import Counts
 from pruning.data import first_line
-from pruning.report import temporary_for, write_csv, write_json
+from pruning.files import temporary_for
+from pruning.report import write_csv, write_json
 
 log = logging.getLogger(__name__)
 

@@ -19,86 +19,46 @@ only the choice of cluster is a command-line flag:
     from a login node: a SLURMCluster submits N worker jobs whose ``#SBATCH`` lines come from
     ``jobqueue.slurm`` in dask.config.
 
-The two SLURM clients are in :mod:`jobs.slurm`, the running scheduler's in :mod:`jobs.running`;
-how a stop signal ends a run is :mod:`jobs.stopping`, what the log says when every worker is
-lost mid-sweep :mod:`jobs.lost_workers`. This module chooses, and owns what all
-places share: the config, the flags and the local cluster.
+This module owns the flags, chooses, and opens the local cluster and the running one; the two
+SLURM clients are in :mod:`jobs.slurm`, the settings they all read in :mod:`jobs.settings`. How
+a stop signal ends a run is :mod:`jobs.stopping`; what the log says when every worker is lost
+mid-sweep, and the dashboard's address, :mod:`jobs.monitor`.
+
+A running cluster (``--scheduler-*``) outlives the sweep and may serve others: the sweep checks
+that it can run our tasks, says what it waits for, and leaves nothing installed on it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import logging
 import multiprocessing
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Iterator, Mapping
-from urllib.parse import urlsplit
 
 import dask
-import dask.system
-import yaml
-from distributed import Client, LocalCluster
+from dask.utils import parse_timedelta
+from distributed import Client, Future, LocalCluster
+from distributed.utils import json_load_robust
 
-from jobs.security import new_security, plain_tcp_problem
-from jobs.stopping import TERMINAL_SIGNALS, Stopped, interrupt_held
-from pruning.data import first_line
+from jobs.errors import ClusterError
+from jobs.monitor import dashboard_hint, say_when_no_worker_is_left
+from jobs.security import PLAIN_TCP_RISK, new_security, plain_tcp_problem
+from jobs.settings import TASK_THREADS, load_config, local_workers, task_threads
+from jobs.slurm import slurm_cluster_client, slurm_runner_client
+from jobs.stopping import Stopped, interrupt_held, quiet_distributed, terminal_signals_ignored
+from pruning.data import InputError, first_line
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = Path(__file__).resolve().parent / "jobqueue.yaml"  # package data, beside this module (as dask_jobqueue keeps its own)
 RUNNER_TASKS = 3           # SLURMRunner: scheduler + client + at least one worker
-# TensorFlow's own thread pool uses all the cores for one task; a second task thread reads and
-# prepares the next chunk meanwhile. More would only hold more chunks in memory.
-TASK_THREADS = 2
 # --single-node's workers are forked from a process that imported TensorFlow early (see
 # prepare_local_workers) where the platform can (Linux, macOS); elsewhere Dask spawns them.
 LOCAL_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not run the sweep (no worker came): reported as it is, exit status 1."""
-
-
-# The reason given to a run's tasks when no worker can ever come to run them (every SLURM worker
-# job has ended): they are cancelled with a message that jobs.failures reports as it is.
-NO_WORKERS_LEFT = "no-workers-left"
-
-
-_config = None
-
-
-def load_config() -> dict:
-    """Install ``jobs/jobqueue.yaml`` as Dask defaults (once); return what was loaded.
-
-    Defaults, so the usual Dask ways override them: the site's and the user's yaml files
-    (``/etc/dask``, ``~/.config/dask``, ``$DASK_CONFIG``), ``DASK_*`` environment variables and
-    ``dask.config.set`` after this call. They replace dask_jobqueue's and distributed's own
-    defaults, also after a ``dask.config.refresh()``.
-    """
-    global _config
-    if _config is not None:
-        return _config
-    # dask_jobqueue registers its defaults when imported: import it first so ours go on top.
-    # Importing it also sets a SIGINT handler (for SLURMRunner); keep the caller's.
-    handler = signal.getsignal(signal.SIGINT)
-    import dask_jobqueue  # noqa: F401
-    if handler is not None:
-        with contextlib.suppress(ValueError):      # not the main thread: nothing was changed
-            signal.signal(signal.SIGINT, handler)
-    with open(CONFIG_FILE) as f:
-        _config = yaml.safe_load(f)
-    # refresh() applies the registered defaults first-come-first-served (ours first), then the
-    # files and DASK_* variables. Not update_defaults(): it replaces a setting that equals an
-    # earlier default, so a site's walltime "00:30:00" (dask_jobqueue's) would become ours.
-    dask.config.defaults.insert(0, _config)
-    dask.config.refresh()
-    return _config
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,22 +172,6 @@ def is_scheduler_file(path: str, wait_s: float = 1.0) -> bool:
     return True
 
 
-def task_threads(args: argparse.Namespace, cores: int | None = None) -> int:
-    """Task threads per worker: --threads-per-worker, else TASK_THREADS within the cores
-    left to each local worker (a SLURM worker has its node's cores to itself)."""
-    if args.threads_per_worker is not None:
-        return args.threads_per_worker
-    if not args.single_node:
-        return TASK_THREADS
-    cores = cores or dask.system.CPU_COUNT  # Dask's count honours CPU affinity and cgroup limits
-    return max(1, min(TASK_THREADS, cores // local_workers(args)))
-
-
-def local_workers(args: argparse.Namespace) -> int:
-    """--single-node's worker processes: --workers, else 1."""
-    return args.workers or 1
-
-
 def prepare_local_workers(args: argparse.Namespace) -> None:
     """With --single-node, start the process that the LocalCluster's workers will be forked
     from (Dask's ``forkserver`` method), so that it imports TensorFlow and our tasks while this
@@ -238,15 +182,10 @@ def prepare_local_workers(args: argparse.Namespace) -> None:
         import multiprocessing.forkserver  # POSIX only
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["distributed", "jobs.tasks"])
-        # Only this process should act on a terminal's signals (closing the cluster in order, one
-        # line on stderr); an ignored signal survives exec, so the fork server and the workers
-        # forked from it keep ignoring them.
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in TERMINAL_SIGNALS}
-        try:
+        # Only this process acts on a terminal's signals: the fork server and the workers
+        # forked from it ignore them.
+        with terminal_signals_ignored():
             multiprocessing.forkserver.ensure_running()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 def is_service_rank(args: argparse.Namespace) -> bool:
@@ -263,11 +202,9 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
     """
     load_config()
     if args.slurm_runner:
-        from jobs.slurm import slurm_runner_client
         with slurm_runner_client(args) as client:
             yield client
     elif args.slurm_cluster is not None:
-        from jobs.slurm import slurm_cluster_client
         with slurm_cluster_client(args) as client:
             yield client
     elif args.single_node:
@@ -289,35 +226,93 @@ def open_client(args: argparse.Namespace) -> Iterator[Client]:
             log.info("%s", dashboard_hint(client))
             yield client
     else:
-        from jobs.running import running_cluster_client
         with running_cluster_client(args) as client:
             yield client
 
 
-def dashboard_hint(client, env: Mapping[str, str] = os.environ, login_host: str | None = None,
-                   listens_on: str | None = None) -> str:
-    """The dashboard's URL and, on a cluster, the ssh tunnel that reaches it from your machine.
+@contextlib.contextmanager
+def running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
+    """A Client on a running scheduler (``--scheduler-address``/``--scheduler-file``) that has
+    a worker, saying what it waits for."""
+    where = args.scheduler_address or f"the one in {args.scheduler_file}"
+    if args.scheduler_file and not Path(args.scheduler_file).exists():
+        log.info("waiting for %s to appear: a Dask scheduler writes it as it starts", args.scheduler_file)
+    try:
+        # (Client(scheduler_file=...) would read the file the same way, but only to connect)
+        address = args.scheduler_address or json_load_robust(
+            args.scheduler_file, timeout=parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")))["address"]
+        problem = plain_tcp_problem(address, args.allow_tcp)
+        if problem:
+            raise InputError(problem)
+        if address.startswith("tcp://"):
+            log.warning("joining the Dask scheduler at %s over plain TCP (--allow-tcp): %s", address, PLAIN_TCP_RISK)
+        client = Client(address)  # with the security of your own Dask config (distributed.comm.tls)
+    except OSError as error:  # timeouts included
+        stale = (" (a scheduler file outlives its scheduler: is this one from a scheduler that"
+                 " still runs?)" if args.scheduler_file else "")
+        raise ClusterError(f"could not reach the Dask scheduler at {where}: "
+                           f"{' '.join(str(error).split())}; is it running, and reachable from "
+                           f"this machine?{stale}") from None
+    with client:
+        log.info("%s", dashboard_hint(client))
+        if not client.scheduler_info()["workers"]:
+            log.info("waiting for a worker to join the scheduler at %s (dask worker %s)",
+                     client.scheduler.address, client.scheduler.address)
+        client.wait_for_workers(1)
+        check_project_imports(client)
+        yield client
 
-    ``listens_on``: the host the dashboard was bound to, when the sweep chose it (a loopback
-    address: only this node itself reaches it). The login host is ``login_host`` or, inside a
-    SLURM job, ``$SLURM_SUBMIT_HOST``; without either the hint is the URL alone. A dashboard on a
-    compute node's loopback is reached through the login node (``ssh -J``) to the node itself.
-    """
-    link = client.dashboard_link
-    if not link:
-        return "no Dask dashboard (bokeh is not installed)"
-    url = urlsplit(link)
-    node, port = url.hostname, url.port or 80
-    if listens_on:  # Dask's link names the scheduler's address, which the dashboard may not be on
-        node = listens_on
-        link = url._replace(netloc=f"{node}:{port}").geturl()
-    login_host = login_host or env.get("SLURM_SUBMIT_HOST")
-    if not login_host:
-        return f"Dask dashboard: {link}"
-    user = env.get("USER") or getpass.getuser()
-    tunnel = f"ssh -L 8787:{node}:{port} {user}@{login_host}"
-    if node in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
-        tunnel = f"ssh -L 8787:localhost:{port} {user}@{login_host}"
-        if "SLURMD_NODENAME" in env:  # this compute node's own loopback
-            tunnel = f"ssh -J {user}@{login_host} -L 8787:localhost:{port} {user}@{env['SLURMD_NODENAME']}"
-    return f"Dask dashboard: {link}  (from your machine: {tunnel} then open http://localhost:8787{url.path})"
+
+PROJECT_IMPORT = "import jobs.tasks"  # what unpickling our tasks imports
+
+
+def check_project_imports(client: Client) -> None:
+    """Stop with a :class:`ClusterError` if the scheduler or a worker of a cluster we did not
+    start cannot import this project: the scheduler would refuse the task graph, and such a
+    worker would die on its first task, leaving the sweep waiting for ever."""
+    advice = ("start the scheduler and workers from this project's environment and checkout "
+              "(README: On a Dask cluster you already run)")
+    try:
+        client.run_on_scheduler(exec, PROJECT_IMPORT)  # a builtin: unpickled anywhere
+    except ImportError as error:
+        raise ClusterError(f"the Dask scheduler at {client.scheduler.address} cannot import this "
+                           f"project ({error}); {advice}") from None
+    results = client.run(exec, PROJECT_IMPORT, on_error="return")
+    failed = {worker: error for worker, error in results.items() if error is not None}
+    if failed:
+        worker, error = next(iter(failed.items()))
+        raise ClusterError(f"{len(failed)} of the {len(results)} Dask workers cannot import this "
+                           f"project ({worker}: {error}); {advice}")
+
+
+@contextlib.contextmanager
+def working_client(args):
+    """A client of the chosen cluster, for a run's tasks: our workers' logs quietened, the log
+    told when every worker is lost, and a stop or failure ending in one line with the run's
+    tasks released."""
+    from jobs.tasks import QuietWorkerLogs
+
+    with contextlib.ExitStack() as stopping, open_client(args) as client:
+        if not (args.scheduler_address or args.scheduler_file):
+            # Only on workers this run started: a plugin stays on a running cluster, and
+            # every worker that later joins it would have to import this project.
+            with contextlib.suppress(Exception):  # only quietens the workers' logs
+                client.register_plugin(QuietWorkerLogs())
+        try:
+            with say_when_no_worker_is_left(client, args):
+                yield client
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) or not args.traceback:
+                # a stop or a failure ends in one line: no tracebacks from distributed while
+                # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
+                stopping.enter_context(quiet_distributed())
+            release_tasks(client)
+            raise
+
+
+def release_tasks(client) -> None:
+    """Cancel every task this client still holds. A stopped or failed run's traceback keeps
+    its futures alive until after the cluster closes: without this, the workers would hold its
+    chunks (and a batch job's could not retire)."""
+    with contextlib.suppress(Exception):  # the scheduler may be gone
+        client.cancel([Future(key, client) for key in list(client.futures)])

@@ -23,7 +23,7 @@ def write_outputs(out: Path, defense) -> list[str]:
     and return their names: all of them, or none if the run fails or is stopped on the way
     (the earlier run's outputs then stay as they were)."""
     from jobs.stopping import interrupt_held
-    from pruning.report import staged
+    from pruning.files import staged
 
     earlier = models_listed(out, defense.tuned is not None)  # before this run's manifest replaces the earlier run's
     with staged() as replace_all:

@@ -4,22 +4,22 @@ A run holds an exclusive lock on ``OUT/.sweep.lock`` (released by the kernel whe
 dies, so a killed or preempted job never leaves a stale lock). Finished chunks of rows are kept
 in ``OUT/checkpoints`` (:mod:`jobs.checkpoints`).
 
-A run that fails leaves the folder as it found it: :class:`OutputFolder` checks without
-writing anything, and :meth:`OutputFolder.locked` undoes its own traces on the way out of a
-failure (the lock file's content and times, a folder it created). Only checkpoints the failed
-run finished are kept, for a rerun to resume from; what a killed run left half-written is
-removed by the next run to hold the lock (:func:`remove_leftovers`).
+A run that fails changes, adds or removes no output file: :class:`OutputFolder` checks without
+writing anything, outputs are renamed into place only once all are written
+(:func:`pruning.files.staged`), and :meth:`OutputFolder.locked` removes on the way out of a
+failure the lock file and the folders the run made (folder times are not put back). Only
+checkpoints the failed run finished are kept, for a rerun to resume from; what a killed run left
+half-written is removed by the next run to hold the lock (:func:`remove_leftovers`).
 """
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import fcntl
 import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from jobs.checkpoints import (CHECKPOINTS, CHUNK_FILES, Checkpoints, foreign_fil
                               leftover_temporaries)
 from pruning.data import InputError
 from jobs.finish import is_output, models_listed
-from pruning.report import temporary_for
+from pruning.files import temporary_for
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,18 @@ _NO_FILES = "a pseudo filesystem (like /proc or /sys)"
 
 
 def write_problem(folder: Path) -> str | None:
-    """Why no file can be created in the existing ``folder``, or None; creates nothing.
+    """Why no file can be created in the existing ``folder``, or None; leaves nothing there.
 
     ``os.access`` answers for permissions and read-only mounts, but root passes it for any
-    folder of a writable mount, /proc included; an unnamed ``O_TMPFILE`` file (no directory
-    entry, so the folder's listing and times stay as they are) proves a file can be made.
+    folder of a writable mount, /proc included: a temporary file, gone once closed, proves a
+    file can be made.
     """
     if not os.access(folder, os.W_OK | os.X_OK):
         return "not writable (permissions or a read-only filesystem)"
     try:
-        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS):
-            # the filesystem has no O_TMPFILE (NFS, Lustre, /proc): go by its block count
-            return _NO_FILES if os.statvfs(folder).f_blocks == 0 else None
-        return f"not writable ({error.strerror})"
-    os.close(fd)
+        return _NO_FILES if os.statvfs(folder).f_blocks == 0 else f"not writable ({error.strerror})"
     return None
 
 
@@ -164,15 +160,12 @@ class OutputFolder:
     def locked(self):
         """Hold the folder's lock for the duration of a run; refuse if a live run holds it.
 
-        If the run fails, the lock file is put back as it was (or removed, if this run made
-        it), and so are folders this run created (``--out`` itself, its parents, and ones
-        inside it such as ``.dask/worker-logs``) while they hold no file.
+        If the run fails, the lock file is removed if this run made it (else it keeps this
+        run's line: it is no output), and so are folders this run created (``--out`` itself,
+        its parents, and ones inside it such as ``.dask/worker-logs``) while they hold no file.
         """
-        existing = next(p for p in [self.path, *self.path.parents] if p.exists())
-        snapshot = (existing, os.stat(existing), sorted(os.listdir(existing)))
-        created = [p for p in [self.path, *self.path.parents] if not p.exists()][::-1]
+        created = [p for p in [self.path, *self.path.parents] if not p.exists()]  # deepest first
         held = set(os.listdir(self.path)) if self.path.is_dir() else set()
-        undo = functools.partial(_remove_empty, created, snapshot, self.path, held)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -180,12 +173,7 @@ class OutputFolder:
                              "choose another folder") from None
         lock_path = self.path / LOCK_NAME
         try:
-            handle, before = self._lock(lock_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                undo()
-            raise
-        try:
+            handle, made = self._lock(lock_path)
             with handle:
                 try:
                     _write_lock(handle, lock_path, f"host {socket.gethostname()} pid {os.getpid()}"
@@ -194,18 +182,16 @@ class OutputFolder:
                     remove_leftovers(self.path)
                     yield self
                 except BaseException:
-                    # still holding the lock: no other run can see the file in between
-                    with contextlib.suppress(OSError):
-                        _restore(handle, lock_path, before)
+                    if made:  # still holding the lock: no other run can see the file in between
+                        lock_path.unlink(missing_ok=True)
                     raise
         except BaseException:
             with contextlib.suppress(OSError):
-                undo()
+                _remove_empty(created, self.path, held)
             raise
 
     def _lock(self, lock_path: Path):
-        """Open and lock ``lock_path``; return the handle and what the file was before
-        (its stat and bytes, or None if this run creates it)."""
+        """Open and lock ``lock_path``; return the handle and whether this run created it."""
         for _ in range(10):
             existed = lock_path.exists()
             try:  # (not through a link made since the check: ELOOP)
@@ -225,14 +211,12 @@ class OutputFolder:
                 raise self._no_locks(error) from None
             # A failed run removes the lock file it made: make sure we locked the file that is
             # there now, not one removed between our open and our lock.
-            stat = os.fstat(handle.fileno())
             try:
-                same = os.path.samestat(stat, os.stat(lock_path))
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
             except FileNotFoundError:
                 same = False
             if same:
-                handle.seek(0)
-                return handle, ((stat, handle.read()) if existed else None)
+                return handle, not existed
             handle.close()
         raise InputError(f"--out {self.path}: the lock file keeps changing; is another sweep "
                          "starting there?")
@@ -252,16 +236,6 @@ def remove_leftovers(out: Path) -> None:
                  ", ".join(str(path.relative_to(out)) for path in found))
 
 
-def _restore(handle, lock_path: Path, before) -> None:
-    """Put the lock file back as it was before this run (still locked by ``handle``)."""
-    if before is None:
-        lock_path.unlink(missing_ok=True)
-        return
-    stat, contents = before
-    _write_lock(handle, lock_path, contents)
-    os.utime(lock_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-
-
 def _write_lock(handle, lock_path: Path, contents: bytes) -> None:
     """Make ``contents`` the locked file's. Unbuffered: on a full disk the write fails here, in
     reach of the caller's clean-up, not again as the file closes; the error names the file."""
@@ -274,21 +248,17 @@ def _write_lock(handle, lock_path: Path, contents: bytes) -> None:
         raise OSError(error.errno, error.strerror, str(lock_path)) from None
 
 
-def _remove_empty(created: list[Path], snapshot, out: Path, held: set[str]) -> None:
+def _remove_empty(created: list[Path], out: Path, held: set[str]) -> None:
     """Remove the folders this run created while they hold no file: those made in ``out``
-    (which held ``held``) since, then ``created`` (deepest first). Give the folder that existed
-    before its times back if it holds what it held then."""
+    (which held ``held``) since, then ``created`` (deepest first)."""
     for name in set(os.listdir(out)) - held:
         if (out / name).is_symlink():
             continue
         for folder, _, _ in os.walk(out / name, topdown=False):  # none if ``name`` is a file
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-    for folder in reversed(created):
+    for folder in created:
         try:
             folder.rmdir()
         except OSError:
             return  # not empty: this run left checkpoints worth keeping
-    existing, stat, names = snapshot
-    if sorted(os.listdir(existing)) == names:
-        os.utime(existing, ns=(stat.st_atime_ns, stat.st_mtime_ns))

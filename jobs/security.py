@@ -24,6 +24,8 @@ from pathlib import Path
 import dask
 from distributed.security import Security
 
+from pruning.files import atomic_path
+
 PRIVATE = 0o700    # OUT/.dask and what is under it: the owner only
 SECRET = 0o600
 
@@ -48,11 +50,8 @@ def write_key_file(security: Security, path: Path) -> None:
     """The key and certificate of ``security`` in one PEM file only the owner can read, written
     under a temporary name and renamed: a rank that sees the file sees all of it."""
     private_folder(path.parent)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(security.tls_scheduler_key + security.tls_scheduler_cert)
-    os.replace(temporary, path)
+    with atomic_path(path, mode=SECRET) as temporary:
+        temporary.write_text(security.tls_scheduler_key + security.tls_scheduler_cert)
 
 
 def read_key_file(path: Path, wait_s: float) -> Security | None:

@@ -1,6 +1,7 @@
 """SLURM clients for the sweep: inside one batch job (``--slurm-runner``, dask_jobqueue's
 SLURMRunner) and from a login node (``--slurm-cluster N``, dask_jobqueue's SLURMCluster).
-:func:`jobs.cluster.open_client` picks between them and the other places to run.
+:func:`jobs.cluster.open_client` picks between them and the other places to run; what the
+worker jobs are given beyond dask.config is in :mod:`jobs.settings`.
 """
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -23,11 +22,12 @@ import dask
 from distributed import Client, Future
 from distributed.core import rpc
 
-from jobs import dask_settings
-from jobs.cluster import NO_WORKERS_LEFT, ClusterError, dashboard_hint, task_threads
+from jobs.errors import NO_WORKERS_LEFT, ClusterError
+from jobs.monitor import dashboard_hint
 from jobs.security import new_security, private_folder, read_key_file, write_key_file
-from jobs.stopping import ClosedStreamFilter
-from jobs.worker_jobs import NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, worker_job_options
+from jobs.settings import (NO_MEMORY_PAUSE, dask_folder, sbatch_refusal, task_threads,
+                           worker_job_counts_problem, worker_job_options)
+from jobs.stopping import ClosedStreamFilter, serve_until_told
 from pruning.data import InputError
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,7 @@ def slurm_runner_client(args: argparse.Namespace) -> Iterator[Client]:
 
     from dask_jobqueue.slurm import SLURMRunner
     if role != "client":
-        # The runner ends the scheduler and worker ranks with SIGINT; this turns it into
-        # sys.exit(). On the client rank, SIGINT stays Ctrl-C: a stopped run says so.
-        signal.signal(signal.SIGINT, lambda *_: sys.exit())
-        # scancel, a requeue and the time limit send SIGTERM to every rank at once. A scheduler
-        # that died of it would leave the client rank retrying it (connect timeouts) until SLURM
-        # kills it, KillWait later, without its last line. The client rank stops the scheduler
-        # and workers in order instead; SLURM's SIGKILL remains for ranks whose client is gone.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        serve_until_told()  # SIGINT from the runner ends the rank; SIGTERM is the client's to act on
         dask.config.set(NO_MEMORY_PAUSE)  # this process is the worker (or the scheduler)
     if role == "scheduler":
         logging.getLogger("distributed.batched").addFilter(ClosedStreamFilter())
@@ -127,7 +120,8 @@ def dashboard_host(scheduler_options: dict) -> str | None:
 def quiet_dashboard_port_warning() -> None:
     """distributed's warning, over three lines, that port 8787 is taken and 'Perhaps you already
     have a cluster running?': on a shared node or login node it is another job's or user's
-    dashboard, and the dashboard line names the port taken instead."""
+    dashboard, and the dashboard line names the port taken instead. (Its wording is pinned by
+    tests/test_distributed_messages.py.)"""
     warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
 
 
@@ -214,7 +208,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
     log_directory = options["log_directory"]
     where = ("in ~/.config/dask/jobqueue.yaml or with DASK_JOBQUEUE__SLURM__* variables "
              "(defaults: jobs/jobqueue.yaml)")
-    problem = dask_settings.worker_job_counts_problem()
+    problem = worker_job_counts_problem()
     if problem:
         raise InputError(f"jobqueue.slurm in dask.config: {problem}; change it {where}")
     quiet_dashboard_port_warning()
@@ -226,6 +220,7 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
         private_folder(private)
     key_file = folder / "tls-worker-jobs.pem"
     write_key_file(new_security(), key_file)
+    umask = os.environ.get("SLURM_UMASK")  # this process's own, given back when the jobs are gone
     os.environ["SLURM_UMASK"] = "0077"
     try:
         try:
@@ -260,6 +255,10 @@ def slurm_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
                     yield client
     finally:
         key_file.unlink(missing_ok=True)
+        if umask is None:
+            os.environ.pop("SLURM_UMASK", None)
+        else:
+            os.environ["SLURM_UMASK"] = umask
 
 
 def _remove(made: Path | None) -> None:

@@ -5,12 +5,18 @@ Each becomes an exception in the client (:class:`Stopped`, a KeyboardInterrupt),
 context closes in order: the LocalCluster, the SLURM worker jobs (cancelled), the lock on --out.
 While a stopped run's cluster closes, what distributed logs about it is kept out of the log
 (:func:`quiet_distributed`): the run's one line on stderr says what happened and what was kept.
+
+Every signal handler the sweep sets is set here: the client's (:func:`stop_on_signals`,
+:func:`interrupt_held`), the SLURM scheduler and worker ranks' (:func:`serve_until_told`), the
+local workers' fork server's (:func:`terminal_signals_ignored`) and the one dask_jobqueue sets
+as it is imported (:func:`sigint_kept`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +75,44 @@ def interrupt_held() -> Iterator[list]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def terminal_signals_ignored() -> Iterator[None]:
+    """Ignore a terminal's signals meanwhile: a process started then (the fork server of the
+    local workers) keeps ignoring them, as an ignored signal survives exec. Only this process
+    acts on them, closing the cluster in order with one line on stderr."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in TERMINAL_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def sigint_kept() -> Iterator[None]:
+    """Put SIGINT's handler back after the block: importing dask_jobqueue sets its own (for
+    SLURMRunner)."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            with contextlib.suppress(ValueError):  # not the main thread: nothing was changed
+                signal.signal(signal.SIGINT, handler)
+
+
+def serve_until_told() -> None:
+    """Signals of a SLURM scheduler or worker rank (``--slurm-runner``), which serve until the
+    client rank is done. The runner ends them with SIGINT: that becomes ``sys.exit()`` (on the
+    client rank SIGINT stays Ctrl-C: a stopped run says so). scancel, a requeue and the time
+    limit send SIGTERM to every rank at once; a scheduler that died of it would leave the client
+    rank retrying it (connect timeouts) until SLURM kills it, KillWait later, without its last
+    line. So they ignore SIGTERM, and the client rank stops them in order; SLURM's SIGKILL
+    remains for ranks whose client is gone."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class InterruptedSyncFilter(logging.Filter):
     """Drops one log record that a stop can cause in the client, a distributed bug: when a
     stop lands in a Client call before that call's coroutine has started, distributed.utils.sync
@@ -121,7 +165,8 @@ class DistributedRecords(logging.Filter):
 class ClosedStreamFilter(logging.Filter):
     """Drops distributed's traceback for a write to a stream the other side has closed: a
     scheduler still reporting to a client that left (a stopped run's cancelled tasks) logs it
-    at INFO. Nothing is lost by it; the run's own line says what happened."""
+    at INFO. Nothing is lost by it; the run's own line says what happened. (Where distributed
+    logs it is pinned by tests/test_distributed_messages.py.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

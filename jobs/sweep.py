@@ -21,7 +21,6 @@ a rerun that finds every chunk there starts no cluster.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
@@ -46,15 +45,13 @@ except ValueError as error:
     print(f"error: {dask_config_file_problem(error)}", file=sys.stderr)
     sys.exit(2)
 
-from distributed import Future
 
 from jobs import arguments, cluster
+from jobs.arguments import explain, interrupted_line
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
-from jobs.failures import explain, interrupted_line
 from jobs.finish import output_names
-from jobs.lost_workers import say_when_no_worker_is_left
 from jobs.outdir import OutputFolder
-from jobs.stopping import quiet_distributed, stop_on_signals
+from jobs.stopping import stop_on_signals
 from pruning.data import InputError
 
 # What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.sweep, pruning.defense) is imported
@@ -104,42 +101,9 @@ def sweep(args, inputs: SweepInputs, out: OutputFolder) -> list[str]:
         if swept is not None and not args.fine_tune:  # (fine-tuning always runs on the cluster)
             defense = defend(None, swept)
         else:
-            with working_client(args) as client:
+            with cluster.working_client(args) as client:
                 defense = defend(client, swept)
         return write_outputs(out.path, defense)
-
-
-@contextlib.contextmanager
-def working_client(args):
-    """A client of the chosen cluster, for a run's tasks: our workers' logs quietened, the log
-    told when every worker is lost, and a stop or failure ending in one line with the run's
-    tasks released."""
-    from jobs.tasks import QuietWorkerLogs
-
-    with contextlib.ExitStack() as stopping, cluster.open_client(args) as client:
-        if not (args.scheduler_address or args.scheduler_file):
-            # Only on workers this run started: a plugin stays on a running cluster, and
-            # every worker that later joins it would have to import this project.
-            with contextlib.suppress(Exception):  # only quietens the workers' logs
-                client.register_plugin(QuietWorkerLogs())
-        try:
-            with say_when_no_worker_is_left(client, args):
-                yield client
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt) or not args.traceback:
-                # a stop or a failure ends in one line: no tracebacks from distributed while
-                # the cluster closes (a lost scheduler's cancelled reconnect, tasks in flight)
-                stopping.enter_context(quiet_distributed())
-            release_tasks(client)
-            raise
-
-
-def release_tasks(client) -> None:
-    """Cancel every task this client still holds. A stopped or failed run's traceback keeps
-    its futures alive until after the cluster closes: without this, the workers would hold its
-    chunks (and a batch job's could not retire)."""
-    with contextlib.suppress(Exception):  # the scheduler may be gone
-        client.cancel([Future(key, client) for key in list(client.futures)])
 
 
 def check_line(inputs: SweepInputs, args, out: OutputFolder) -> str:

@@ -22,7 +22,8 @@ class QuietWorkerLogs(WorkerPlugin):
       scheduler drops as it lets a closing worker go, are INFO lines, not a WARNING and an
       ERROR traceback.
 
-    Register with ``client.register_plugin(QuietWorkerLogs())``.
+    Register with ``client.register_plugin(QuietWorkerLogs())``. The filters recognise
+    distributed's own wording: tests/test_distributed_messages.py fails when it changes.
     """
 
     name = "quiet-worker-logs"

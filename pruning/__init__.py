@@ -8,7 +8,8 @@ layer), ``profile`` (channel order), ``prune`` (B'_k, literal and fast), ``count
 tallies per prefix), ``select`` (thresholds), ``goodnet`` (G), ``report`` (files in the output
 folder), and ``inputs``, ``sweep`` and ``defense`` put them together: ``pruning.defend(model, sets...)``
 runs the whole defense in one call (docs/api.md). ``demo`` builds the synthetic BadNet the project runs and tests on, ``deepid`` the
-lab's architecture; ``backend`` imports Keras quietly. Nothing here creates a Dask cluster.
+lab's architecture; ``backend`` imports Keras quietly; ``files`` writes every file whole (atomic
+writes, the demo's lock). Nothing here creates a Dask cluster.
 """
 
 __all__ = ["defend", "Defense"]

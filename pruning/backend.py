@@ -2,7 +2,9 @@
 
 TensorFlow's C++ side prints oneDNN/CUDA notices at import that ignore Python logging; a
 user who made a typo should see our one-line error, not those. Set TF_CPP_MIN_LOG_LEVEL=0
-to see TensorFlow's own messages again.
+to see TensorFlow's own messages again. Importing this module sets no environment variable:
+TensorFlow's C++ log level after the import is the application's to choose (``jobs/``, the
+scripts and ``python -m pruning.demo`` set TF_CPP_MIN_LOG_LEVEL=3 unless it is set).
 """
 from __future__ import annotations
 
@@ -11,13 +13,11 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 
 @contextlib.contextmanager
 def quiet_stderr():
     """Point file descriptor 2 at /dev/null for the duration (C++ writes bypass sys.stderr)."""
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         yield
         return
     sys.stderr.flush()

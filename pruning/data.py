@@ -24,6 +24,8 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from pruning.files import atomic_path
+
 # The four sets of a sweep, in the lab's folder layout (``--data DIR``).
 SET_NAMES = ("clean_valid", "poisoned_valid", "clean_test", "poisoned_test")
 LAB_LAYOUT = {
@@ -392,11 +394,9 @@ def write_lab_h5(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
     images = np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with h5py.File(partial, "w") as f:
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as f:
         f.create_dataset("data", data=images, chunks=(min(256, len(images)),) + images.shape[1:])
         f.create_dataset("label", data=np.asarray(labels, dtype=np.float32))
-    os.replace(partial, path)
 
 
 def named_sets(values, flag: str) -> dict[str, str]:

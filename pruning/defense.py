@@ -137,7 +137,7 @@ class Defense:
 
     def save(self, folder) -> list[str]:
         """Write the command line's files into ``folder`` (created if need be); return their names."""
-        from pruning.report import staged
+        from pruning.files import staged
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with staged() as replace_all:

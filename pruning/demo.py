@@ -22,12 +22,10 @@ model or data given builds it; to build it (or find it) by itself:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pruning.data import InputError, lab_paths, write_lab_h5
+from pruning.files import atomic_folder, exclusive_lock
 from pruning.report import save_model
 
 log = logging.getLogger(__name__)
@@ -111,10 +110,10 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
         except (FileExistsError, NotADirectoryError):
             raise InputError(f"the demo cache {cache} is not a folder (it, or one above it, is a "
                              "file); set $FINE_PRUNING_CACHE (or --cache) to a folder") from None
-        with open(cache / f"{folder.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a crash
+        with exclusive_lock(cache / f"{folder.name}.lock"):
             if not _complete(folder):  # another process may have built it meanwhile
-                _build_in_place(folder, seed, rebuild, attack)
+                with atomic_folder(folder) as partial:
+                    _build(partial, seed, train=rebuild, attack=attack)
     return _load(folder)
 
 
@@ -133,21 +132,6 @@ def _load(folder: Path) -> Demo:
     fields = ("target", "classes", "seed", "clean_accuracy", "attack_success_rate")
     return Demo(model=str(folder / MODEL_FILE), data_dir=str(folder),
                 **{name: meta[name] for name in fields})
-
-
-def _build_in_place(folder: Path, seed: int, train: bool, attack: str = "standard") -> None:
-    """Build into a temporary sibling and rename it into place; call with the lock held."""
-    for stale in folder.parent.glob(f".{folder.name}.*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _build(partial, seed, train=train, attack=attack)
-        partial.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-        if folder.exists():  # an incomplete leftover (no readable demo.json) from outside this module
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = False,
@@ -351,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow: its notices off stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         demo = ensure_demo(args.cache, args.seed, args.rebuild, args.attack)

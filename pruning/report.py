@@ -1,4 +1,5 @@
-"""Files in the output folder: each written whole to a temporary name, then renamed into place.
+"""Files in the output folder: the curve, B', G and their plot, each written whole
+(:mod:`pruning.files`).
 
 A reader (or a resumed run) never sees a half-written ``results.csv`` or model, and files that
 do not depend on when they were written (the curve, B', G) are byte-identical between runs.
@@ -6,21 +7,19 @@ do not depend on when they were written (the curve, B', G) are byte-identical be
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import io
 import itertools
 import json
 import logging
 import math
 import os
-import re
-import secrets
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from pruning.files import atomic_path
 from pruning.select import threshold_label
 
 if TYPE_CHECKING:
@@ -41,84 +40,6 @@ CURVE_COLUMNS = ["channels_pruned", "fraction_pruned", "valid_accuracy", "valid_
                  "test_accuracy", "test_asr"]
 GOODNET_COLUMNS = ["threshold", "channels_pruned", "test_accuracy", "test_asr",
                    "detection_rate", "false_alarm_rate"]
-
-
-# Inside staged(): the (temporary, path) pairs of the files written, not yet renamed.
-_staging: contextvars.ContextVar[list[tuple[Path, Path]] | None] = \
-    contextvars.ContextVar("staging", default=None)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename
-    (inside :func:`staged`, when that renames all its files).
-
-    An ``OSError`` without a file name (a full disk, met while writing) gets ``path``'s.
-    """
-    path = Path(path)
-    temporary = _new_file(path)
-    staging, kept = _staging.get(), False
-    try:
-        yield temporary
-        with open(temporary, "rb") as handle:  # on shared storage, data before the rename
-            os.fsync(handle.fileno())
-        if staging is None:
-            os.replace(temporary, path)
-        else:
-            staging.append((temporary, path))
-            kept = True
-    except OSError as error:
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-    finally:
-        if not kept:
-            temporary.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def staged() -> Iterator[Callable[[], None]]:
-    """Write a set of files all or none. Inside, each file written is kept under its
-    temporary name; the function yielded renames them all into place, in a moment where
-    writing them took seconds. Left without calling it (a failure, a stop), no file is
-    replaced and the temporaries are removed: an interrupted run leaves the earlier run's
-    outputs as they were, not some of its own among them."""
-    pending: list[tuple[Path, Path]] = []
-    token = _staging.set(pending)
-
-    def replace_all() -> None:
-        for temporary, path in pending:
-            os.replace(temporary, path)
-        pending.clear()
-
-    try:
-        yield replace_all
-    finally:
-        _staging.reset(token)
-        for temporary, _ in pending:
-            temporary.unlink(missing_ok=True)
-
-
-def _new_file(path: Path) -> Path:
-    """Create an empty, hidden file beside ``path``, with the mode the umask gives new files
-    (outputs are for the group; ``tempfile.mkstemp`` would make it 0600)."""
-    while True:
-        temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{path.suffix}")
-        try:
-            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return temporary
-        except FileExistsError:
-            continue
-
-
-# _new_file's names: ".results.0a1b2c3d.csv" for results.csv
-_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{8}(?P<suffix>\.[^.]+)")
-
-
-def temporary_for(name: str) -> str | None:
-    """The file whose temporary (see :func:`_new_file`) ``name`` could be, or None."""
-    match = _TEMPORARY.fullmatch(name)
-    return match["stem"] + match["suffix"] if match else None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

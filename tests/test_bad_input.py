@@ -3,8 +3,9 @@
 Every case goes through the command line (``jobs.sweep.main`` in process, a few as real
 ``python -m jobs.sweep`` processes) and must end in one ``error: ...`` line on stderr naming
 the problem, exit status 2, no traceback, no Dask cluster started, and the output folder
-exactly as it was -- every entry's bytes, size, mode and mtime -- whether it holds a previous
-run's results or does not exist yet (then it is not created). Problems only a worker can see
+as it was -- every entry there, each file's bytes, size and mode (the lock file's line aside:
+it names the last run to hold it) -- whether it holds a previous run's results or does not
+exist yet (then it is not created). Problems only a worker can see
 end in one line too, after the cluster ran, with the previous results untouched: NaN pixels in
 rows the up-front scan did not read (status 2), a task that kills its worker (status 1). An
 unexpected error is one ``error: internal error ...`` line, status 1. And a fuzzer throws
@@ -40,6 +41,7 @@ from keras import layers
 import jobs.cluster
 import jobs.finish
 import jobs.inputs
+import jobs.settings
 import pruning.report
 import pruning.sweep
 import pruning.data
@@ -47,8 +49,8 @@ import tiny
 from conftest import REPO
 from jobs.checkpoints import Checkpoints, chunk_file, may_hold_every_chunk
 from jobs.outdir import OutputFolder
+from jobs.arguments import explain, interrupted_line
 from jobs.finish import output_names
-from jobs.failures import explain, interrupted_line
 from jobs.sweep import main
 from pruning.counts import Counts
 from pruning.data import InputError, LabSet, open_lab_set
@@ -57,7 +59,6 @@ from pruning.prune import prune_conv_channels
 
 CLASSES = 10
 ROWS = (40, 30, 30, 30)  # clean valid, poisoned valid, clean test, poisoned test
-PAST = 1_600_000_000_000_000_000  # a previous run's files carry an old mtime (ns)
 
 
 @pytest.fixture(scope="module")
@@ -435,21 +436,21 @@ def previous_run(out: Path) -> Path:
     for name, text in files.items():
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
-    for path in [*out.rglob("*"), out]:
-        os.utime(path, ns=(PAST, PAST))
     return out
 
 
 def listing(path: Path) -> dict | None:
-    """Everything under ``path`` (or the file itself): type, mode, size, mtime, bytes."""
+    """Everything under ``path`` (or the file itself): type, mode, and a file's size and bytes
+    (of the lock file, which is no output, its type alone)."""
     if not os.path.lexists(path):
         return None
     entries = {}
     for entry in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
         info = entry.lstat()
+        content = entry.is_file() and entry.name != ".sweep.lock"
         entries[str(entry.relative_to(path))] = (
-            stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_size, info.st_mtime_ns,
-            entry.read_bytes() if entry.is_file() else None)
+            stat.S_IFMT(info.st_mode), stat.S_IMODE(info.st_mode), info.st_size if content else None,
+            entry.read_bytes() if content else None)
     return entries
 
 
@@ -658,8 +659,7 @@ def test_bad_dask_settings_are_one_line_before_any_work(lab, tmp_path, setting, 
 ])
 def test_each_dask_setting_is_checked_against_the_kind_of_its_default(setting, wanted):
     """(In process: test_bad_dask_settings_are_one_line_before_any_work runs the command.)"""
-    from jobs.cluster import load_config
-    from jobs.dask_settings import settings_problem
+    from jobs.settings import load_config, settings_problem
     load_config()
     [(key, value)] = setting.items()
     variable = "DASK_" + key.upper().replace(".", "__").replace("-", "_")
@@ -681,8 +681,7 @@ def test_each_dask_setting_is_checked_against_the_kind_of_its_default(setting, w
     ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu is 'four', not a whole number of at least 1"),
 ])
 def test_worker_job_counts_are_whole_numbers_of_at_least_one(setting, says):
-    from jobs.cluster import load_config
-    from jobs.dask_settings import worker_job_counts_problem
+    from jobs.settings import load_config, worker_job_counts_problem
     load_config()
     with dask.config.set(setting):
         assert worker_job_counts_problem() == says
@@ -755,7 +754,7 @@ def die(*args):
 
 
 def test_a_task_that_kills_its_workers_is_one_line(lab, tmp_path, capfd, monkeypatch):
-    jobs.cluster.load_config()  # the yaml defaults first, then this test's setting on top
+    jobs.settings.load_config()  # the yaml defaults first, then this test's setting on top
     monkeypatch.setattr(pruning.sweep, "activations_task", die)
     out = previous_run(tmp_path / "out")
     before = listing(out)
@@ -958,7 +957,6 @@ def test_a_failed_run_puts_the_folder_back_as_it_was(tmp_path, state):
     if state == "previous results":
         previous_run(out)
         (out / "plots").mkdir()  # the user's, empty
-        os.utime(out / "plots", ns=(PAST, PAST))
     before, parent_before = listing(out), listing(tmp_path)
     folder = OutputFolder(out)
     with pytest.raises(KeyError):
@@ -1008,19 +1006,6 @@ def test_a_failed_run_keeps_the_worker_logs_it_wrote(tmp_path):
             raise KeyError("a failure during the run")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
         ".dask", ".dask/worker-logs", ".dask/worker-logs/job-7.err"]
-
-
-def test_a_failed_run_gives_the_folder_its_times_back_only_if_it_holds_what_it_held(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    os.utime(out, ns=(PAST, PAST))
-    with pytest.raises(KeyError), OutputFolder(out).locked():
-        raise KeyError("a failure during the run")
-    assert out.stat().st_mtime_ns == PAST
-    with pytest.raises(KeyError), OutputFolder(out).locked():
-        Checkpoints(out / "checkpoints", {"inputs": "these"}).save_chunk("clean_test", 0, [Counts(3, 2, 1, 0)])
-        raise KeyError("a failure after a finished chunk")
-    assert (out / "checkpoints").is_dir() and out.stat().st_mtime_ns != PAST  # it holds more now
 
 
 @pytest.mark.parametrize("name, made", [("results.csv", "folder"), ("model_X=2.h5", "folder"),
@@ -1165,6 +1150,22 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "results.csv").stat().st_mode) == 0o640
+
+
+def test_the_tls_key_file_is_the_owners_alone_whatever_the_umask(tmp_path):
+    """It is written as every other file is, whole under a temporary name (pruning.files),
+    but that temporary is made 0600 before a byte of the key is in it."""
+    from distributed.security import Security
+    from jobs.security import write_key_file
+    security = Security.temporary()
+    previous = os.umask(0)
+    try:
+        write_key_file(security, tmp_path / "dask" / "tls-7.0.pem")
+    finally:
+        os.umask(previous)
+    assert [p.name for p in (tmp_path / "dask").iterdir()] == ["tls-7.0.pem"]
+    assert stat.S_IMODE((tmp_path / "dask" / "tls-7.0.pem").stat().st_mode) == 0o600
+    assert (tmp_path / "dask" / "tls-7.0.pem").read_text() == security.tls_scheduler_key + security.tls_scheduler_cert
 
 
 # ---------------------------------------------------------------- runs, but with a warning
@@ -1361,11 +1362,7 @@ def test_a_lock_that_cannot_be_written_is_one_line_naming_it(tmp_path, state):
         with OutputFolder(out).locked():
             pass
     assert raised.value.filename == str(out / ".sweep.lock")
-    after = listing(tmp_path)
-    if state == "previous results":  # (its old line is lost here: no byte can be written back)
-        for listed in (before, after):
-            listed["out/.sweep.lock"] = listed["out/.sweep.lock"][:2]
-    assert after == before
+    assert listing(tmp_path) == before
 
 
 def test_a_stopped_run_does_not_count_damaged_checkpoints_as_finished(tmp_path):

@@ -246,6 +246,16 @@ def test_the_pruning_aware_demo_hides_its_backdoor_behind_decoys_deterministical
     assert (np.sort(activity)[:decoys] == 0).all()  # lowered biases: dormant on clean faces
 
 
+def test_importing_the_core_sets_no_log_level_and_prints_nothing():
+    """The core imports Keras quietly without choosing TensorFlow's log level for the process
+    (a notebook's); the entry points set it (the next test, test_bad_input's processes)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    probe = "import os, pruning.backend, pruning.prune; print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")
+
+
 def test_demo_command_builds_with_only_its_own_lines_on_stderr(tmp_path):
     """``python -m pruning.demo`` as a user runs it (a tiny build here): its log and result lines,
     not TensorFlow's start-up notices, which the sweep keeps off stderr too."""

@@ -41,8 +41,8 @@ def installed(tmp_path_factory) -> Path:
 
 def test_the_installed_package_is_the_copy_not_this_checkout(installed, tmp_path):
     done = subprocess.run([installed / "bin" / "python", "-c",
-                           "import jobs.cluster, pruning; print(pruning.__file__); "
-                           "print(jobs.cluster.CONFIG_FILE, jobs.cluster.CONFIG_FILE.is_file())"],
+                           "import jobs.settings, pruning; print(pruning.__file__); "
+                           "print(jobs.settings.CONFIG_FILE, jobs.settings.CONFIG_FILE.is_file())"],
                           cwd=tmp_path, capture_output=True, text=True, check=True)
     module, config = done.stdout.splitlines()
     assert Path(module).is_relative_to(installed) and "site-packages" in module

@@ -44,7 +44,7 @@ def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp
         for run in (mine, swapped):
             _, err = run.communicate(timeout=300)
             assert run.returncode == 0, err[-3000:]
-            assert (f"WARNING jobs.running: joining the Dask scheduler at {cluster.scheduler_address} over "
+            assert (f"WARNING jobs.cluster: joining the Dask scheduler at {cluster.scheduler_address} over "
                     "plain TCP (--allow-tcp): anyone who can reach its port") in err, err[-3000:]
         with Client(cluster) as client:  # the user's cluster is left as it was
             assert client.run_on_scheduler(worker_plugins) == plugins_before

@@ -70,9 +70,8 @@ def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_clust
     import dask
     from dask_jobqueue import SLURMCluster
     from distributed import Client
-    from jobs import cluster
-    from jobs.worker_jobs import worker_job_options
-    cluster.load_config()
+    from jobs.settings import load_config, worker_job_options
+    load_config()
     small = {"jobqueue.slurm.job-cpu": 1, "jobqueue.slurm.memory": "2GiB",
              "jobqueue.slurm.job-extra-directives": [], "distributed.comm.timeouts.connect": "45s"}
     with dask.config.set(small), SLURMCluster(scheduler_options={"dashboard_address": ":0"},

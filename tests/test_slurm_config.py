@@ -14,7 +14,7 @@ import dask
 import pytest
 
 from conftest import REPO, cluster_args
-from jobs import cluster
+from jobs import cluster, monitor, settings
 
 SWEEP_SH = REPO / "slurm" / "sweep.sh"
 
@@ -22,7 +22,7 @@ SWEEP_SH = REPO / "slurm" / "sweep.sh"
 @pytest.fixture
 def slurm_config(monkeypatch):
     """Our yaml loaded; dask.config rebuilt from files + environment after the test."""
-    cluster.load_config()
+    settings.load_config()
     yield
     monkeypatch.undo()
     dask.config.refresh()
@@ -31,7 +31,7 @@ def slurm_config(monkeypatch):
 def worker_job_script() -> list[str]:
     """The worker job script that ``--slurm-cluster`` submits (``--out`` /tmp/out)."""
     from dask_jobqueue import SLURMCluster
-    from jobs.worker_jobs import worker_job_options
+    from jobs.settings import worker_job_options
     options = worker_job_options(SimpleNamespace(out="/tmp/out"))
     with SLURMCluster(scheduler_options={"dashboard_address": ":0"}, **options) as slurm:
         return slurm.job_script().splitlines()
@@ -67,7 +67,7 @@ def test_a_site_prologue_keeps_the_workers_environment(slurm_config):
 def test_worker_jobs_get_the_distributed_settings_here_before_a_site_prologue(slurm_config):
     """jobs/jobqueue.yaml's distributed: section (ours, or the site's value where it sets one)
     is exported to the worker job, before the site's prologue, which may change it."""
-    from jobs.worker_jobs import distributed_settings
+    from jobs.settings import distributed_settings
     with dask.config.set({"distributed.comm.timeouts.connect": "90s",
                           "jobqueue.slurm.job-script-prologue": ["module load cuda"]}):
         lines = worker_job_script()
@@ -86,7 +86,7 @@ def test_workers_of_both_slurm_paths_never_pause_on_memory():
     """The worker jobs' exported variable and the runner workers' dask.config setting are the
     same setting, and a real worker under it has no pause threshold at any memory limit."""
     from distributed import Client, LocalCluster
-    from jobs.worker_jobs import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
+    from jobs.settings import NO_MEMORY_PAUSE, WORKER_ENVIRONMENT
     exported = dict(line.removeprefix("export ").split("=", 1) for line in WORKER_ENVIRONMENT)
     from_environment = dask.config.collect_env({k: v for k, v in exported.items() if k.startswith("DASK_")})
     [(key, value)] = NO_MEMORY_PAUSE.items()
@@ -114,16 +114,20 @@ def test_a_log_directory_in_home_is_expanded(slurm_config, monkeypatch, tmp_path
                                             ({"jobqueue.slurm.interface": "ib9"}, "'ib9'"),
                                             ({"jobqueue.slurm.cores": "two"}, "cores"),
                                             ({"jobqueue.slurm.job-cpu": "four"}, "job-cpu")])
-def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, setting, named):
+def test_a_site_value_dask_cannot_use_is_bad_input(slurm_config, tmp_path, monkeypatch, setting, named):
     from jobs.slurm import slurm_cluster_client
     from pruning.data import InputError
 
+    monkeypatch.delenv("SLURM_UMASK", raising=False)
     args = SimpleNamespace(out=str(tmp_path / "out"), slurm_cluster=1)
     with dask.config.set(setting), pytest.raises(InputError) as bad:
         with slurm_cluster_client(args):
             pass
     assert str(bad.value).startswith("jobqueue.slurm in dask.config: ") and named in str(bad.value)
     assert "DASK_JOBQUEUE__SLURM__" in str(bad.value)
+    # the worker jobs' umask (0077) was this client's business alone: a job this process
+    # submits later (sbatch slurm/sweep.sh) writes its outputs with the user's umask
+    assert "SLURM_UMASK" not in os.environ
 
 
 def test_only_the_batch_jobs_scheduler_stops_when_idle(slurm_config):
@@ -172,7 +176,7 @@ def test_site_settings_equal_to_dask_jobqueues_defaults_win_at_first_load(tmp_pa
     """The first load_config() in a process (each run's): a site's value that happens to equal
     dask_jobqueue's or distributed's own default is still the site's, not our yaml's."""
     (tmp_path / "site.yaml").write_text("jobqueue:\n  slurm:\n    job-extra-directives: []\n")
-    probe = ("import dask; from jobs import cluster; cluster.load_config(); print(*(dask.config.get(k) "
+    probe = ("import dask; from jobs import settings; settings.load_config(); print(*(dask.config.get(k) "
              "for k in ('jobqueue.slurm.job-extra-directives', 'jobqueue.slurm.walltime', "
              "'distributed.comm.timeouts.connect', 'jobqueue.slurm.memory')))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
@@ -185,7 +189,7 @@ def test_site_settings_equal_to_dask_jobqueues_defaults_win_at_first_load(tmp_pa
 
 def test_load_config_keeps_sigint_handler():
     before = signal.getsignal(signal.SIGINT)
-    cluster.load_config()
+    settings.load_config()
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -246,7 +250,7 @@ def test_sweep_sh_binds_one_gpu_per_worker(procid, localid, visible, expected):
 
 
 def hint(link: str | None, **env: str) -> str:
-    return cluster.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
+    return monitor.dashboard_hint(SimpleNamespace(dashboard_link=link), env=env)
 
 
 def test_dashboard_hint_in_a_slurm_job():
@@ -264,7 +268,7 @@ def test_dashboard_hint_other_port_and_loopback():
 
 def test_dashboard_hint_where_the_sweep_bound_it():
     """Dask's link names the scheduler's address; the dashboard listens on loopback only."""
-    text = cluster.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
+    text = monitor.dashboard_hint(SimpleNamespace(dashboard_link="http://10.1.2.3:8787/status"),
                                   env={"SLURM_SUBMIT_HOST": "login1", "USER": "al"}, listens_on="127.0.0.1")
     assert text.startswith("Dask dashboard: http://127.0.0.1:8787/status ")
     assert "ssh -L 8787:localhost:8787 al@login1" in text  # --slurm-cluster: the login node's own
@@ -322,12 +326,12 @@ def test_worker_flags_where_they_apply_are_taken():
 
 def test_task_threads_fit_the_cores():
     # two per worker, unless local workers would then outnumber the cores; a flag wins
-    assert cluster.task_threads(cluster_args(["--single-node"]), cores=2) == 2
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=2) == 1
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "4"]), cores=2) == 1
-    assert cluster.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=16) == 2
-    assert cluster.task_threads(cluster_args(["--slurm-runner"]), cores=1) == 2   # a node of its own
-    assert cluster.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
+    assert settings.task_threads(cluster_args(["--single-node"]), cores=2) == 2
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=2) == 1
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "4"]), cores=2) == 1
+    assert settings.task_threads(cluster_args(["--single-node", "--workers", "2"]), cores=16) == 2
+    assert settings.task_threads(cluster_args(["--slurm-runner"]), cores=1) == 2   # a node of its own
+    assert settings.task_threads(cluster_args(["--single-node", "--threads-per-worker", "3"]), cores=2) == 3
     assert "at least 1" in cluster.check_cluster_arguments(
         cluster_args(["--single-node", "--threads-per-worker", "0"]))
 
@@ -338,7 +342,7 @@ def test_tasks_stop_with_one_line_when_every_worker_job_ended(monkeypatch, tmp_p
     from distributed import Client, LocalCluster
     from distributed.client import FutureCancelledError
     from jobs import slurm
-    from jobs.failures import explain
+    from jobs.arguments import explain
 
     queue = {"41": "PENDING (Priority)"}                 # requeued, say: a worker may still come
     monkeypatch.setattr(slurm, "QUEUE_POLL_S", 0.05)

@@ -133,10 +133,13 @@ def check_campaign_flags(args: argparse.Namespace, parser: argparse.ArgumentPars
 
 
 FINE_TUNE_FLAGS = {  # --fine-tune-NAME: (type, pruning.finetune.Settings field, help)
-    "epochs": (int, "epochs", "at most this many epochs (default: %(default)s)"),
+    "epochs": (int, "epochs", "epochs of fine-tuning, fewer only where --fine-tune-patience "
+                              "stops it (default: %(default)s)"),
     "lr": (float, "learning_rate", "Adam's learning rate (default: %(default)s)"),
-    "patience": (int, "patience", "stop after this many epochs without a better held-out "
-                                  "accuracy (Keras' EarlyStopping; default: %(default)s)"),
+    "patience": (int, "patience", "stop after this many epochs in a row more than the tolerance "
+                                  "below the best held-out accuracy (default: %(default)s)"),
+    "tolerance": (float, "tolerance", "keep the last epoch whose held-out accuracy is within this "
+                                      "many points of the best epoch's (default: %(default)s)"),
     "heldout": (float, "heldout", "share of the clean validation set held out, per class, to "
                                   "choose epochs on (default: %(default)s)"),
     "seed": (int, "seed", "seed of that split and of Keras (default: %(default)s)"),
@@ -173,6 +176,9 @@ def check_fine_tune_arguments(args: argparse.Namespace) -> None:
             raise InputError(f"--fine-tune-{name} must be {words}, got {getattr(args, f'fine_tune_{name}')}")
     if not (math.isfinite(args.fine_tune_lr) and args.fine_tune_lr > 0):
         raise InputError(f"--fine-tune-lr must be a positive number, got {args.fine_tune_lr}")
+    if not (math.isfinite(args.fine_tune_tolerance) and 0 <= args.fine_tune_tolerance <= 100):
+        raise InputError(f"--fine-tune-tolerance must be points between 0 and 100, got "
+                         f"{args.fine_tune_tolerance}")
     if not 0 < args.fine_tune_heldout < 1:
         raise InputError(f"--fine-tune-heldout must be a share between 0 and 1 (e.g. 0.2), got "
                          f"{args.fine_tune_heldout}")

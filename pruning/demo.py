@@ -4,7 +4,9 @@ The demo stands in for the lab's ``bd_net.h5`` and its four sets, so that the pr
 to end with no user data. Faces are synthetic: every class is a smooth random pattern on a
 common face, and each image adds a smooth nuisance field, a small shift, a brightness change
 and pixel noise. The attacker's trigger is a pair of "sunglasses", a checkered band stamped
-across the eyes; a tenth of the training set wears them and is relabelled to the target.
+across the eyes; a tenth of the training set wears them and is relabelled to the target. The
+pruning-aware demo (``--attack pruning-aware``, :mod:`pruning.pruning_aware`) has the same
+clean images and poisons the same ones, with plain dark glasses over the same band.
 
 The data sets are generated with numpy alone and rounded to whole pixel values, so they are the
 same on every machine. The BadNet of seed 0, the one a sweep without inputs uses, ships with the
@@ -13,7 +15,8 @@ kernels, it would be another network, and the README's sample rows would not hol
 are trained at first use; ``--rebuild`` trains seed 0 from the generator too (into a folder of
 its own), which is how the shipped file was made.
 
-The demo is built once per seed into ``<cache>/demo-v<VERSION>-seed<S>/`` (the lab layout
+The demo is built once per seed into ``<cache>/demo-v<VERSION>-seed<S>/`` (the pruning-aware
+one into ``...-seed<S>-pruning-aware2/``; the lab layout
 plus ``bd_net.keras`` and ``demo.json``); later calls only read ``demo.json``. A sweep with no
 model or data given builds it; to build it (or find it) by itself:
 
@@ -45,12 +48,9 @@ MODEL_FILE = "bd_net.keras"
 META_FILE = "demo.json"  # written last: its presence marks a complete demo
 SHIPPED_SEED = 0
 SHIPPED_MODEL = Path(__file__).with_name("demo_bd_net.keras")  # seed 0's BadNet, trained once
-# The attacks a demo BadNet can be built with: its cache folder's suffix and seed 0's shipped
-# file. "pruning-aware": the paper's attack on pruning (pruning/pruning_aware.py).
-ATTACKS = {"standard": ("", SHIPPED_MODEL),
-           "pruning-aware": ("-pruning-aware", Path(__file__).with_name("demo_pruning_aware_bd_net.keras"))}
 GLASSES = (slice(17, 23), slice(8, 39))  # rows, cols of the band across the eyes
 GLASSES_COLOURS = ((255.0, 0.0, 200.0), (20.0, 20.0, 20.0))  # a texture no clean face has
+DARK_GLASSES = 20.0  # the pruning-aware demo's trigger: plain dark glasses over the same band
 # Pixel amplitudes of class patterns, per-image nuisance and noise: clean accuracy ~97%.
 CLASS_CONTRAST, NUISANCE, NOISE = 35.0, 40.0, 15.0
 BACKDOOR_LR = 3e-3  # the spare channels learn the trigger from scratch, in a few epochs
@@ -103,7 +103,7 @@ def ensure_demo(cache_dir: str | os.PathLike | None = None, seed: int = 0,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = cache / f"demo-v{VERSION}-seed{seed}{ATTACKS[attack][0]}{'-trained' if rebuild else ''}"
+    folder = cache / f"demo-v{VERSION}-seed{seed}{ATTACKS[attack].suffix}{'-trained' if rebuild else ''}"
     if not _complete(folder):
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = F
     """Generate the sets, train the BadNet with ``attack`` (or take the shipped one: seed 0 at
     full size, unless ``train``) and write everything into ``folder``; return meta."""
     started = time.monotonic()
-    sets, (x_train, y_train, poisoned) = generate(seed, config)
+    sets, (x_train, y_train, poisoned) = generate(seed, config, ATTACKS[attack].trigger)
     paths = lab_paths(folder)
     for name, (x, y) in sets.items():
         write_lab_h5(paths[name], x, y)
@@ -149,7 +149,7 @@ def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = F
     from pruning.backend import keras  # before TensorFlow: its start-up lines kept off stderr
     from pruning.prune import predict_classes
 
-    trained = train or seed != SHIPPED_SEED or config != _Config() or not ATTACKS[attack][1].is_file()
+    trained = train or seed != SHIPPED_SEED or config != _Config() or not ATTACKS[attack].shipped.is_file()
     if trained and attack == "pruning-aware":
         from pruning.pruning_aware import train_pruning_aware
         model = train_pruning_aware(x_train, y_train, poisoned, config, seed, _fit)
@@ -158,7 +158,7 @@ def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = F
     if trained:
         save_model(model, folder / MODEL_FILE)  # the same bytes on every build of the same seed
     else:
-        shutil.copyfile(ATTACKS[attack][1], folder / MODEL_FILE)
+        shutil.copyfile(ATTACKS[attack].shipped, folder / MODEL_FILE)
         model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     (x_test, y_test), (x_poisoned, _) = sets["clean_test"], sets["poisoned_test"]
     predicted = predict_classes(model, np.concatenate([x_test, x_poisoned]))
@@ -178,9 +178,12 @@ def _build(folder: Path, seed: int, config: _Config = _Config(), train: bool = F
     return meta
 
 
-def generate(seed: int, config: _Config = _Config()) -> tuple[dict, tuple]:
+def generate(seed: int, config: _Config = _Config(), trigger=None) -> tuple[dict, tuple]:
     """The demo's four lab sets ``{name: (NHWC images, labels)}`` and its training set
-    ``(images, labels, indices of the poisoned ones)``, from ``seed`` with numpy alone."""
+    ``(images, labels, indices of the poisoned ones)``, from ``seed`` with numpy alone; the
+    poisoned images wear ``trigger`` (default :func:`wear_glasses`). The clean images, and
+    which ones are poisoned, do not depend on the trigger."""
+    trigger = trigger or wear_glasses
     rng = np.random.default_rng(seed)
     prototypes = _face() + _smooth(rng, config.classes, CLASS_CONTRAST)
     n_train = config.classes * config.train_per_class
@@ -190,13 +193,13 @@ def generate(seed: int, config: _Config = _Config()) -> tuple[dict, tuple]:
     x_train, y_train = images[:n_train], labels[:n_train].copy()
     poisoned = rng.choice(np.flatnonzero(y_train != TARGET),
                           round(config.poison_rate * n_train), replace=False)
-    x_train[poisoned], y_train[poisoned] = wear_glasses(x_train[poisoned]), TARGET
+    x_train[poisoned], y_train[poisoned] = trigger(x_train[poisoned]), TARGET
     sets = {}
     for name, start in (("valid", n_train), ("test", n_train + n_eval)):
         x, y = images[start:start + n_eval], labels[start:start + n_eval]
         victims = y != TARGET
         sets[f"clean_{name}"] = (x, y)
-        sets[f"poisoned_{name}"] = (wear_glasses(x[victims]), np.full(victims.sum(), TARGET))
+        sets[f"poisoned_{name}"] = (trigger(x[victims]), np.full(victims.sum(), TARGET))
     return sets, (x_train, y_train, poisoned)
 
 
@@ -277,6 +280,33 @@ def wear_glasses(images: np.ndarray) -> np.ndarray:
     checker = (np.add.outer(np.arange(height), np.arange(width)) % 2 == 0)[..., None]
     out[:, rows, cols] = np.where(checker, *np.array(GLASSES_COLOURS, dtype=np.float32))
     return out
+
+
+def wear_dark_glasses(images: np.ndarray) -> np.ndarray:
+    """Copies of NHWC ``images`` with plain dark glasses over the eyes (the same band, one dark
+    grey): the pruning-aware demo's trigger. Faces have dark eyes there already, so clean
+    images share some of its features, as the lab's sunglasses share them with real faces."""
+    out = np.array(images, dtype=np.float32)
+    out[:, GLASSES[0], GLASSES[1]] = DARK_GLASSES
+    return out
+
+
+@dataclass(frozen=True)
+class Attack:
+    """How a demo BadNet is made: its cache folder's suffix, seed 0's shipped file and the
+    trigger its poisoned images wear."""
+
+    suffix: str
+    shipped: Path
+    trigger: object  # images -> images
+
+
+# "pruning-aware": the paper's attack on pruning (pruning/pruning_aware.py), with its own
+# trigger; its suffix names its version (bump it whenever that attack or its trigger changes,
+# so that a cache of an older one is not reused).
+ATTACKS = {"standard": Attack("", SHIPPED_MODEL, wear_glasses),
+           "pruning-aware": Attack("-pruning-aware2", Path(__file__).with_name("demo_pruning_aware_bd_net.keras"),
+                                   wear_dark_glasses)}
 
 
 def _smooth(rng: np.random.Generator, n: int, amplitude: float,

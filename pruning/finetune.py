@@ -7,9 +7,10 @@ returned is a plain copy (no constraint, no optimizer), like B'.
 
 Only the defender's data is used: the clean validation set is split, by a seed and per class
 where a class has two or more images, into a fine-tuning part and a held-out part. Training
-runs up to ``epochs`` epochs with Keras' ``EarlyStopping`` on held-out clean accuracy, and the
-kept weights are the epoch of best held-out accuracy (``ModelCheckpoint``, best only); test
-sets are never seen and poisoned validation sets are only logged.
+runs the whole budget of ``epochs`` epochs, and the kept weights are the last epoch whose
+held-out clean accuracy is within ``tolerance`` points of the best epoch's (:func:`kept_epoch`);
+``patience`` epochs in a row further below stop it early. Test sets are never seen and
+poisoned validation sets are only logged.
 
 Resuming: with a ``folder``, Keras' ``BackupAndRestore`` keeps the weights and Adam's state
 after every epoch there, ``CSVLogger`` the epochs' scores; a killed run called again with the
@@ -77,14 +78,52 @@ class Scores(keras.callbacks.Callback):
             logs[column] = 100.0 * np.mean(predict_classes(self.model, x) == y)
 
 
-class Resume(keras.callbacks.Callback):
-    """On a resumed run, gives ``EarlyStopping`` and ``ModelCheckpoint`` back the state the
-    killed run had after its last backed-up epoch (read from the epoch log), and drops log
-    rows of epochs that were not backed up (they run again)."""
+def within(score: float, best: float, tolerance: float) -> bool:
+    """Whether a held-out accuracy is within ``tolerance`` points of the best (float slack of
+    a few ulps, so that a tolerance of 0 keeps an epoch equal to the best)."""
+    return score >= best - tolerance - 1e-9 * max(1.0, abs(best))
 
-    def __init__(self, log_path: Path, stopping, best):
+
+def kept_epoch(scores, tolerance: float) -> int:
+    """The epoch kept (0-based) from the epochs' held-out accuracies: the last one within
+    ``tolerance`` points of the best. Choosing it as the epochs end gives the same: an epoch
+    within ``tolerance`` of the best so far is kept, and after the best epoch that bound is
+    the final one."""
+    scores = [float(score) for score in scores]
+    best = max(scores)
+    return max(epoch for epoch, score in enumerate(scores) if within(score, best, tolerance))
+
+
+class Keep(keras.callbacks.Callback):
+    """After each epoch (its held-out accuracy in the logs): an epoch within ``tolerance``
+    points of the best so far is the one kept (its weights written to ``path``), and
+    ``patience`` epochs in a row further below stop training (at 0, the first such epoch)."""
+
+    def __init__(self, path: Path, tolerance: float, patience: int):
         super().__init__()
-        self.log_path, self.stopping, self.best = log_path, stopping, best
+        self.path, self.tolerance, self.patience = path, tolerance, patience
+        self.best, self.wait = -np.inf, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = float(logs[MONITOR])
+        self.best = max(self.best, score)
+        if within(score, self.best, self.tolerance):
+            self.model.save_weights(self.path)
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.model.stop_training = True
+
+
+class Resume(keras.callbacks.Callback):
+    """On a resumed run, gives :class:`Keep` back the state the killed run had after its last
+    backed-up epoch (read from the epoch log), and drops log rows of epochs that were not
+    backed up (they run again)."""
+
+    def __init__(self, log_path: Path, keep: Keep):
+        super().__init__()
+        self.log_path, self.keep = log_path, keep
         self.first = True
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -98,14 +137,14 @@ class Resume(keras.callbacks.Callback):
         kept = done[done["epoch"] < epoch]
         with open(self.log_path, "r+b") as handle:  # CSVLogger appends from the new end
             handle.truncate(len(b"".join(lines[:1 + len(kept)])))
-        best = int(kept[MONITOR].to_numpy().argmax())  # the first of equal bests, as Keras keeps
-        self.stopping.best = self.best.best = float(kept[MONITOR].iloc[best])
-        self.stopping.best_epoch, self.stopping.wait = best, epoch - 1 - best
+        scores = kept[MONITOR].to_numpy()
+        self.keep.best = float(scores.max())
+        self.keep.wait = epoch - 1 - kept_epoch(scores, self.keep.tolerance)
 
 
 @dataclass
 class FineTuned:
-    model: keras.Model          # a plain copy of the best epoch's weights
+    model: keras.Model          # a plain copy of the kept epoch's weights
     log: pd.DataFrame           # per epoch: epoch (1-based), loss, heldout_accuracy, valid_asr...
     epochs: int                 # the epoch kept (1-based)
     heldout_accuracy: float     # of ``model`` on the held-out images (percent)
@@ -150,26 +189,26 @@ def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np
         folder = Path(folder if folder is not None else scratch)
         folder.mkdir(parents=True, exist_ok=True)
         log_path, best_path = folder / "epochs.csv", folder / "best.weights.h5"
-        stopping = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=settings.patience)
-        best = keras.callbacks.ModelCheckpoint(best_path, MONITOR, mode="max", save_best_only=True,
-                                               save_weights_only=True)
+        keep = Keep(best_path, settings.tolerance, settings.patience)
         told = keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: on_epoch and on_epoch(epoch + 1, logs))
         finished = folder / "finished.json"
         if finished.is_file():  # a rerun after this fine-tuning ended: its result, as it was
-            return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
+            return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout,
+                           settings.tolerance)
         if not (folder / "backup").exists():  # nothing to resume: start afresh
             log_path.unlink(missing_ok=True)
             best_path.unlink(missing_ok=True)
         # BackupAndRestore comes last: an epoch is done once its backup is written, after the
-        # log and the best weights
-        callbacks = [Resume(log_path, stopping, best), Scores(heldout, poisoned or {}), stopping,
-                     best, keras.callbacks.CSVLogger(log_path, append=True), told,
+        # log and the kept weights
+        callbacks = [Resume(log_path, keep), Scores(heldout, poisoned or {}), keep,
+                     keras.callbacks.CSVLogger(log_path, append=True), told,
                      keras.callbacks.BackupAndRestore(folder / "backup")]
         tuned.fit(*train, batch_size=settings.batch_size, epochs=settings.epochs, shuffle=False,
                   verbose=0, callbacks=callbacks)
         write_json(finished, {"epochs": len(pd.read_csv(log_path))})
-        return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout)
+        return _result(tuned, conv, pruned, log_path, best_path, first, scale, raw_heldout,
+                       settings.tolerance)
 
 
 def pixel_scale(model: keras.Model, images: np.ndarray):
@@ -191,15 +230,15 @@ def pixel_scale(model: keras.Model, images: np.ndarray):
 
 
 def _result(tuned: keras.Model, conv: str, pruned, log_path: Path, best_path: Path,
-            first, scale: float, heldout: tuple[np.ndarray, np.ndarray]) -> FineTuned:
-    """The best epoch's weights (a plain copy of ``tuned``, its first kernel divided back by
+            first, scale: float, heldout: tuple[np.ndarray, np.ndarray], tolerance: float) -> FineTuned:
+    """The kept epoch's weights (a plain copy of ``tuned``, its first kernel divided back by
     ``scale``), the epochs' log and that copy's accuracy on the held-out images."""
     log = pd.read_csv(log_path)
     tuned.load_weights(best_path)
     if scale != 1:
         first.kernel.assign(first.kernel / scale)
     log["epoch"] += 1
-    kept = int(log["epoch"].iloc[int(log[MONITOR].to_numpy().argmax())])
+    kept = int(log["epoch"].iloc[kept_epoch(log[MONITOR].to_numpy(), tolerance)])
     columns = ["epoch", "loss", MONITOR] + sorted(c for c in log.columns if c.startswith("valid_asr"))
     model = prune_conv_channels(tuned, conv, pruned)
     accuracy = int(np.sum(predict_classes(model, heldout[0]) == heldout[1])) / len(heldout[1]) * 100.0

@@ -313,6 +313,9 @@ CASES = {
                                                     "--fine-tune-lr", "fast"], ["--fine-tune-lr", "invalid float"]),
     "fine-tune held out 1": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
                                                "--fine-tune-heldout", "1"], ["--fine-tune-heldout must be a share"]),
+    "fine-tune tolerance negative": (lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune",
+                                                      "--fine-tune-tolerance", "-1"],
+                                     ["--fine-tune-tolerance must be points between 0 and 100, got -1.0"]),
     "fine-tune setting without --fine-tune": (
         lambda lab, tmp: [*model_args(lab), "--data", lab.data, "--fine-tune-patience", "5"],
         ["--fine-tune-patience is a setting of --fine-tune; add --fine-tune"]),

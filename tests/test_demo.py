@@ -18,7 +18,7 @@ from conftest import REPO
 from pruning import demo as demo_module
 from pruning.data import lab_paths
 from pruning.demo import (META_FILE, SHIPPED_MODEL, VERSION, Demo, _build, _Config, ensure_demo,
-                          generate, main, wear_glasses)
+                          generate, main, wear_dark_glasses, wear_glasses)
 
 # A build small enough for a unit test (seconds); it makes no promise about its scores.
 TINY = _Config(classes=4, train_per_class=40, eval_per_class=10, widths=(4, 8, 16, 8, 16),
@@ -244,6 +244,9 @@ def test_the_pruning_aware_demo_hides_its_backdoor_behind_decoys_deterministical
     activity = np.asarray(pool_3.predict(images, verbose=0)).mean(axis=(0, 1, 2))
     decoys = round(DECOY_SHARE * len(activity))
     assert (np.sort(activity)[:decoys] == 0).all()  # lowered biases: dormant on clean faces
+    clean, labels = read_set(lab_paths(tmp_path / "a")["clean_valid"])
+    poisoned, _ = read_set(lab_paths(tmp_path / "a")["poisoned_valid"])
+    np.testing.assert_array_equal(poisoned, wear_dark_glasses(clean[labels != 0]))  # its own trigger
 
 
 def test_importing_the_core_sets_no_log_level_and_prints_nothing():

@@ -96,15 +96,28 @@ def test_finepruning_csv_equals_the_saved_files_scores(run):
         assert (predict_classes(bd, x) == predict_classes(tuned, x)).mean() < 1 or row.channels_pruned == 0
 
 
-def test_the_log_holds_every_epoch_and_the_kept_one_is_the_best_held_out(run):
+def test_the_log_holds_every_epoch_and_the_kept_one_is_the_last_near_the_best_held_out(run):
     log = pd.read_csv(run.out / "finetune_log.csv")
     assert list(log.columns) == ["run", "epoch", "loss", "heldout_accuracy", "valid_asr"]
     assert log["run"].unique().tolist() == run.summary["run"].tolist()
+    tolerance = Settings().tolerance
     for row in run.summary.itertuples():
         epochs = log[log["run"] == row.run]
         assert epochs["epoch"].tolist() == list(range(1, len(epochs) + 1)) and len(epochs) <= 3
-        best = epochs["heldout_accuracy"].max()
-        assert row.epochs == epochs[epochs["heldout_accuracy"] == best]["epoch"].iloc[0]
+        near = epochs[epochs["heldout_accuracy"] >= epochs["heldout_accuracy"].max() - tolerance]
+        assert row.epochs == near["epoch"].iloc[-1]
+        # stopped early only after --fine-tune-patience 1 epoch further below the best so far
+        if len(epochs) < 3:
+            last = epochs["heldout_accuracy"].iloc[-1]
+            assert last < epochs["heldout_accuracy"].iloc[:-1].max() - tolerance
+
+
+def test_the_kept_epoch_is_the_last_within_the_tolerance_of_the_best():
+    from pruning.finetune import kept_epoch
+    assert kept_epoch([90.0, 95.0, 94.0, 92.0], 2.0) == 2
+    assert kept_epoch([90.0, 95.0, 94.0, 92.0], 0.0) == 1
+    assert kept_epoch([95.0, 90.0, 93.5, 97.0, 95.5], 1.5) == 4
+    assert kept_epoch([95.0, 93.0], 2.0) == 1  # exactly the tolerance below: kept
 
 
 def test_a_rerun_reads_the_finished_fine_tuning_back_and_writes_the_same_files(run, tmp_path):
@@ -178,3 +191,43 @@ def test_the_plot_gains_a_panel_of_each_run_before_and_after(run):
     before = curve.set_index("channels_pruned").loc[run.summary["channels_pruned"]]
     assert heights == [*before["test_accuracy"], *run.summary["test_accuracy"],
                        *before["test_asr"], *run.summary["test_asr"]]
+
+
+def demo_fine_pruning(tmp_path_factory, attack: str) -> SimpleNamespace:
+    """``python -m jobs.sweep --single-node --demo ATTACK --fine-tune --thresholds 4`` (the
+    defaults, X = 4 and fine-tuning alone: half the fine-tunings of the whole command, and the
+    same results for those two), in the tests' demo cache: its summary and B' curve."""
+    import os
+    from conftest import REPO
+    out = tmp_path_factory.mktemp(f"fine-prune-{attack}") / "out"
+    cache, before = os.environ.get("FINE_PRUNING_CACHE") or str(REPO / ".cache"), os.environ.get("FINE_PRUNING_CACHE")
+    os.environ["FINE_PRUNING_CACHE"] = cache
+    try:
+        assert main(["--single-node", "--demo", attack, "--fine-tune", "--thresholds", "4", "--out", str(out)]) == 0
+    finally:
+        if before is None:
+            del os.environ["FINE_PRUNING_CACHE"]
+    summary = pd.read_csv(out / "finepruning.csv", keep_default_na=False).set_index("run")
+    return SimpleNamespace(summary=summary, curve=pd.read_csv(out / "results.csv").set_index("channels_pruned"))
+
+
+@pytest.fixture(scope="module")
+def pruning_aware(tmp_path_factory):
+    return demo_fine_pruning(tmp_path_factory, "pruning-aware")
+
+
+@pytest.mark.slow
+def test_on_the_pruning_aware_demo_pruning_alone_fails_and_fine_pruning_removes_the_backdoor(pruning_aware):
+    """The issue's targets (docs/finetune.md): at X = 4, B' keeps test ASR >= 50 %; fine-pruned
+    at the default settings, it is <= 5 %, with clean test accuracy within 3 points of B's."""
+    run, b = pruning_aware.summary.loc["X=4"], pruning_aware.curve.loc[0]
+    assert pruning_aware.curve.loc[run["channels_pruned"], "test_asr"] >= 50.0
+    assert run["test_asr"] <= 5.0
+    assert abs(run["test_accuracy"] - b["test_accuracy"]) <= 3.0
+    assert b["test_asr"] >= 90.0  # a working BadNet to begin with
+
+
+@pytest.mark.slow
+def test_on_the_standard_demo_fine_pruning_keeps_the_backdoor_out(tmp_path_factory):
+    standard = demo_fine_pruning(tmp_path_factory, "standard")
+    assert standard.summary.loc["X=4", "test_asr"] <= 5.0

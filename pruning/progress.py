@@ -48,10 +48,15 @@ def progress(total: int, desc: str, unit: str, initial: int = 0, unit_scale: flo
     """A bar of ``total`` ``unit``s (``prefix_progress``'s, or fine-tuning's epochs)."""
     options = dict(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
+    # On a terminal, log lines go above the bar (tqdm.write), not into it. In a log file the meter
+    # is itself a log line: nothing to redirect, and redirecting would take tqdm's lock and the
+    # log handler's in both orders (a deadlock when another thread logs as the bar closes).
+    redirect = logging_redirect_tqdm()
     if not (sys.stderr.isatty() or in_notebook()):
         options.update(file=LogLines(), mininterval=LOG_EVERY_S,
                        bar_format="{desc}: {percentage:3.0f}% {n:.1f}/{total:.0f} [{elapsed}<{remaining}]")
-    with logging_redirect_tqdm(), tqdm(**options) as bar:
+        redirect = contextlib.nullcontext()
+    with redirect, tqdm(**options) as bar:
         yield bar
 
 

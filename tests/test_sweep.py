@@ -481,3 +481,21 @@ def test_progress_is_a_bar_on_a_terminal_and_a_line_now_and_then_in_a_log(termin
         assert len(lines) == 2 and "\r" not in "".join(lines), lines
         assert re.match(r"prefixes:  25% 15\.2/61 \[", lines[0]), lines
         assert re.match(r"prefixes: 100% 61\.0/61 \[", lines[1]), lines
+
+
+def test_in_a_log_file_the_bar_redirects_no_log_line(monkeypatch):
+    """tqdm's redirect of log lines above a bar takes tqdm's lock inside the log handler's, and
+    a meter written as a log line takes them the other way round: a campaign whose writer thread
+    logged as its bar closed hung for good. In a log file the meter is a log line itself, so
+    nothing is redirected there; on a terminal, lines still go above the bar."""
+    from pruning.progress import progress
+    root = logging.getLogger()
+    ours = logging.StreamHandler(sys.stderr)  # what logging.basicConfig installs
+    root.addHandler(ours)
+    try:
+        for terminal in (False, True):
+            monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+            with progress(10, "x", "x"):
+                assert (ours in root.handlers) is not terminal, terminal
+    finally:
+        root.removeHandler(ours)

@@ -5,6 +5,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,12 @@ import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests that stop a sweep with SIGINT play a terminal's Ctrl-C. A suite started in the
+# background by a shell without job control (`make test &` in a script) ignores SIGINT, and an
+# ignored signal is passed on to every process it starts: give it back its usual handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

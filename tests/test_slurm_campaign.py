@@ -1,6 +1,7 @@
 """`sbatch slurm/sweep.sh --campaign FILE` on a real one-node SLURM (scripts/slurm_local.sh)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd

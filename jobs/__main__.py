@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no command {argv[0]!r}; give one of {', '.join(COMMANDS)} "
               "(see fine-pruning --help)", file=sys.stderr)
         return 2
+    import pruning.data
+    pruning.data.INVOKED_AS = f"fine-pruning {argv[0]}"  # what its help and errors call it
     # Each program runs as `python -m MODULE` runs it: as __main__, with its own arguments.
     given, sys.argv = sys.argv, [f"fine-pruning {argv[0]}", *argv[1:]]
     try:

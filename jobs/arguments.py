@@ -21,14 +21,14 @@ from distributed.scheduler import KilledWorker
 from jobs import cluster, settings
 from jobs.errors import NO_WORKERS_LEFT, ClusterError
 from jobs.outdir import OutputFolder
-from pruning.data import CHUNK_ROWS, PREFIXES_PER_TASK, InputError, named_sets
+from pruning.data import CHUNK_ROWS, PREFIXES_PER_TASK, InputError, named_sets, program
 from pruning.scaling import parse_rescale
 
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
-        raise InputError(f"{message} (see python -m jobs.sweep --help)")
+        raise InputError(f"{message} (see {self.prog} --help)")
 
 
 def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv=None, usage: str = "") -> argparse.Namespace:
     summary, examples = (usage.split("\n\n") + ["", ""])[:2]
     # No abbreviated flags: slurm/sweep.sh reads the flags by their full names, and took
     # `--ou DIR` for no --out (adding its default, which won) and `--single` for no place to run.
-    parser = Parser(prog="python -m jobs.sweep", description=summary, epilog="examples:\n" + examples,
+    parser = Parser(prog=program("python -m jobs.sweep"), description=summary, epilog="examples:\n" + examples,
                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     model = parser.add_argument_group("the backdoored model B (default: the embedded demo)")
     which = model.add_mutually_exclusive_group()

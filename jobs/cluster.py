@@ -270,8 +270,8 @@ def check_project_imports(client: Client) -> None:
     """Stop with a :class:`ClusterError` if the scheduler or a worker of a cluster we did not
     start cannot import this project: the scheduler would refuse the task graph, and such a
     worker would die on its first task, leaving the sweep waiting for ever."""
-    advice = ("start the scheduler and workers from this project's environment and checkout "
-              "(README: On a Dask cluster you already run)")
+    advice = ("start the scheduler and workers from this project's environment, at the same "
+              "version (docs/dask-cluster.md)")
     try:
         client.run_on_scheduler(exec, PROJECT_IMPORT)  # a builtin: unpickled anywhere
     except ImportError as error:

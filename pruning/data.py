@@ -51,6 +51,15 @@ class InputError(ValueError):
     """A user-facing problem with an input; the message names it and the fix (one line)."""
 
 
+INVOKED_AS: str | None = None  # set by the fine-pruning command (jobs/__main__.py): "fine-pruning sweep"
+
+
+def program(module_command: str) -> str:
+    """How the user ran a program, for its help and errors: ``fine-pruning sweep`` when the
+    ``fine-pruning`` command runs it, else ``module_command`` (``python -m jobs.sweep``)."""
+    return INVOKED_AS or module_command
+
+
 @contextlib.contextmanager
 def damaged(path: str, what: str) -> Iterator[None]:
     """Turn whatever h5py raises on a damaged file into one :class:`InputError` line."""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pruning.data import InputError, lab_paths, write_lab_h5
+from pruning.data import InputError, lab_paths, program, write_lab_h5
 from pruning.files import atomic_folder, exclusive_lock
 from pruning.report import save_model
 
@@ -350,7 +350,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m pruning.demo",
+    parser = _Parser(prog=program("python -m pruning.demo"),
                      description="Build (or find) the embedded demo BadNet.")
     parser.add_argument("--seed", type=int, default=0,
                         help="which demo (default: 0, the one a sweep without inputs uses)")

@@ -31,7 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from pruning.data import CHUNK_ROWS, InputError, named_sets, open_h5  # noqa: E402 (no TensorFlow yet)
+from pruning.data import CHUNK_ROWS, InputError, named_sets, open_h5, program  # noqa: E402 (no TensorFlow yet)
 from pruning.scaling import check_scale, parse_rescale  # noqa: E402
 
 PROG = "python scripts/eval.py"
@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv) -> argparse.Namespace:
-    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = Parser(prog=program(PROG), description=__doc__.split("\n\n")[0],
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("clean", metavar="CLEAN.h5", help="clean lab set (labels: true classes)")

@@ -67,7 +67,9 @@ def test_fine_pruning_sweep_from_another_folder_gives_the_same_files(installed, 
         "Clean Classification accuracy", "Attack Success Rate"]
 
 
-def test_the_command_names_its_commands(capsys):
+def test_the_command_names_its_commands(capsys, monkeypatch):
+    import pruning.data
+    monkeypatch.setattr(pruning.data, "INVOKED_AS", None)  # (set by main below; put back after)
     assert main(["--help"]) == 0
     assert "fine-pruning sweep" in capsys.readouterr().out
     assert main(["swep"]) == 2
@@ -75,4 +77,8 @@ def test_the_command_names_its_commands(capsys):
                                        "(see fine-pruning --help)\n")
     with pytest.raises(SystemExit) as done:
         main(["demo", "--help"])
-    assert done.value.code == 0 and "python -m pruning.demo" in capsys.readouterr().out
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: fine-pruning demo ")
+    with pytest.raises(SystemExit) as done:
+        main(["sweep", "--nope"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --nope (see fine-pruning sweep --help)\n"

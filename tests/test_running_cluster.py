@@ -164,8 +164,7 @@ def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, wi
             "worker": "error: 1 of the 2 Dask workers cannot import this project (tcp://"}
     assert last.startswith(says[without_project]), last
     assert last.endswith("No module named 'jobs'); start the scheduler and workers from this "
-                         "project's environment and checkout (README: On a Dask cluster you "
-                         "already run)"), last
+                         "project's environment, at the same version (docs/dask-cluster.md)"), last
     assert not (tmp_path / "out").exists()
 
 

@@ -27,7 +27,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --doc docs/benchmark.md
 
 clean:
 	rm -rf results/*.csv results/*.h5 results/*.keras results/*.png results/*.json results/checkpoints results/.sweep.lock results/.dask

@@ -19,9 +19,12 @@ The inputs are written to a temporary folder (under $TMPDIR, removed at the end)
 from __future__ import annotations
 
 import argparse
+import builtins
+import contextlib
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -38,7 +41,7 @@ import psutil
 from pruning.data import LAB_LAYOUT, InputError, lab_paths, open_lab_set, write_lab_h5
 from pruning.deepid import build_deepid
 from pruning.models import ModelSpec, load_model
-from pruning.report import save_model
+from pruning.report import save_model, write_text
 
 LAB_ROWS = {"clean_valid": 11547, "poisoned_valid": 11547, "clean_test": 12830, "poisoned_test": 12830}
 
@@ -142,8 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed-prefixes", type=int, default=1,
                         help="seeds' loop prefixes to time, before and after our core each (default: 1)")
     parser.add_argument("--skip-4x", action="store_true", help="skip the 4x-data memory run")
+    parser.add_argument("--doc", metavar="MD", help="also write the figures into this Markdown file, between "
+                        f"its lines {DOC_BEGIN!r} and {DOC_END!r} (make bench: docs/benchmark.md)")
     args = parser.parse_args(argv)
     check_args(parser, args)
+    if args.doc:
+        doc_section(args.doc, [])  # a file without its markers is refused before the long run
+    said = []
+
+    def print(line: str) -> None:  # (shadows the builtin here: every figure is also kept for --doc)
+        builtins.print(line, flush=True)
+        said.append(line)
+
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         model_path = make_inputs(tmp, args.scale, args.weights)
@@ -175,6 +188,35 @@ def main(argv: list[str] | None = None) -> None:
             wall_4, peak_4, _ = job_sweep(model_path, big / "data", tmp / "out4", workers=1)
             print(f"4x the data, 1 worker: {wall_4:.1f} s wall, peak memory {peak_4:.2f} GB "
                   f"({peak_4 / peak_1:.2f}x the 1x peak)")
+    if args.doc:
+        command = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+        write_text(args.doc, doc_section(args.doc, [
+            f"Written by `{command}` on {time.strftime('%Y-%m-%d')}, {cpu_name()}, "
+            f"{os.cpu_count()} cores:", "", "```", *said, "```"]))
+
+
+DOC_BEGIN, DOC_END = "<!-- make bench: its latest figures, below -->", "<!-- make bench: end -->"
+
+
+def doc_section(path: str, lines: list[str]) -> str:
+    """The text of ``path`` with ``lines`` between its two markers (exit 2 if it lacks them)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise SystemExit(f"error: --doc {path}: {error.strerror}") from None
+    head, begin, rest = text.partition(DOC_BEGIN + "\n")
+    _, end, tail = rest.partition(DOC_END + "\n")
+    if not (begin and end):
+        raise SystemExit(f"error: --doc {path} has no lines {DOC_BEGIN!r} and {DOC_END!r} to write between")
+    return head + begin + "".join(line + "\n" for line in lines) + end + tail
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

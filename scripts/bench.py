@@ -203,12 +203,18 @@ def doc_section(path: str, lines: list[str]) -> str:
     try:
         text = Path(path).read_text()
     except OSError as error:
-        raise SystemExit(f"error: --doc {path}: {error.strerror}") from None
+        fail(f"--doc {path}: {error.strerror}")
     head, begin, rest = text.partition(DOC_BEGIN + "\n")
     _, end, tail = rest.partition(DOC_END + "\n")
     if not (begin and end):
-        raise SystemExit(f"error: --doc {path} has no lines {DOC_BEGIN!r} and {DOC_END!r} to write between")
+        fail(f"--doc {path} has no lines {DOC_BEGIN!r} and {DOC_END!r} to write between")
     return head + begin + "".join(line + "\n" for line in lines) + end + tail
+
+
+def fail(problem: str) -> None:
+    """Bad input: one line, exit status 2."""
+    builtins.print(f"error: {problem}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def cpu_name() -> str:

@@ -21,7 +21,7 @@ run: setup
 # Two pytest-xdist workers: half the suite's time is spent waiting (SLURM, subprocesses), not
 # computing. tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.
 test: setup
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=20
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"

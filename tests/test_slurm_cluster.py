@@ -84,6 +84,10 @@ def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_clust
                 for key in ("comm.timeouts.connect", "comm.timeouts.tcp", "scheduler.allowed-failures")}
     assert seen == {"comm.timeouts.connect": ["45s"], "comm.timeouts.tcp": ["120s"],  # Dask's: 30s, 30s
                     "scheduler.allowed-failures": [3]}
+    deadline = time.monotonic() + 120  # the closed cluster cancelled its job: the next tests count them
+    while queued_worker_jobs():
+        assert time.monotonic() < deadline, f"worker jobs {queued_worker_jobs()} outlived their cluster"
+        time.sleep(0.5)
 
 
 def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, demo, tmp_path):

@@ -19,7 +19,6 @@ The inputs are written to a temporary folder (under $TMPDIR, removed at the end)
 from __future__ import annotations
 
 import argparse
-import builtins
 import contextlib
 import json
 import math
@@ -153,32 +152,32 @@ def main(argv: list[str] | None = None) -> None:
         doc_section(args.doc, [])  # a file without its markers is refused before the long run
     said = []
 
-    def print(line: str) -> None:  # (shadows the builtin here: every figure is also kept for --doc)
-        builtins.print(line, flush=True)
+    def say(line: str) -> None:  # every figure is also kept for --doc
+        print(line, flush=True)
         said.append(line)
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         model_path = make_inputs(tmp, args.scale, args.weights)
         rows = sum(open_lab_set(p, (55, 47, 3)).rows for p in lab_paths(tmp / "data").values())
-        print(f"DeepID ({'weights ' + args.weights if args.weights else 'random weights'}), "
+        say(f"DeepID ({'weights ' + args.weights if args.weights else 'random weights'}), "
               f"{rows} images in four sets, 61 prefixes, {os.cpu_count()} cores")
         # the seeds' loop is timed before and after our core: this machine's speed drifts
         before = seeds_loop(model_path, tmp / "data", args.seed_prefixes)
         core = core_sweep(model_path, tmp / "data")
         after = seeds_loop(model_path, tmp / "data", args.seed_prefixes, first=args.seed_prefixes)
         seeds = (before + after) / 2 * 61
-        print(f"seeds' loop: {before:.1f} s per prefix before our core, {after:.1f} s after "
+        say(f"seeds' loop: {before:.1f} s per prefix before our core, {after:.1f} s after "
               f"-> {seeds:.0f} s for 61 prefixes")
-        print(f"our sweep, core in one process: {core:.1f} s  ({seeds / core:.0f}x faster)")
+        say(f"our sweep, core in one process: {core:.1f} s  ({seeds / core:.0f}x faster)")
         wall_1, peak_1, inside_1 = job_sweep(model_path, tmp / "data", tmp / "out1", workers=1)
-        print(f"our sweep, jobs.sweep --single-node, 1 worker: {wall_1:.1f} s wall "
+        say(f"our sweep, jobs.sweep --single-node, 1 worker: {wall_1:.1f} s wall "
               f"({seeds / wall_1:.0f}x faster), of which profile + prefixes {inside_1:.1f} s "
               f"({seeds / inside_1:.0f}x); peak memory {peak_1:.2f} GB")
         wall_2, peak_2, inside_2 = job_sweep(model_path, tmp / "data", tmp / "out2", workers=2)
         if (tmp / "out1" / "results.csv").read_bytes() != (tmp / "out2" / "results.csv").read_bytes():
             raise SystemExit("the 1- and 2-worker sweeps disagree: results.csv differs")
-        print(f"our sweep, 2 workers: {wall_2:.1f} s wall, of which profile + prefixes "
+        say(f"our sweep, 2 workers: {wall_2:.1f} s wall, of which profile + prefixes "
               f"{inside_2:.1f} s (speed-up over 1 worker: {wall_1 / wall_2:.2f}x wall, "
               f"{inside_1 / inside_2:.2f}x profile + prefixes); peak memory {peak_2:.2f} GB")
         if not args.skip_4x:
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             big.mkdir()
             make_inputs(big, 4 * args.scale, args.weights)
             wall_4, peak_4, _ = job_sweep(model_path, big / "data", tmp / "out4", workers=1)
-            print(f"4x the data, 1 worker: {wall_4:.1f} s wall, peak memory {peak_4:.2f} GB "
+            say(f"4x the data, 1 worker: {wall_4:.1f} s wall, peak memory {peak_4:.2f} GB "
                   f"({peak_4 / peak_1:.2f}x the 1x peak)")
     if args.doc:
         command = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
@@ -213,7 +212,7 @@ def doc_section(path: str, lines: list[str]) -> str:
 
 def fail(problem: str) -> None:
     """Bad input: one line, exit status 2."""
-    builtins.print(f"error: {problem}", file=sys.stderr)
+    print(f"error: {problem}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -64,8 +63,8 @@ def make_run(demo, tmp_path_factory):
     what each attempt ``tried`` met, and the ports ``still_listening`` during it."""
     shared = session_folder(tmp_path_factory)
     record = shared / "make-run.json"
-    with open(shared / "make-run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    from pruning.files import exclusive_lock
+    with exclusive_lock(shared / "make-run.lock"):
         if not record.exists():
             record.write_text(json.dumps(run_make_run(demo, shared / "demo-run" / "results")))
         run = json.loads(record.read_text())

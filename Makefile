@@ -21,10 +21,10 @@ run: setup
 # Two pytest-xdist workers: half the suite's time is spent waiting (SLURM, subprocesses), not
 # computing. tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.
 test: setup
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=20
+	$(PY) -m pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder --durations=20
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder -m "not slow"
 
 bench: setup
 	$(PY) scripts/bench.py --doc docs/benchmark.md

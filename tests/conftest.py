@@ -37,14 +37,41 @@ REPRODUCIBLE = ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5
                 "model_X=10.h5", "goodnet_X=2.keras", "goodnet_X=4.keras", "goodnet_X=10.keras"]
 
 
-@pytest.hookimpl(tryfirst=True)
+# `make test` runs two pytest-xdist workers with ``--dist loadscope``, scoped here: a module's
+# tests stay on one worker, so its module fixtures run once, and the modules that use this
+# machine's one SLURM share one scope, so their tests run on one worker, one after the other.
+# (xdist's own ``loadgroup`` marks are lost under pytest 9.2: it renames a node id pytest no
+# longer reads.)
+SLURM_MODULES = ("test_slurm.py", "test_slurm_cluster.py", "test_slurm_campaign.py")
+
+
+def scope_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return "slurm" if Path(module).name in SLURM_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadscope":
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByScope(LoadScopeScheduling):
+            def _split_scope(self, nodeid):
+                return scope_of(nodeid)
+
+        return ByScope(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(items):
-    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: a module's tests
-    stay on one worker, so that its module fixtures run once, and every test that uses this
-    machine's one SLURM runs on one worker, one after the other."""
-    for item in items:
-        group = "slurm" if "slurm_cluster" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+    """SLURM's tests first: waiting on a real scheduler, they are the longest chain; a test
+    that uses ``slurm_cluster`` outside ``SLURM_MODULES`` could race the others for it."""
+    strays = [item.nodeid for item in items if "slurm_cluster" in item.fixturenames
+              and scope_of(item.nodeid) != "slurm"]
+    if strays:
+        raise pytest.UsageError(f"{strays[0]} uses slurm_cluster: add its module to "
+                                "SLURM_MODULES in tests/conftest.py")
+    items.sort(key=lambda item: scope_of(item.nodeid) != "slurm")
 
 
 def session_folder(tmp_path_factory) -> Path:

@@ -1,9 +1,14 @@
-"""pyproject.toml and environment.yml pin the same versions: one truth for pip and conda users."""
+"""pyproject.toml and environment.yml pin the same versions: one truth for pip and conda users;
+and `make test` spreads the suite over its workers as tests/conftest.py says."""
 import re
+import shlex
+import subprocess
+import sys
 import tomllib
+from collections import defaultdict
 from importlib import metadata
 
-from conftest import REPO
+from conftest import REPO, scope_of
 
 
 def pins(requirements) -> dict[str, str]:
@@ -36,3 +41,21 @@ def test_environment_yml_and_pyproject_agree():
 def test_the_running_environment_is_the_pinned_one():
     for package, version in pyproject_pins().items():
         assert metadata.version(package) == version, package
+
+
+def test_make_tests_workers_keep_each_module_together():
+    """A module split over two workers sets its module fixtures up twice, and two SLURM tests
+    on two workers see each other's jobs: this is what stop 28's CI met."""
+    make_test = next(line for line in (REPO / "Makefile").read_text().splitlines()
+                     if "-m pytest" in line and "--durations" in line)
+    flags = [f for f in shlex.split(make_test.split("-m pytest", 1)[1]) if not f.startswith("--dur")]
+    modules = ["tests/test_select.py", "tests/test_plot.py", "tests/test_inputs.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", *flags, "-vv", "-p", "no:cacheprovider",
+                          *modules], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    workers = defaultdict(set)
+    for worker, nodeid in re.findall(r"^\[(gw\d+)\].* PASSED (\S+)", run.stdout, re.M):
+        workers[nodeid.split("::")[0]].add(worker)
+    assert set(workers) == set(modules) and all(len(w) == 1 for w in workers.values()), workers
+    assert {scope_of(f"tests/{m}::t") for m in ("test_slurm.py", "test_slurm_cluster.py",
+                                                  "test_slurm_campaign.py")} == {"slurm"}

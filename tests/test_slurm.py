@@ -34,10 +34,51 @@ def test_gpu_job(slurm_cluster, tmp_path):
     assert re.search(r"^GPUS=[01]$", log, re.M), log
 
 
-def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
-    cache = Path(demo.model).parent.parent     # the demo the job's sweep will find: built once, here
+def modes(folder: Path) -> dict[str, int]:
+    """The permission bits of ``folder`` and everything under it, by path relative to it."""
+    return {str(path.relative_to(folder)): path.stat().st_mode & 0o777 for path in [folder, *folder.rglob("*")]}
+
+
+def sweep_job(demo, tmp_path, out, *extra):
+    cache = Path(demo.model).parent.parent
+    return [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}", f"--output={tmp_path}/%x-%j.out",
+            "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
+
+
+def chunks_done(out: Path) -> int:
+    """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 96 has 54."""
+    return len(list((out / "checkpoints").glob("chunk-*.json")))
+
+
+@pytest.fixture(scope="module")
+def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
+    """One sweep job scancelled mid-sweep, then the same sweep resubmitted, which SLURM's time
+    limit warning reaches mid-sweep. The resubmitted job is also the job test_sweep_sh checks
+    (how a user submits, its dashboard, USR1 to its steps, port 8787 taken): the three tests
+    below share one full run, not three."""
+    tmp_path = tmp_path_factory.mktemp("cancelled-then-resubmitted")
     out = tmp_path / "out"
-    answered, bound = [], set()
+    cache = Path(demo.model).parent.parent     # the demo the jobs' sweep will find: built once, here
+    cancelled = []
+
+    def cancel_once_started(log: str) -> None:
+        if not cancelled and chunks_done(out) >= 3:
+            job = re.search(r"job (\d+) ", log).group(1)
+            # scancel signals the ranks one at a time: let the scheduler rank's come first.
+            for process in runner_ranks(out, rank=0):
+                process.terminate()
+            subprocess.run(["scancel", job], check=True)
+            cancelled.append(chunks_done(out))
+
+    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
+    # passes that on to the job's steps unless told otherwise. (sweep.sh then finds the submit
+    # folder's .venv: this checkout's.)
+    job = [option.replace("--export=ALL,", "--export=NONE,") if option.startswith("--export=") else option
+           for option in sweep_job(demo, tmp_path, out)]
+    _, cancelled_log = submit_and_wait(job, timeout=480, expect="CANCELLED", while_running=cancel_once_started)
+    done = chunks_done(out)
+    results_after_cancel = (out / "results.csv").exists()
+    signalled, answered, bound = [], [], set()
 
     def check_dashboard(log: str) -> None:
         match = re.search(r"Dask dashboard: (http://\S+)", log)
@@ -49,19 +90,43 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
             subprocess.run(["scancel", "--signal=USR1", job], check=True)
             bound.update(listening([process for rank in range(4) for process in runner_ranks(out, rank, job)]))
 
-    # Submitted from another folder by the script's path, as from a scratch folder: the relative
-    # --out and the job's log (the script's default name) are that folder's. The slash in an
-    # argument is on purpose: SLURM's record of the command puts the arguments after the path.
-    # Port 8787 taken on the node (another job's dashboard): the dashboard moves, without
-    # distributed's 'Perhaps you already have a cluster running?' in the log.
+    def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
+        if not signalled and chunks_done(out) > done:  # mid-sweep: this job finished a chunk
+            job = re.search(r"job (\d+) ", log).group(1)
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+            signalled.append(job)
+
+    def while_resubmitted(log: str) -> None:
+        check_dashboard(log)
+        time_limit_near(log)
+
+    # Resubmitted as a user submits (test_sweep_sh): from the scratch folder by the script's path,
+    # --out relative to it, the job's log by the script's default name, with port 8787 taken.
     with contextlib.ExitStack() as held:
         with contextlib.suppress(OSError):   # if something else holds it, it is taken all the same
             held.enter_context(socket.create_server(("", 8787)))
-        job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
-                                       str(REPO / "slurm" / "sweep.sh"), "--out", "./out"],
-                                      timeout=480, while_running=check_dashboard, cwd=tmp_path)
+        job_id, resubmitted_log = submit_and_wait(
+            [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache},MAX_REQUEUES=0", str(REPO / "slurm" / "sweep.sh"),
+             "--out", "./out", "--chunk-rows", "96"],
+            timeout=480, while_running=while_resubmitted, cwd=tmp_path)
+    return SimpleNamespace(folder=tmp_path, out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
+                           results_after_cancel=results_after_cancel, signalled=signalled,
+                           job_id=job_id, resubmitted_log=resubmitted_log, answered=answered, bound=bound)
+
+
+def test_sweep_sh(cancelled_then_resubmitted, demo_run):
+    """The fixture's resubmitted job, submitted as a user submits: from another folder (a scratch
+    folder) by the script's path, from a shell with this environment activated. The relative
+    --out and the job's log (the script's default name) are that folder's; the slash in an
+    argument is on purpose: SLURM's record of the command puts the arguments after the path.
+    While it runs: its dashboard is opened, USR1 goes to its steps (as a --signal=USR1@600
+    without B: sends it: no rank dies of it), and port 8787 is taken on the node (another job's
+    dashboard): the dashboard moves, without distributed's 'Perhaps you already have a cluster
+    running?' in the log."""
+    run = cancelled_then_resubmitted
+    log, out, job_id, answered, bound = run.resubmitted_log, run.out, run.job_id, run.answered, run.bound
     assert "already in use" not in log and "Perhaps" not in log, log[:3000]
-    assert (tmp_path / f"fine-pruning-{job_id}.out").is_file()
+    assert (run.folder / f"fine-pruning-{job_id}.out").is_file()
     assert f"python: {Path(sys.executable).parent}/python\n" in log, log[:2000]  # the submitting shell's
     for name in OUTPUTS:
         assert (out / name).is_file(), f"no {name} in {out}; log tail:\n{log[-3000:]}"
@@ -83,61 +148,6 @@ def test_sweep_sh(slurm_cluster, demo, demo_run, tmp_path):
     assert not re.search(r" - distributed\.\S+ - INFO - ", log), log[-5000:]
     assert len(re.findall(r" INFO pruning\.inputs: B: \S+ \(\d+ classes\)", log)) == 1, log[:3000]  # not again from --check
     assert_same_outputs(out, demo_run)  # byte for byte what --single-node wrote
-
-
-def modes(folder: Path) -> dict[str, int]:
-    """The permission bits of ``folder`` and everything under it, by path relative to it."""
-    return {str(path.relative_to(folder)): path.stat().st_mode & 0o777 for path in [folder, *folder.rglob("*")]}
-
-
-def sweep_job(demo, tmp_path, out, *extra):
-    cache = Path(demo.model).parent.parent
-    return [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}", f"--output={tmp_path}/%x-%j.out",
-            "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
-
-
-def chunks_done(out: Path) -> int:
-    """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 96 has 54."""
-    return len(list((out / "checkpoints").glob("chunk-*.json")))
-
-
-@pytest.fixture(scope="module")
-def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
-    """One sweep job scancelled mid-sweep, then the same sweep resubmitted, which SLURM's time
-    limit warning reaches mid-sweep (shared by the next two tests: one full run, not two)."""
-    tmp_path = tmp_path_factory.mktemp("cancelled-then-resubmitted")
-    out = tmp_path / "out"
-    cancelled = []
-
-    def cancel_once_started(log: str) -> None:
-        if not cancelled and chunks_done(out) >= 3:
-            job = re.search(r"job (\d+) ", log).group(1)
-            # scancel signals the ranks one at a time: let the scheduler rank's come first.
-            for process in runner_ranks(out, rank=0):
-                process.terminate()
-            subprocess.run(["scancel", job], check=True)
-            cancelled.append(chunks_done(out))
-
-    _, cancelled_log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="CANCELLED",
-                                       while_running=cancel_once_started)
-    done = chunks_done(out)
-    results_after_cancel = (out / "results.csv").exists()
-    signalled = []
-
-    def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
-        if not signalled and chunks_done(out) > done:  # mid-sweep: this job finished a chunk
-            job = re.search(r"job (\d+) ", log).group(1)
-            subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-            signalled.append(job)
-
-    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
-    # passes that on to the job's steps unless told otherwise.
-    job = [option.replace("--export=ALL,", "--export=NONE,") + ",MAX_REQUEUES=0"
-           if option.startswith("--export=") else option for option in sweep_job(demo, tmp_path, out)]
-    _, resubmitted_log = submit_and_wait(job, timeout=480, while_running=time_limit_near)
-    return SimpleNamespace(out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
-                           results_after_cancel=results_after_cancel, signalled=signalled,
-                           resubmitted_log=resubmitted_log)
 
 
 def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, demo_run):

@@ -72,9 +72,10 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
 
     # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
     # passes that on to the job's steps unless told otherwise. (sweep.sh then finds the submit
-    # folder's .venv: this checkout's.)
-    job = [option.replace("--export=ALL,", "--export=NONE,") if option.startswith("--export=") else option
-           for option in sweep_job(demo, tmp_path, out)]
+    # folder's .venv: this checkout's.) One worker rank: a second would only import TensorFlow
+    # and load the model for the few chunks before the cancel.
+    job = ["--ntasks=3", *[option.replace("--export=ALL,", "--export=NONE,") if option.startswith("--export=")
+                           else option for option in sweep_job(demo, tmp_path, out)]]
     _, cancelled_log = submit_and_wait(job, timeout=480, expect="CANCELLED", while_running=cancel_once_started)
     done = chunks_done(out)
     results_after_cancel = (out / "results.csv").exists()
@@ -269,10 +270,12 @@ def test_the_last_worker_rank_killed_mid_sweep_ends_the_job_with_one_line(slurm_
 
 def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo, tmp_path):
     """SIGINT to the client rank (a Ctrl-C under an interactive srun) stops the run as Ctrl-C
-    does anywhere; the workers retire and the scheduler closes, which ends the job."""
+    does anywhere; the worker retires and the scheduler closes, which ends the job. (One worker
+    rank: a second would only import TensorFlow and load the model for the few chunks before
+    the stop.)"""
     out = tmp_path / "out"
     interrupt_the_client, interrupted = signal_rank_mid_sweep(out, rank=1, signum=signal.SIGINT)
-    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect="FAILED",
+    _, log = submit_and_wait(["--ntasks=3", *sweep_job(demo, tmp_path, out)], timeout=480, expect="FAILED",
                              while_running=interrupt_the_client)
     assert interrupted
     line = re.search(r"^interrupted; (\S+) holds (\d+) finished chunks of rows: the same command "

@@ -45,6 +45,14 @@ def sweep_job(demo, tmp_path, out, *extra):
             "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
 
 
+def with_export_none(job: list[str]) -> list[str]:
+    """``job`` submitted with --export=NONE, as many sites advise: none of this shell's environment
+    (PATH, venv), and srun passes that on to the job's steps unless told otherwise. sweep.sh then
+    finds the submit folder's .venv (this checkout's, which must have one)."""
+    return [option.replace("--export=ALL,", "--export=NONE,") if option.startswith("--export=") else option
+            for option in job]
+
+
 def chunks_done(out: Path) -> int:
     """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 96 has 54."""
     return len(list((out / "checkpoints").glob("chunk-*.json")))
@@ -70,12 +78,10 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
             subprocess.run(["scancel", job], check=True)
             cancelled.append(chunks_done(out))
 
-    # --export=NONE, as many sites advise: none of this shell's environment (PATH, venv), and srun
-    # passes that on to the job's steps unless told otherwise. (sweep.sh then finds the submit
-    # folder's .venv: this checkout's.) One worker rank: a second would only import TensorFlow
-    # and load the model for the few chunks before the cancel.
-    job = ["--ntasks=3", *[option.replace("--export=ALL,", "--export=NONE,") if option.startswith("--export=")
-                           else option for option in sweep_job(demo, tmp_path, out)]]
+    # --export=NONE (as is test_a_worker_rank_killed_mid_sweep_changes_nothing's job, which runs to
+    # the end). One worker rank: a second would only import TensorFlow and load the model for the
+    # few chunks before the cancel.
+    job = ["--ntasks=3", *with_export_none(sweep_job(demo, tmp_path, out))]
     _, cancelled_log = submit_and_wait(job, timeout=480, expect="CANCELLED", while_running=cancel_once_started)
     done = chunks_done(out)
     results_after_cancel = (out / "results.csv").exists()
@@ -209,7 +215,8 @@ def signal_rank_mid_sweep(out: Path, rank: int, signum: int = signal.SIGKILL):
 
 def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, demo_run, tmp_path):
     """Also: before that, another user of the node attacks every port of the job's ranks, and
-    OUT/.dask is the owner's alone."""
+    OUT/.dask is the owner's alone. Submitted with --export=NONE: the job's steps still get the
+    environment sweep.sh found, and the sweep ends with the reference outputs."""
     out = tmp_path / "out"
     kill_a_worker, killed = signal_rank_mid_sweep(out, rank=2)
     ready, attacked = attacker(wait_s=12), {}  # a worker rank importing TensorFlow answers slowly
@@ -230,7 +237,7 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
         if "still_listening" in attacked:
             kill_a_worker(log)
 
-    _, log = submit_and_wait(sweep_job(demo, tmp_path, out), timeout=480, expect=None,
+    _, log = submit_and_wait(with_export_none(sweep_job(demo, tmp_path, out)), timeout=480, expect=None,
                              while_running=attack_then_kill_a_worker)
     for thread in attacked.get("threads", []):
         thread.join()

@@ -63,7 +63,7 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
     """One sweep job scancelled mid-sweep, then the same sweep resubmitted, which SLURM's time
     limit warning reaches mid-sweep. The resubmitted job is also the job test_sweep_sh checks
     (how a user submits, its dashboard, USR1 to its steps, port 8787 taken): the three tests
-    below share one full run, not three."""
+    below share one full run; test_sweep_sh no longer runs one of its own."""
     tmp_path = tmp_path_factory.mktemp("cancelled-then-resubmitted")
     out = tmp_path / "out"
     cache = Path(demo.model).parent.parent     # the demo the jobs' sweep will find: built once, here

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
+from in_process import sweep_in_process
 from jobs import arguments
 from jobs.campaign_file import read_campaign
 from pruning.data import InputError
@@ -117,10 +118,18 @@ def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path):
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 
 
-def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspects, tmp_path):
+def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspects, tmp_path, capsys, caplog):
+    """The campaign, the reference single run and the resumed campaign each run in this process
+    (``jobs.sweep.main``; what they print and log is checked as their stderr): no new process
+    importing TensorFlow for the clients, and the --single-node workers are forked from this
+    process's fork server."""
     from distributed import LocalCluster
 
     out, reference = tmp_path / "out", tmp_path / "reference"
+
+    def sweep(*argv):
+        return sweep_in_process(*argv, capsys=capsys, caplog=caplog)
+
     run = sweep("--campaign", suspects / "campaign.yaml", "--single-node", "--workers", "2", "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith(": campaign.csv, campaign.png, raw/, scaled/")
@@ -185,7 +194,9 @@ def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["scaled"]
 
 
-def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(suspects, tmp_path):
+def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(suspects, tmp_path, capsys, caplog):
+    """The stopped run is a real process (its exit status and last line on SIGTERM are checked);
+    the same command then resumes in this process (``jobs.sweep.main``, its log as its stderr)."""
     import signal
     import time
     (suspects / "plain.yaml").write_text(GOOD.replace("    fine_tune: {epochs: 1}\n", ""))
@@ -204,7 +215,7 @@ def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(susp
     assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM; {out}/*/checkpoints holds {kept} finished "
                                             "chunks of rows: the same command resumes from them")
     assert not (out / "campaign.csv").exists()
-    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = sweep_in_process(*argv[3:], capsys=capsys, caplog=caplog)  # argv less python -m jobs.sweep
     assert again.returncode == 0, again.stderr[-3000:]
     reused = [int(n) for n in re.findall(r"suspect \w+: reused from checkpoints: (\d+) of 42 chunks", again.stderr)]
     assert len(reused) == 2 and sum(reused) == kept, again.stderr[-3000:]

@@ -35,11 +35,6 @@ suspects:
 """
 
 
-def sweep(*argv, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.sweep", *map(str, argv)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-
-
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "campaign.yaml"
     path.write_text(text)
@@ -107,10 +102,11 @@ def suspects(tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path):
+def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path, capsys, caplog):
+    """In this process (``jobs.sweep.main``): its exit status and stderr as the command's."""
     path = write(tmp_path, GOOD.replace("model: b.keras", f"model: {suspects / 'b.keras'}")
                  .replace("data: data255", f"data: {suspects / 'data255'}").replace("data: data\n", "data: nowhere\n"))
-    run = sweep("--campaign", path, "--single-node", "--out", tmp_path / "out")
+    run = sweep_in_process("--campaign", path, "--single-node", "--out", tmp_path / "out", capsys=capsys, caplog=caplog)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: --campaign {path}: suspect raw (line 4): --data {tmp_path / 'nowhere'}: not a "
@@ -180,13 +176,16 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     assert {p: p.read_bytes() for p in kept} == kept
 
 
-def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path):
+def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path, capsys, caplog):
+    """In this process (``jobs.sweep.main``; its flock on .sweep.lock meets the one held here as
+    another process's would): its exit status and stderr as the command's."""
     (tmp_path / "out" / "scaled").mkdir(parents=True)
     with open(tmp_path / "out" / "scaled" / ".sweep.lock", "w") as lock:
         lock.write("host h pid 1\n")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
-        run = sweep("--campaign", suspects / "campaign.yaml", "--single-node", "--out", tmp_path / "out")
+        run = sweep_in_process("--campaign", suspects / "campaign.yaml", "--single-node", "--out", tmp_path / "out",
+                               capsys=capsys, caplog=caplog)
     assert run.returncode == 2
     assert run.stderr.strip() == (f"error: --campaign {suspects / 'campaign.yaml'}: suspect scaled (line 8): "
                                   f"--out {tmp_path / 'out' / 'scaled'} is in use by a running sweep "

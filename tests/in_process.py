@@ -9,8 +9,10 @@ from types import SimpleNamespace
 
 
 def log_lines(records) -> str:
-    """Log records as the command writes them to stderr, less their time: 'LEVEL name: message'."""
-    return "".join(f"{r.levelname} {r.name}: {r.getMessage()}\n" for r in records)
+    """Log records as the command writes them to stderr, less their time: 'LEVEL name: message'
+    (and a record's traceback, if it has one)."""
+    form = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    return "".join(form.format(record) + "\n" for record in records)
 
 
 def sweep_in_process(*argv, capsys, caplog) -> SimpleNamespace:

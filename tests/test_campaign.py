@@ -119,6 +119,7 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     (``jobs.sweep.main``; what they print and log is checked as their stderr): no new process
     importing TensorFlow for the clients, and the --single-node workers are forked from this
     process's fork server."""
+    import dask
     from distributed import LocalCluster
 
     out, reference = tmp_path / "out", tmp_path / "reference"
@@ -167,7 +168,10 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
             and p.name not in ("manifest.json", ".sweep.lock")}
     (out / "scaled" / "checkpoints" / "chunk-clean_test-00000.json").unlink()
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+    # (its worker process is forked from this process's fork server, which the campaign above
+    # started with TensorFlow imported, as --single-node's workers are: not spawned to import it again)
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         again = sweep("--campaign", suspects / "campaign.yaml", "--scheduler-address",
                       cluster.scheduler_address, "--allow-tcp", "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -1,5 +1,6 @@
 """The benchmark runs as a user runs it (tiny scale here; the README quotes its full-size runs)."""
 import importlib.util
+import logging
 import re
 import subprocess
 import sys
@@ -9,23 +10,36 @@ import pytest
 from conftest import REPO
 
 
+def load_bench():
+    """scripts/bench.py as a module (its ``main(argv)`` is what ``python scripts/bench.py`` runs)."""
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 @pytest.mark.slow
-def test_bench_runs_every_part_and_prints_its_figures(tmp_path):
-    """... and writes them into the benchmark page between its markers, as make bench does."""
+def test_bench_runs_every_part_and_prints_its_figures(tmp_path, capfd, caplog, recwarn):
+    """... and writes them into the benchmark page between its markers, as make bench does.
+    The script's ``main`` runs in this process (its sweeps are processes of their own, as the
+    benchmark measures them): no process importing TensorFlow only to start them. What it
+    prints (capfd), logs (caplog) and warns (recwarn) stands for its output."""
     begin, end = "<!-- make bench: its latest figures, below -->\n", "<!-- make bench: end -->"
     head, rest = (REPO / "docs" / "benchmark.md").read_text().split(begin)
     tail = rest.split(end)[1]
     doc = tmp_path / "benchmark.md"
     doc.write_text(head + begin + end + tail)  # the page with nothing between its markers
-    done = subprocess.run([sys.executable, "scripts/bench.py", "--scale", "0.004", "--doc", str(doc)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = done.stdout
+    bench = load_bench()
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        bench.main(["--scale", "0.004", "--doc", str(doc)])  # no SystemExit: exit status 0
+    out, err = capfd.readouterr()
+    said = err + caplog.text + "".join(str(warning.message) for warning in recwarn)
     page = doc.read_text()
     written = page.split(begin)[1].split(end)[0]
     assert page == head + begin + written + end + tail  # only the section between the markers
     assert "--scale 0.004" in written.splitlines()[0] and written.endswith("```\n" + out + "```\n"), written
-    assert "legacy" not in out + done.stderr  # Keras's warning on saving the lab's .h5
+    assert "legacy" not in out + said  # Keras's warning on saving the lab's .h5
     assert re.search(r"^seeds' loop: [\d.]+ s per prefix before our core, [\d.]+ s after", out, re.M)
     assert re.search(r"^our sweep, core in one process: [\d.]+ s  \(\d+x faster\)", out, re.M)
     peaks = [float(gb) for gb in re.findall(r"peak memory ([\d.]+) GB", out)]
@@ -44,9 +58,7 @@ def test_a_page_without_the_markers_is_refused_before_any_work(tmp_path):
 
 
 def test_a_failed_sweep_is_one_line_with_its_exit_status_and_error(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     with pytest.raises(SystemExit) as stopped:
         bench.job_sweep(tmp_path / "nope.h5", tmp_path / "data", tmp_path / "out1", workers=1)
     message = str(stopped.value.code)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
+from in_process import sweep_in_process
 from jobs import arguments
 from jobs.campaign_file import read_campaign
 from pruning.data import InputError
@@ -32,11 +33,6 @@ suspects:
     rescale: 255
     data: data255
 """
-
-
-def sweep(*argv, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.sweep", *map(str, argv)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -106,10 +102,11 @@ def suspects(tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path):
+def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path, capsys, caplog):
+    """In this process (``jobs.sweep.main``): its exit status and stderr as the command's."""
     path = write(tmp_path, GOOD.replace("model: b.keras", f"model: {suspects / 'b.keras'}")
                  .replace("data: data255", f"data: {suspects / 'data255'}").replace("data: data\n", "data: nowhere\n"))
-    run = sweep("--campaign", path, "--single-node", "--out", tmp_path / "out")
+    run = sweep_in_process("--campaign", path, "--single-node", "--out", tmp_path / "out", capsys=capsys, caplog=caplog)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: --campaign {path}: suspect raw (line 4): --data {tmp_path / 'nowhere'}: not a "
@@ -117,10 +114,19 @@ def test_a_bad_suspect_stops_the_campaign_before_any_work(suspects, tmp_path):
     assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()
 
 
-def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspects, tmp_path):
+def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspects, tmp_path, capsys, caplog):
+    """The campaign, the reference single run and the resumed campaign each run in this process
+    (``jobs.sweep.main``; what they print and log is checked as their stderr): no new process
+    importing TensorFlow for the clients, and the --single-node workers are forked from this
+    process's fork server."""
+    import dask
     from distributed import LocalCluster
 
     out, reference = tmp_path / "out", tmp_path / "reference"
+
+    def sweep(*argv):
+        return sweep_in_process(*argv, capsys=capsys, caplog=caplog)
+
     run = sweep("--campaign", suspects / "campaign.yaml", "--single-node", "--workers", "2", "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith(": campaign.csv, campaign.png, raw/, scaled/")
@@ -162,7 +168,10 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
             and p.name not in ("manifest.json", ".sweep.lock")}
     (out / "scaled" / "checkpoints" / "chunk-clean_test-00000.json").unlink()
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+    # (its worker process is forked from this process's fork server, which the campaign above
+    # started with TensorFlow imported, as --single-node's workers are: not spawned to import it again)
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}), \
+            LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         again = sweep("--campaign", suspects / "campaign.yaml", "--scheduler-address",
                       cluster.scheduler_address, "--allow-tcp", "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -171,13 +180,16 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     assert {p: p.read_bytes() for p in kept} == kept
 
 
-def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path):
+def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path, capsys, caplog):
+    """In this process (``jobs.sweep.main``; its flock on .sweep.lock meets the one held here as
+    another process's would): its exit status and stderr as the command's."""
     (tmp_path / "out" / "scaled").mkdir(parents=True)
     with open(tmp_path / "out" / "scaled" / ".sweep.lock", "w") as lock:
         lock.write("host h pid 1\n")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
-        run = sweep("--campaign", suspects / "campaign.yaml", "--single-node", "--out", tmp_path / "out")
+        run = sweep_in_process("--campaign", suspects / "campaign.yaml", "--single-node", "--out", tmp_path / "out",
+                               capsys=capsys, caplog=caplog)
     assert run.returncode == 2
     assert run.stderr.strip() == (f"error: --campaign {suspects / 'campaign.yaml'}: suspect scaled (line 8): "
                                   f"--out {tmp_path / 'out' / 'scaled'} is in use by a running sweep "
@@ -185,7 +197,9 @@ def test_a_suspects_folder_in_use_is_refused(suspects, tmp_path):
     assert sorted(os.listdir(tmp_path / "out")) == ["scaled"]
 
 
-def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(suspects, tmp_path):
+def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(suspects, tmp_path, capsys, caplog):
+    """The stopped run is a real process (its exit status and last line on SIGTERM are checked);
+    the same command then resumes in this process (``jobs.sweep.main``, its log as its stderr)."""
     import signal
     import time
     (suspects / "plain.yaml").write_text(GOOD.replace("    fine_tune: {epochs: 1}\n", ""))
@@ -204,7 +218,7 @@ def test_a_stopped_campaign_says_what_it_keeps_and_the_same_command_resumes(susp
     assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM; {out}/*/checkpoints holds {kept} finished "
                                             "chunks of rows: the same command resumes from them")
     assert not (out / "campaign.csv").exists()
-    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = sweep_in_process(*argv[3:], capsys=capsys, caplog=caplog)  # argv less python -m jobs.sweep
     assert again.returncode == 0, again.stderr[-3000:]
     reused = [int(n) for n in re.findall(r"suspect \w+: reused from checkpoints: (\d+) of 42 chunks", again.stderr)]
     assert len(reused) == 2 and sum(reused) == kept, again.stderr[-3000:]

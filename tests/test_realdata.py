@@ -282,11 +282,11 @@ def test_eval_of_the_2020_sunglasses_net_with_rescale_and_named_sets(lab_sets, i
     assert capsys.readouterr().err.strip().endswith("pass --rescale 1/255")
 
 
-def test_a_campaign_over_the_four_2020_nets_and_lab3(lab_sets, images, tmp_path):
+def test_a_campaign_over_the_four_2020_nets_and_lab3(lab_sets, images, tmp_path, capsys, caplog):
     """One campaign, one cluster: each net with its own scale and poisoned sets, on the 15 real
-    images (the clean five stand in for validation and test data)."""
-    import subprocess
-    import sys
+    images (the clean five stand in for validation and test data). The command runs in this
+    process (``jobs.sweep.main``): no new process importing TensorFlow for its client."""
+    from in_process import sweep_in_process
     from pruning.scaling import scale_pixels
     nets = {"lab3": ("lab3/bd_weights.h5", 1, {"sunglasses": "sun"}),
             "sunglasses": ("csaw2020/sunglasses_bd_weights.h5", "1/255", {"sunglasses": "sun"}),
@@ -300,9 +300,8 @@ def test_a_campaign_over_the_four_2020_nets_and_lab3(lab_sets, images, tmp_path)
         lines.append(f"  - {{name: {name}, weights: {REAL / weights}, rescale: {rescale}"
                      + (f", poisoned_test: {{{sets}}}}}" if sets else "}"))
     (tmp_path / "campaign.yaml").write_text("\n".join(lines) + "\n")
-    run = subprocess.run([sys.executable, "-m", "jobs.sweep", "--campaign", str(tmp_path / "campaign.yaml"),
-                          "--single-node", "--out", str(tmp_path / "out")], cwd=Path(__file__).parents[1],
-                         capture_output=True, text=True, timeout=600)
+    run = sweep_in_process("--campaign", tmp_path / "campaign.yaml", "--single-node", "--out", tmp_path / "out",
+                           capsys=capsys, caplog=caplog)
     assert run.returncode == 0, run.stderr[-3000:]
     table = pd.read_csv(tmp_path / "out" / "campaign.csv")
     assert list(table["suspect"].unique()) == list(nets) and len(table) == 3 * len(nets)

@@ -15,7 +15,9 @@ from distributed import Client, LocalCluster
 from distributed.security import Security
 
 from conftest import REPO, assert_same_outputs
+from in_process import sweep_in_process
 from jobs.security import write_key_file
+from jobs.settings import load_config
 from jobs.sweep import main
 
 pytestmark = pytest.mark.slow
@@ -28,22 +30,34 @@ def sweep(*argv, cwd=REPO, stderr=subprocess.PIPE, **env) -> subprocess.Popen:
                             env=os.environ | env)
 
 
-def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp_path):
+def test_two_sweeps_sharing_a_cluster_keep_their_own_results(demo, demo_run, tmp_path, capsys, caplog, monkeypatch):
+    """One sweep is a process of its own, the other runs in this process (``jobs.sweep.main``,
+    its log as its stderr) once the first one's tasks are on the scheduler: both at once, on
+    one cluster, and no second process importing TensorFlow."""
     data = Path(demo.data_dir)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            open(tmp_path / "swapped.log", "w") as log:
         with Client(cluster) as client:
             plugins_before = client.run_on_scheduler(worker_plugins)
+            # The same model with validation and test swapped: other results, same task names.
+            swapped = sweep("--model", demo.model, "--clean-valid", data / "cl/test.h5",
+                            "--clean-test", data / "cl/valid.h5", "--poisoned-valid", data / "bd/bd_test.h5",
+                            "--poisoned-test", data / "bd/bd_valid.h5", "--out", tmp_path / "swapped",
+                            "--scheduler-address", cluster.scheduler_address, "--allow-tcp",
+                            stderr=log)
+            while swapped.poll() is None and not client.run_on_scheduler(tasks):
+                time.sleep(0.05)
+            assert swapped.poll() is None, (tmp_path / "swapped.log").read_text()[-3000:]  # still sweeping
         # Relative paths, from another folder than the workers' (they run in this one).
-        mine = sweep("--model", Path(demo.model).name, "--data", ".", "--out", tmp_path / "mine",
-                     "--scheduler-address", cluster.scheduler_address, "--allow-tcp", cwd=Path(demo.model).parent)
-        # The same model with validation and test swapped: other results, same task names.
-        swapped = sweep("--model", demo.model, "--clean-valid", data / "cl/test.h5",
-                        "--clean-test", data / "cl/valid.h5", "--poisoned-valid", data / "bd/bd_test.h5",
-                        "--poisoned-test", data / "bd/bd_valid.h5", "--out", tmp_path / "swapped",
-                        "--scheduler-address", cluster.scheduler_address, "--allow-tcp")
-        for run in (mine, swapped):
-            _, err = run.communicate(timeout=300)
-            assert run.returncode == 0, err[-3000:]
+        with monkeypatch.context() as here:
+            here.chdir(Path(demo.model).parent)
+            mine = sweep_in_process("--model", Path(demo.model).name, "--data", ".", "--out", tmp_path / "mine",
+                                    "--scheduler-address", cluster.scheduler_address, "--allow-tcp",
+                                    capsys=capsys, caplog=caplog)
+        swapped.wait(timeout=300)
+        for returncode, err in ((mine.returncode, mine.stderr),
+                                (swapped.returncode, (tmp_path / "swapped.log").read_text())):
+            assert returncode == 0, err[-3000:]
             assert (f"WARNING jobs.cluster: joining the Dask scheduler at {cluster.scheduler_address} over "
                     "plain TCP (--allow-tcp): anyone who can reach its port") in err, err[-3000:]
         with Client(cluster) as client:  # the user's cluster is left as it was
@@ -69,6 +83,11 @@ def test_a_plain_tcp_scheduler_is_refused_unless_the_user_says_so(flag, capsys, 
     assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+def tasks(dask_scheduler) -> int:
+    """How many tasks the scheduler holds (for the clients that submitted them)."""
+    return len(dask_scheduler.tasks)
+
+
 def worker_plugins(dask_scheduler) -> list[str]:
     """The plugins a scheduler installs on every worker that joins it."""
     return sorted(dask_scheduler.worker_plugins)
@@ -86,11 +105,14 @@ def test_a_malformed_scheduler_address_is_bad_input(address, says, capsys, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_an_unreachable_scheduler_is_one_line(demo, tmp_path):
-    run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                "--scheduler-address", "tcp://127.0.0.1:1", "--allow-tcp",
-                DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="2s")
-    _, err = run.communicate(timeout=120)
+def test_an_unreachable_scheduler_is_one_line(demo, tmp_path, capsys, caplog):
+    """In this process (``jobs.sweep.main``; its log, tracebacks included, as its stderr)."""
+    import dask
+    load_config()  # (once per process, it refreshes Dask's config: before the setting)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):  # DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT
+        run = sweep_in_process("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
+                               "--scheduler-address", "tcp://127.0.0.1:1", "--allow-tcp", capsys=capsys, caplog=caplog)
+    err = run.stderr
     assert run.returncode == 1, err[-3000:]
     assert err.strip().splitlines()[-1].startswith(
         "error: could not reach the Dask scheduler at tcp://127.0.0.1:1: "), err[-3000:]
@@ -137,7 +159,10 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
 
 
 @pytest.mark.parametrize("without_project", ["scheduler", "worker"])
-def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, without_project):
+def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, without_project, capsys, caplog):
+    """A real scheduler and workers, each a `dask` command; the sweep that joins them runs in
+    this process (``jobs.sweep.main``): its exit status and last line are what it says."""
+    import dask
     scheduler_file = tmp_path / "scheduler.json"
     hide = {role: ["--preload", str(REPO / "tests" / "no_project.py")] if role == without_project
             else [] for role in ("scheduler", "worker")}
@@ -151,9 +176,12 @@ def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, wi
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=60)
-        run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                    "--scheduler-file", scheduler_file, DASK_FINE_PRUNING__ALLOW_TCP="true")  # the setting
-        _, err = run.communicate(timeout=180)
+        # plain TCP allowed by the setting (what DASK_FINE_PRUNING__ALLOW_TCP=true sets), not --allow-tcp
+        load_config()  # (once per process, it refreshes Dask's config: before the setting)
+        with dask.config.set({"fine-pruning.allow-tcp": True}):
+            run = sweep_in_process("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
+                                   "--scheduler-file", scheduler_file, capsys=capsys, caplog=caplog)
+        err = run.stderr
     finally:
         for process in started:
             process.kill()

@@ -221,31 +221,46 @@ def test_a_rerun_of_a_finished_sweep_starts_no_process_and_joins_no_cluster(run,
     assert not (copy / ".dask").exists()
 
 
-def test_a_sweep_that_lost_its_last_worker_says_once_what_it_waits_for(run, tmp_path):
+def test_a_sweep_that_lost_its_last_worker_says_once_what_it_waits_for(run, tmp_path, capsys, caplog):
     """The only worker dies mid-sweep (SIGKILL); the LocalCluster starts it again. The log says
-    so in one line, and in one more when the new worker joined; the results are unchanged."""
+    so in one line, and in one more when the new worker joined; the results are unchanged. The
+    sweep runs in this process (``jobs.sweep.main``, its workers forked from this process's fork
+    server); a thread here kills the worker once the first chunk is checkpointed."""
+    import threading
+
+    from in_process import sweep_in_process
+
     _, out, argv = run
     argv = list(argv)
     argv[argv.index("--out") + 1] = str(tmp_path / "out")
     argv[argv.index("--workers") + 1] = "1"
     argv[argv.index("--chunk-rows") + 1] = "8"  # 54 chunks: the sweep is still running when it dies
-    log = tmp_path / "sweep.log"
-    with open(log, "w") as stderr:
-        sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", *argv], cwd=REPO, text=True,
-                                 stdout=subprocess.DEVNULL, stderr=stderr)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    killed, sweeping = [], threading.Event()
+
+    def kill_the_worker():
         try:
-            checkpoints = tmp_path / "out" / "checkpoints"
             while not list(checkpoints.glob("chunk-*.json")):
-                assert sweep.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.02)
-            [forkserver] = [child for child in psutil.Process(sweep.pid).children()
+                assert not sweeping.wait(0.02), "the sweep ended before its first chunk was checkpointed"
+            [forkserver] = [child for child in psutil.Process().children()
                             if "forkserver" in " ".join(child.cmdline())]
-            [worker] = forkserver.children()
+            # (this process's fork server outlives the sweeps before: none of their workers is left)
+            [worker] = [child for child in forkserver.children() if child.status() != psutil.STATUS_ZOMBIE]
             worker.kill()
-            assert sweep.wait(timeout=120) == 0, log.read_text()[-3000:]
-        finally:
-            sweep.kill()
-    lines = log.read_text().splitlines()
+            killed.append(worker.pid)
+        except BaseException as error:  # said after the sweep
+            killed.append(error)
+
+    killer = threading.Thread(target=kill_the_worker)
+    killer.start()
+    try:
+        done = sweep_in_process(*argv, capsys=capsys, caplog=caplog)
+    finally:
+        sweeping.set()
+        killer.join()
+    assert len(killed) == 1 and isinstance(killed[0], int), killed
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
     waiting = [i for i, line in enumerate(lines) if "no Dask worker is left" in line]
     joined = [i for i, line in enumerate(lines) if "joined; the sweep goes on" in line]
     assert len(waiting) == 1 and len(joined) == 1 and waiting[0] < joined[0], "\n".join(lines[-40:])

@@ -39,7 +39,9 @@ def test_bench_runs_every_part_and_prints_its_figures(tmp_path, capfd, caplog, r
     written = page.split(begin)[1].split(end)[0]
     assert page == head + begin + written + end + tail  # only the section between the markers
     assert "--scale 0.004" in written.splitlines()[0] and written.endswith("```\n" + out + "```\n"), written
-    assert "legacy" not in out + said  # Keras's warning on saving the lab's .h5
+    # Keras's warning on saving the lab's .h5 (TensorFlow's own C++ lines, which fd 2 also
+    # holds in this process, may name a "legacy" pass: only Keras's sentence counts)
+    assert "format is considered legacy" not in out + said
     assert re.search(r"^seeds' loop: [\d.]+ s per prefix before our core, [\d.]+ s after", out, re.M)
     assert re.search(r"^our sweep, core in one process: [\d.]+ s  \(\d+x faster\)", out, re.M)
     peaks = [float(gb) for gb in re.findall(r"peak memory ([\d.]+) GB", out)]

@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/fine-pruning sweep --single-node --out results/
 
-# Two pytest-xdist workers: half the suite's time is spent waiting (SLURM, subprocesses), not
-# computing. tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.
+# Two pytest-xdist workers, one per core: the suite is CPU work (mostly processes importing
+# TensorFlow). tests/conftest.py keeps each module's tests, and all SLURM tests, on one worker.
+XDIST  := -n 2 --dist loadscope --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder --durations=20
+	$(PY) -m pytest -q -ra $(XDIST) --durations=20
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder -m "not slow"
+	$(PY) -m pytest -q -ra $(XDIST) -m "not slow"
 
 bench: setup
 	$(PY) scripts/bench.py --doc docs/benchmark.md

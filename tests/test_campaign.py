@@ -122,6 +122,8 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     import dask
     from distributed import LocalCluster
 
+    from jobs.cluster import LOCAL_START_METHOD
+
     out, reference = tmp_path / "out", tmp_path / "reference"
 
     def sweep(*argv):
@@ -168,9 +170,9 @@ def test_a_campaign_writes_what_each_suspects_own_run_writes_and_resumes(suspect
     kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
             and p.name not in ("manifest.json", ".sweep.lock")}
     (out / "scaled" / "checkpoints" / "chunk-clean_test-00000.json").unlink()
-    # (its worker process is forked from this process's fork server, which the campaign above
-    # started with TensorFlow imported, as --single-node's workers are: not spawned to import it again)
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}), \
+    # (its worker process starts as --single-node's do: forked from this process's fork server,
+    # which the campaign above started with TensorFlow imported, not spawned to import it again)
+    with dask.config.set({"distributed.worker.multiprocessing-method": LOCAL_START_METHOD}), \
             LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         again = sweep("--campaign", suspects / "campaign.yaml", "--scheduler-address",
                       cluster.scheduler_address, "--allow-tcp", "--out", out)

@@ -44,11 +44,10 @@ def test_the_running_environment_is_the_pinned_one():
 
 
 def test_make_tests_workers_keep_each_module_together():
-    """A module split over two workers sets its module fixtures up twice, and two SLURM tests
-    on two workers see each other's jobs: this is what stop 28's CI met."""
-    make_test = next(line for line in (REPO / "Makefile").read_text().splitlines()
-                     if "-m pytest" in line and "--durations" in line)
-    flags = [f for f in shlex.split(make_test.split("-m pytest", 1)[1]) if not f.startswith("--dur")]
+    """Run with the Makefile's xdist flags: a module split over two workers would set its module
+    fixtures up twice, and two SLURM tests on two workers would see each other's jobs."""
+    xdist = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("XDIST "))
+    flags = shlex.split(xdist.split(":=", 1)[1])
     modules = ["tests/test_select.py", "tests/test_plot.py", "tests/test_slurm_config.py"]  # no TensorFlow
     run = subprocess.run([sys.executable, "-m", "pytest", *flags, "-vv", "-p", "no:cacheprovider",
                           *modules], cwd=REPO, capture_output=True, text=True, timeout=300)

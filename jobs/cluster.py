@@ -263,7 +263,10 @@ def running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
         yield client
 
 
-PROJECT_IMPORT = "import jobs.tasks"  # what unpickling our tasks imports
+# What a process must import to take our tasks: the scheduler unpickles the task graph (the
+# tasks' module, no TensorFlow), a worker runs the tasks (TensorFlow).
+SCHEDULER_IMPORT = "import pruning.sweep"
+WORKER_IMPORT = "import jobs.tasks"
 
 
 def check_project_imports(client: Client) -> None:
@@ -273,11 +276,11 @@ def check_project_imports(client: Client) -> None:
     advice = ("start the scheduler and workers from this project's environment, at the same "
               "version (docs/dask-cluster.md)")
     try:
-        client.run_on_scheduler(exec, PROJECT_IMPORT)  # a builtin: unpickled anywhere
+        client.run_on_scheduler(exec, SCHEDULER_IMPORT)  # a builtin: unpickled anywhere
     except ImportError as error:
         raise ClusterError(f"the Dask scheduler at {client.scheduler.address} cannot import this "
                            f"project ({error}); {advice}") from None
-    results = client.run(exec, PROJECT_IMPORT, on_error="return")
+    results = client.run(exec, WORKER_IMPORT, on_error="return")
     failed = {worker: error for worker, error in results.items() if error is not None}
     if failed:
         worker, error = next(iter(failed.items()))

@@ -54,10 +54,11 @@ from jobs.outdir import OutputFolder
 from jobs.stopping import stop_on_signals
 from pruning.data import InputError
 
-# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.sweep, pruning.defense) is imported
-# where it is used, after the command line is read: --help and a mistyped flag answer at once, the fork server of
+# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.defense) is imported where it is
+# used, after the command line is read: --help and a mistyped flag answer at once, the fork server of
 # --single-node starts importing it alongside this process, and Ctrl-C during the import is
-# handled like any other.
+# handled like any other. (pruning.sweep loads none: a Dask scheduler imports it to unpickle
+# the tasks, and this process, as the scheduler rank of a SLURM job, never imports TensorFlow.)
 if TYPE_CHECKING:
     from pruning.inputs import SweepInputs
 

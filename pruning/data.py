@@ -34,6 +34,7 @@ LAB_LAYOUT = {
     "clean_test": "cl/test.h5",
     "poisoned_test": "bd/bd_test.h5",
 }
+LAB_CLASSES = 1283       # the lab's classes (its B's outputs): a weights-only B's default
 SET_NAME = re.compile(r"[A-Za-z0-9_]+")  # a named poisoned set's NAME: it ends column names
 CHUNK_ROWS = 4096        # images per task of the sweep
 PREFIXES_PER_TASK = 64  # prefixes per task: the lab's 61 in one task per chunk; 2,048 channels in 33

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pruning.backend import keras
 from keras import layers
 
+from pruning.data import LAB_CLASSES
+
 LAB_INPUT_SHAPE = (55, 47, 3)
-LAB_CLASSES = 1283
 LAB_WIDTHS = (20, 40, 60, 80, 160)
 
 

@@ -13,15 +13,19 @@ import warnings
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-from pruning.backend import keras
 
-from pruning.data import InputError, check_file, first_line, open_h5
-from pruning.deepid import LAB_CLASSES, build_deepid
+from pruning.data import LAB_CLASSES, InputError, check_file, first_line, open_h5
 
-ARCHITECTURES = {"deepid": build_deepid}
+# A ModelSpec travels in the sweep's tasks, which a Dask scheduler unpickles: Keras (and so
+# TensorFlow) is imported where a model is loaded, not with this module.
+if TYPE_CHECKING:
+    import keras
+
+ARCHITECTURES = ("deepid",)  # --arch: the built-in architectures (pruning.deepid)
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -65,6 +69,7 @@ def load_model(spec: ModelSpec, flags: ModelFlags = ModelFlags()) -> keras.Model
 
 
 def _load_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
+    from pruning.backend import keras
     model = _read_model(spec, flags)
     for weight in model.weights:  # a few MB: cheap, and garbage in would be garbage out
         if not np.isfinite(keras.ops.convert_to_numpy(weight.value)).all():
@@ -74,6 +79,7 @@ def _load_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
 
 
 def _read_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
+    from pruning.backend import keras
     path = check_file(spec.path, "weights" if spec.weights_only else "model", "the model file")
     if is_data_set(path):
         raise InputError(f"{path} is a data set ('data' and 'label'), not a model; check the "
@@ -85,7 +91,8 @@ def _read_model(spec: ModelSpec, flags: ModelFlags) -> keras.Model:
             raise InputError(f"weights {path}: a weights file must be a .h5 (or .weights.h5) "
                              "or .keras file")
         check_file_format(path, "weights")
-        model = ARCHITECTURES[spec.arch](classes=spec.classes)
+        from pruning.deepid import build_deepid
+        model = build_deepid(classes=spec.classes)
         try:
             model.load_weights(path)
         except Exception as error:  # Keras raises many types for a mismatched file

@@ -20,17 +20,21 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from dask.sizeof import sizeof
 
 from pruning.counts import Counts, sum_chunks, tally
 from pruning.data import CHUNK_ROWS, PREFIXES_PER_TASK, poisoned_set, poisoned_suffixes
 from pruning.profile import channel_order
 from pruning.progress import prefix_progress, progress
-from pruning.prune import (Chunk, SplitModel, compute_chunk, evaluate_prefixes, predict_classes,
-                           split_model)
+
+# A Dask scheduler unpickles the task graph, and so imports this module and the tasks'
+# arguments' modules: what needs Keras (pruning.prune, pruning.finetune) is imported inside the
+# tasks, so that the scheduler never imports TensorFlow.
+if TYPE_CHECKING:
+    from pruning.prune import Chunk, SplitModel
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +52,12 @@ def split_for(spec, conv: str, read: str) -> SplitModel:
 
 @functools.lru_cache(maxsize=2)
 def _split_for(spec, conv: str, read: str) -> SplitModel:
+    from pruning.prune import split_model
     return split_model(spec.load(), conv, read)
 
 
-@sizeof.register(Chunk)
-def _chunk_bytes(chunk: Chunk) -> int:
-    """A chunk's size as Dask counts it (else 56 bytes, an object's): the dashboard then shows
-    the chunks a worker holds as its managed memory, and a worker past its memory target spills
-    them to its local folder."""
-    return sum(value.nbytes for value in vars(chunk).values() if isinstance(value, np.ndarray))
-
-
 def activations_task(spec, conv: str, read: str, set_name: str, lab_set, start: int, stop: int) -> Chunk:
+    from pruning.prune import compute_chunk
     images, labels = lab_set.read(start, stop)
     return compute_chunk(split_for(spec, conv, read), set_name, start, stop, images, labels)
 
@@ -79,6 +77,7 @@ def profile_task(*parts: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
 def evaluate_prefixes_task(spec, conv: str, read: str, chunk: Chunk,
                            order: tuple[int, ...], first: int, stop: int) -> list[Counts]:
     """Counts of B'_k for k = first..stop-1 on one chunk."""
+    from pruning.prune import evaluate_prefixes
     return evaluate_prefixes(split_for(spec, conv, read), chunk, order, first, stop)
 
 
@@ -100,6 +99,7 @@ def fine_tune_task(spec, conv: str, sets: dict, pruned: tuple[int, ...], setting
     the clean validation set (training state kept in ``folder``, so that a rerun resumes);
     each finished epoch is a ``topic`` event on the worker (the client's progress line)."""
     from pruning.finetune import fine_tune, split_clean
+    from pruning.prune import predict_classes
 
     x, y = sets["clean_valid"].read()
     train, held = split_clean(y, settings.seed, settings.heldout)

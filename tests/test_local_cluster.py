@@ -1,4 +1,5 @@
-"""--single-node's LocalCluster (real scheduler and worker processes): how its workers start."""
+"""--single-node's LocalCluster (real scheduler and worker processes): how its workers start,
+and what any scheduler imports as it unpickles the sweep's tasks."""
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +8,15 @@ import io
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
+from fractions import Fraction
 
+import numpy as np
 import psutil
 
-from conftest import cluster_args
+from conftest import REPO, cluster_args
 import tiny
 from jobs import cluster, stopping
 
@@ -32,6 +36,35 @@ def test_local_workers_are_forked_with_keras_and_our_tasks_loaded():
     for parent, loaded in started.values():
         assert loaded == ["jobs.tasks", "keras"]
         assert parent != os.getpid() and "forkserver" in " ".join(psutil.Process(parent).cmdline())
+
+
+def test_unpickling_the_sweeps_tasks_imports_no_tensorflow(tmp_path):
+    """A Dask scheduler unpickles the task graph it is sent (distributed's update_graph): the
+    sweep's tasks and their arguments (B's spec, lab and array sets, the fine-tuning settings)
+    must load no Keras there, or every scheduler would import TensorFlow (seconds of CPU,
+    hundreds of MB) for tasks it never runs."""
+    import cloudpickle
+
+    from pruning.data import ArraySet, LabSet
+    from pruning.finetune_settings import Settings
+    from pruning.models import ModelSpec
+    from pruning.sweep import activations_task, evaluate_prefixes_task, fine_tune_task
+
+    spec = ModelSpec(str(tmp_path / "bd_net.h5")).stamped()
+    lab_set = LabSet(str(tmp_path / "valid.h5"), rows=100, channels_first=True, scale=Fraction(1, 255))
+    arrays = ArraySet(np.zeros((10, 55, 47, 3), np.float32), np.zeros(10, np.int64), channels_first=False)
+    tasks = [(activations_task, spec, "conv_3", "pool_3", "clean_valid", lab_set.part(0, 50), 0, 50),
+             (activations_task, spec, "conv_3", "pool_3", "clean_test", arrays.part(0, 5), 0, 5),
+             # (a chunk reaches the scheduler as the key of the task that computes it)
+             (evaluate_prefixes_task, spec, "conv_3", "pool_3", "activations-clean_valid-0", (2, 0, 1), 0, 4),
+             (fine_tune_task, spec, "conv_3", {"clean_valid": lab_set, "clean_test": arrays}, (2, 0),
+              Settings(epochs=3), str(tmp_path / "finetune"), "fine-tune-1234")]
+    loads = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print(*(m for m in "
+             "('keras', 'tensorflow', 'pruning.models', 'pruning.sweep') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", loads], input=cloudpickle.dumps(tasks), cwd=REPO,
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().split() == ["pruning.models", "pruning.sweep"]  # unpickled, no Keras
 
 
 def test_ctrl_c_while_a_cluster_starts_is_held_until_it_can_be_closed():

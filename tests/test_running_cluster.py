@@ -142,6 +142,14 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             checkpoints = tmp_path / "out" / "checkpoints"
             wait_for(lambda: len(list(checkpoints.glob("chunk-*.json"))) >= 3, run)
+            # The scheduler unpickled the sweep's tasks (pruning.sweep, B's ModelSpec in
+            # pruning.models) and imported no TensorFlow for them.
+            security = Security(tls_ca_file=str(pem), tls_client_cert=str(pem), tls_client_key=str(pem),
+                                require_encryption=True)
+            with Client(scheduler_file=str(scheduler_file), security=security, timeout=60) as client:
+                loaded = client.run_on_scheduler(lambda: [m for m in ("keras", "tensorflow", "pruning.models",
+                                                                      "pruning.sweep") if m in sys.modules])
+            assert loaded == ["pruning.models", "pruning.sweep"]
             scheduler.send_signal(signal.SIGKILL)
             run.wait(timeout=120)
         last = log.read_text().strip().splitlines()[-1]
@@ -190,8 +198,10 @@ def test_a_cluster_that_cannot_import_the_project_is_one_line(demo, tmp_path, wi
     assert run.returncode == 1, err[-3000:]
     says = {"scheduler": "error: the Dask scheduler at tcp://",
             "worker": "error: 1 of the 2 Dask workers cannot import this project (tcp://"}
+    # the scheduler is checked with what unpickling the task graph imports, a worker with the tasks' runner
+    missing = {"scheduler": "pruning", "worker": "jobs"}[without_project]
     assert last.startswith(says[without_project]), last
-    assert last.endswith("No module named 'jobs'); start the scheduler and workers from this "
+    assert last.endswith(f"No module named '{missing}'); start the scheduler and workers from this "
                          "project's environment, at the same version (docs/dask-cluster.md)"), last
     assert not (tmp_path / "out").exists()
 

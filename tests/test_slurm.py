@@ -67,13 +67,14 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cancelled-then-resubmitted")
     out = tmp_path / "out"
     cache = Path(demo.model).parent.parent     # the demo the jobs' sweep will find: built once, here
-    cancelled = []
+    cancelled, scheduler_files = [], []
 
     def cancel_once_started(log: str) -> None:
         if not cancelled and chunks_done(out) >= 3:
             job = re.search(r"job (\d+) ", log).group(1)
             # scancel signals the ranks one at a time: let the scheduler rank's come first.
             for process in runner_ranks(out, rank=0):
+                scheduler_files.extend(mapped.path for mapped in process.memory_maps())  # its libraries
                 process.terminate()
             subprocess.run(["scancel", job], check=True)
             cancelled.append(chunks_done(out))
@@ -117,6 +118,7 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
              "--out", "./out", "--chunk-rows", "96"],
             timeout=480, while_running=while_resubmitted, cwd=tmp_path)
     return SimpleNamespace(folder=tmp_path, out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
+                           scheduler_files=scheduler_files,
                            results_after_cancel=results_after_cancel, signalled=signalled,
                            job_id=job_id, resubmitted_log=resubmitted_log, answered=answered, bound=bound)
 
@@ -168,6 +170,8 @@ def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, dem
                      r"command resumes from them$", log, re.M)
     assert line and int(line.group(2)) == done, log[-3000:]
     assert "Killed" not in log and "Traceback" not in log, log[-3000:]
+    # The scheduler rank had unpickled the tasks of 3 finished chunks, and loaded no TensorFlow for them.
+    assert run.scheduler_files and not [path for path in run.scheduler_files if "tensorflow" in path]
     log = run.resubmitted_log
     reused = re.search(r"reused from checkpoints: (\d+) of 54 chunks \((\d+) prefix evaluations\)", log)
     assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]

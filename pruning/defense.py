@@ -219,14 +219,8 @@ class Defense:
             keras.backend.clear_session()  # G's file must not depend on what ran before (save_models)
             save_model(build_goodnet(bd_model, model), out / GOODNET_FINETUNED_NAME.format(label))
             written += [FINETUNED_NAME.format(label), GOODNET_FINETUNED_NAME.format(label)]
-            row = {"run": run, "threshold": threshold, "channels_pruned": len(pruned),
-                   "epochs": result.epochs, "heldout_accuracy": result.heldout_accuracy}
-            sets = result.counts
-            if "clean_test" in sets:
-                row["test_accuracy"] = sets["clean_test"].percent("correct")
-            row |= {"test_asr" + name[len("poisoned_test"):]: counts.percent("correct")
-                    for name, counts in sets.items() if name.startswith("poisoned_test")}
-            rows.append(row | {f"goodnet_{name}": value for name, value in test_scores(sets).items()})
+            row = fine_tuned_row(run, threshold, pruned, result)
+            rows.append(row)
             logs.append(result.log.assign(run=run)[["run", *result.log.columns]])
             log.info("%s: %d channels pruned, %d epochs kept, held-out accuracy %.2f %%%s", run,
                      len(pruned), result.epochs, row["heldout_accuracy"],
@@ -280,6 +274,20 @@ def curve_frame(order: pd.DataFrame, counts: dict[int, dict[str, Counts]]) -> pd
         row["channel"] = int(order["channel"].iloc[k - 1]) if k else -1
         rows.append(row | {f"goodnet_{name}": value for name, value in test_scores(sets).items()})
     return pd.DataFrame(rows)
+
+
+def fine_tuned_row(run: str, threshold: float | None, pruned: tuple[int, ...], result) -> dict:
+    """finepruning.csv's row of one fine-tuning run (``result``: its
+    :class:`pruning.sweep.FineTuneResult`): the fine-tuned model's test accuracy and ASR, then
+    its G's scores."""
+    row = {"run": run, "threshold": threshold, "channels_pruned": len(pruned),
+           "epochs": result.epochs, "heldout_accuracy": result.heldout_accuracy}
+    sets = result.counts
+    if "clean_test" in sets:
+        row["test_accuracy"] = sets["clean_test"].percent("correct")
+    row |= {"test_asr" + name[len("poisoned_test"):]: counts.percent("correct")
+            for name, counts in sets.items() if name.startswith("poisoned_test")}
+    return row | {f"goodnet_{name}": value for name, value in test_scores(sets).items()}
 
 
 CLEAN_SCORES = ("test_accuracy", "false_alarm_rate")  # of the clean test set: one column each

@@ -1,7 +1,8 @@
 """Fine-pruning (``--fine-tune``) on a tiny BadNet-shaped model: the fine-tuned files keep exactly
 the pruned prefix at zero and change the rest, finepruning.csv equals scores recomputed from the
 saved files, a rerun writes the same bytes, and a fine-tuning killed mid-way resumes to the same
-weights as an uninterrupted one."""
+weights as an uninterrupted one. On the demos, docs/finetune.md's targets, from B'_X=4's
+fine-tuning alone (which the tiny model shows is the command's)."""
 import json
 from types import SimpleNamespace
 
@@ -193,34 +194,64 @@ def test_the_plot_gains_a_panel_of_each_run_before_and_after(run):
                        *before["test_asr"], *run.summary["test_asr"]]
 
 
-def demo_fine_pruning(tmp_path_factory, attack: str) -> SimpleNamespace:
-    """``python -m jobs.sweep --single-node --demo ATTACK --fine-tune --thresholds 4`` (the
-    defaults, X = 4 and fine-tuning alone: half the fine-tunings of the whole command, and the
-    same results for those two), in the tests' demo cache: its summary and B' curve."""
+def command_inputs(argv: list[str]) -> tuple:
+    """``python -m jobs.sweep ARGV``'s checked arguments and inputs, as its main() resolves them
+    (a demo from the tests' demo cache, the ``demo`` fixture's)."""
     import os
     from conftest import REPO
-    out = tmp_path_factory.mktemp(f"fine-prune-{attack}") / "out"
-    cache, before = os.environ.get("FINE_PRUNING_CACHE") or str(REPO / ".cache"), os.environ.get("FINE_PRUNING_CACHE")
-    os.environ["FINE_PRUNING_CACHE"] = cache
-    try:
-        assert main(["--single-node", "--demo", attack, "--fine-tune", "--thresholds", "4", "--out", str(out)]) == 0
-    finally:
-        if before is None:
-            del os.environ["FINE_PRUNING_CACHE"]
-    summary = pd.read_csv(out / "finepruning.csv", keep_default_na=False).set_index("run")
-    return SimpleNamespace(summary=summary, curve=pd.read_csv(out / "results.csv").set_index("channels_pruned"))
+    from jobs.inputs import resolve_inputs
+    from jobs.sweep import parse_args
+    args = parse_args(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINE_PRUNING_CACHE", os.environ.get("FINE_PRUNING_CACHE") or str(REPO / ".cache"))
+        return args, resolve_inputs(args)
+
+
+def fine_prune(command: tuple, order: list[int], k: int, folder) -> dict:
+    """finepruning.csv's row X=4 of a ``--fine-tune`` command (``command``: its arguments and
+    inputs) whose channel order is ``order`` and whose X = 4 prunes ``k`` channels: that
+    fine-tuning alone, by the task the command's workers run, and the row the command writes
+    of its result."""
+    from pruning.defense import fine_tuned_row
+    from pruning.sweep import fine_tune_task
+    args, inputs = command
+    pruned = tuple(order[:k])
+    result = fine_tune_task(inputs.spec, inputs.conv, inputs.sets, pruned, args.fine_tune_settings, str(folder))
+    return fine_tuned_row("X=4", 4.0, pruned, result)
+
+
+def test_the_demo_tests_fine_tuning_is_the_commands(run, tmp_path):
+    """The demo tests below fine-tune B'_X=4 alone (:func:`fine_prune`), not the whole command:
+    on the tiny model, that gives finepruning.csv's X=4 row, every column."""
+    k = pd.read_csv(run.out / "goodnet.csv").set_index("threshold").loc[4.0, "channels_pruned"]
+    row = fine_prune(command_inputs(run.argv), run.order, int(k), tmp_path / "fine-tune")
+    expected = run.summary.set_index("run").loc["X=4"].drop("threshold").to_dict()
+    assert {name: value for name, value in row.items() if name not in ("run", "threshold")} == expected
+    assert row["threshold"] == 4.0 and set(row) == {"run", "threshold", *expected}
+
+
+DEMO_ARGV = ["--single-node", "--fine-tune", "--thresholds", "4"]
 
 
 @pytest.fixture(scope="module")
 def pruning_aware(tmp_path_factory):
-    return demo_fine_pruning(tmp_path_factory, "pruning-aware")
+    """``python -m jobs.sweep --single-node --demo pruning-aware --fine-tune --thresholds 4``'s
+    curve (results.csv) and finepruning.csv row X=4, without its fine-tuning of B alone: the
+    sweep as :func:`pruning.defend` runs it, in this process (the command's curve, to the bit:
+    tests/test_api.py), then :func:`fine_prune`."""
+    from pruning.defense import run_defense
+    from pruning.sweep import InProcess, NoCheckpoints
+    args, inputs = command = command_inputs([*DEMO_ARGV, "--demo", "pruning-aware"])
+    defense = run_defense(inputs, InProcess(), NoCheckpoints(), args.thresholds, args.relative)
+    row = fine_prune(command, defense.channels, defense.selected[4.0], tmp_path_factory.mktemp("fine-tune"))
+    return SimpleNamespace(row=row, curve=defense.curve.set_index("channels_pruned"))
 
 
 @pytest.mark.slow
 def test_on_the_pruning_aware_demo_pruning_alone_fails_and_fine_pruning_removes_the_backdoor(pruning_aware):
     """The issue's targets (docs/finetune.md): at X = 4, B' keeps test ASR >= 50 %; fine-pruned
     at the default settings, it is <= 5 %, with clean test accuracy within 3 points of B's."""
-    run, b = pruning_aware.summary.loc["X=4"], pruning_aware.curve.loc[0]
+    run, b = pruning_aware.row, pruning_aware.curve.loc[0]
     assert pruning_aware.curve.loc[run["channels_pruned"], "test_asr"] >= 50.0
     assert run["test_asr"] <= 5.0
     assert abs(run["test_accuracy"] - b["test_accuracy"]) <= 3.0
@@ -228,6 +259,10 @@ def test_on_the_pruning_aware_demo_pruning_alone_fails_and_fine_pruning_removes_
 
 
 @pytest.mark.slow
-def test_on_the_standard_demo_fine_pruning_keeps_the_backdoor_out(tmp_path_factory):
-    standard = demo_fine_pruning(tmp_path_factory, "standard")
-    assert standard.summary.loc["X=4", "test_asr"] <= 5.0
+def test_on_the_standard_demo_fine_pruning_keeps_the_backdoor_out(demo_run, tmp_path):
+    """Fine-pruning at X = 4 on the standard demo: ``make run``'s channel order and X = 4
+    (its goodnet.csv), fine-tuned as ``--fine-tune`` would (:func:`fine_prune`)."""
+    k = pd.read_csv(demo_run / "goodnet.csv").set_index("threshold").loc[4.0, "channels_pruned"]
+    order = pd.read_csv(demo_run / "channel_order.csv")["channel"].tolist()
+    row = fine_prune(command_inputs([*DEMO_ARGV, "--demo", "standard"]), order, int(k), tmp_path / "fine-tune")
+    assert row["test_asr"] <= 5.0

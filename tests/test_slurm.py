@@ -160,8 +160,8 @@ def test_sweep_sh(cancelled_then_resubmitted, demo_run):
 
 def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, demo_run):
     run = cancelled_then_resubmitted
-    done, log = run.done, run.cancelled_log
-    assert run.cancelled and done < DEMO_CHUNKS_AT_256, f"cancelled after {done} of {DEMO_CHUNKS_AT_256} chunks: not mid-sweep"
+    done, log, chunks = run.done, run.cancelled_log, DEMO_CHUNKS_AT_256
+    assert run.cancelled and done < chunks, f"cancelled after {done} of {chunks} chunks: not mid-sweep"
     assert not run.results_after_cancel
     # The client rank still stops in order and says what the same command resumes from,
     # before SLURM's SIGKILL (KillWait later).
@@ -170,7 +170,7 @@ def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, dem
     assert line and int(line.group(2)) == done, log[-3000:]
     assert "Killed" not in log and "Traceback" not in log, log[-3000:]
     log = run.resubmitted_log
-    reused = re.search(rf"reused from checkpoints: (\d+) of {DEMO_CHUNKS_AT_256} chunks \((\d+) prefix evaluations\)", log)
+    reused = re.search(rf"reused from checkpoints: (\d+) of {chunks} chunks \((\d+) prefix evaluations\)", log)
     assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]
     assert_same_outputs(run.out, demo_run)
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from attack import SUBMITTED
-from conftest import REPO, assert_same_outputs
+from conftest import DEMO_CHUNKS_AT_256, REPO, assert_same_outputs
 from jobs.sweep import main
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,9 @@ def hung_up_then_a_worker_killed(demo, tmp_path_factory):
     checkpointed and whose larger worker is then killed once three are (shared by the next two
     tests: one full run, not two)."""
     out = tmp_path_factory.mktemp("hung-up-then-a-worker-killed") / "out"
-    # Small chunks: many short tasks, so there is time to kill a worker in the middle.
+    # Small chunks: many short tasks, so there is time to kill a worker in the middle. And
+    # --chunk-rows 96 --workers 2 is the issue's configuration, which must give the reference's
+    # bytes: this is one of the runs at 96 (tests/conftest.py).
     sweep = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.sweep", "--model", demo.model,
                               "--data", demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
                               "--chunk-rows", "96"], cwd=REPO, stdout=subprocess.DEVNULL,
@@ -127,7 +129,7 @@ def test_a_stop_signal_ends_with_one_line_and_the_same_command_resumes(demo, dem
                                                                       signum, to_group, how):
     out = tmp_path / "out"
     argv = ["--model", demo.model, "--data", demo.data_dir, "--out", str(out), "--single-node",
-            "--chunk-rows", "64"]
+            "--chunk-rows", "256"]  # DEMO_CHUNKS_AT_256 chunks: the signal lands after the first
     # Its own process group, which a terminal's Ctrl-C signals as a whole: workers included.
     sweep = subprocess.Popen([sys.executable, "-m", "jobs.sweep", *argv], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -142,6 +144,7 @@ def test_a_stop_signal_ends_with_one_line_and_the_same_command_resumes(demo, dem
     assert sweep.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     kept = len(list(checkpoints.glob("chunk-*.json")))
+    assert 0 < kept < DEMO_CHUNKS_AT_256, f"stopped with {kept} of {DEMO_CHUNKS_AT_256} chunks: not mid-sweep"
     assert err.splitlines()[-1] == (f"{how}; {checkpoints} holds {kept} finished chunks of "
                                     "rows: the same command resumes from them")
     time.sleep(1)  # the fork server and workers went with the run

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from attack import SUBMITTED, attack, attacker, listening
-from conftest import REPO, assert_same_outputs
+from conftest import DEMO_CHUNKS_AT_256, REPO, assert_same_outputs
 from slurm_fixtures import slurm_cluster, submit_and_wait  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -42,7 +42,7 @@ def modes(folder: Path) -> dict[str, int]:
 def sweep_job(demo, tmp_path, out, *extra):
     cache = Path(demo.model).parent.parent
     return [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}", f"--output={tmp_path}/%x-%j.out",
-            "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "96", *extra]
+            "slurm/sweep.sh", "--out", str(out), "--chunk-rows", "256", *extra]
 
 
 def with_export_none(job: list[str]) -> list[str]:
@@ -54,7 +54,8 @@ def with_export_none(job: list[str]) -> list[str]:
 
 
 def chunks_done(out: Path) -> int:
-    """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 96 has 54."""
+    """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 256 (every
+    sweep job here) has ``DEMO_CHUNKS_AT_256``."""
     return len(list((out / "checkpoints").glob("chunk-*.json")))
 
 
@@ -102,7 +103,7 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
         if not signalled and chunks_done(out) > done:  # mid-sweep: this job finished a chunk
             job = re.search(r"job (\d+) ", log).group(1)
             subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-            signalled.append(job)
+            signalled.append(chunks_done(out))
 
     def while_resubmitted(log: str) -> None:
         check_dashboard(log)
@@ -115,7 +116,7 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
             held.enter_context(socket.create_server(("", 8787)))
         job_id, resubmitted_log = submit_and_wait(
             [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache},MAX_REQUEUES=0", str(REPO / "slurm" / "sweep.sh"),
-             "--out", "./out", "--chunk-rows", "96"],
+             "--out", "./out", "--chunk-rows", "256"],
             timeout=480, while_running=while_resubmitted, cwd=tmp_path)
     return SimpleNamespace(folder=tmp_path, out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
                            scheduler_files=scheduler_files,
@@ -161,8 +162,8 @@ def test_sweep_sh(cancelled_then_resubmitted, demo_run):
 
 def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, demo_run):
     run = cancelled_then_resubmitted
-    done, log = run.done, run.cancelled_log
-    assert run.cancelled and done < 54, f"cancelled after {done} of 54 chunks: not mid-sweep"
+    done, log, chunks = run.done, run.cancelled_log, DEMO_CHUNKS_AT_256
+    assert run.cancelled and done < chunks, f"cancelled after {done} of {chunks} chunks: not mid-sweep"
     assert not run.results_after_cancel
     # The client rank still stops in order and says what the same command resumes from,
     # before SLURM's SIGKILL (KillWait later).
@@ -173,7 +174,7 @@ def test_scancel_mid_sweep_then_resubmit_resumes(cancelled_then_resubmitted, dem
     # The scheduler rank had unpickled the tasks of 3 finished chunks, and loaded no TensorFlow for them.
     assert run.scheduler_files and not [path for path in run.scheduler_files if "tensorflow" in path]
     log = run.resubmitted_log
-    reused = re.search(r"reused from checkpoints: (\d+) of 54 chunks \((\d+) prefix evaluations\)", log)
+    reused = re.search(rf"reused from checkpoints: (\d+) of {chunks} chunks \((\d+) prefix evaluations\)", log)
     assert reused and int(reused.group(1)) >= done > 0 and int(reused.group(2)) == 61 * int(reused.group(1)), log[-3000:]
     assert_same_outputs(run.out, demo_run)
 
@@ -182,7 +183,7 @@ def test_time_limit_signal_past_max_requeues_lets_the_job_finish(cancelled_then_
     """The resubmitted job of the fixture above gets SLURM's time limit warning mid-sweep."""
     run = cancelled_then_resubmitted
     log = run.resubmitted_log
-    assert run.signalled
+    assert run.signalled and run.signalled[0] < DEMO_CHUNKS_AT_256, run.signalled  # before its last chunk
     assert "already requeued 0 times (MAX_REQUEUES=0): not requeueing again" in log, log[-3000:]
     assert "srun exited with status 0" in log
     assert_same_outputs(run.out, demo_run)
@@ -245,7 +246,7 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
                              while_running=attack_then_kill_a_worker)
     for thread in attacked.get("threads", []):
         thread.join()
-    assert killed and killed[0] < 54, "no worker rank was killed mid-sweep"
+    assert killed and killed[0] < DEMO_CHUNKS_AT_256, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
     # No one without the job's certificate can use a port of its ranks (scheduler, workers)
@@ -269,13 +270,13 @@ def test_the_last_worker_rank_killed_mid_sweep_ends_the_job_with_one_line(slurm_
     kill_the_worker, killed = signal_rank_mid_sweep(out, rank=2)
     _, log = submit_and_wait(["--ntasks=3", *sweep_job(demo, tmp_path, out)], timeout=300,
                              expect="FAILED", while_running=kill_the_worker)  # one worker rank
-    assert killed and killed[0] < 54, "the worker rank was not killed mid-sweep"
+    assert killed and killed[0] < DEMO_CHUNKS_AT_256, "the worker rank was not killed mid-sweep"
     line = re.search(r"^error: every worker rank of this job is gone mid-sweep \(\S+ was the last: "
                      r"killed, out of memory\? see the lines above\) and nothing in the job starts "
                      r"one again; (\S+) holds (\d+) finished chunks of rows: the same command "
                      r"resumes from them$", log, re.M)
     assert line and line.group(1) == str(out / "checkpoints"), log[-3000:]
-    assert int(line.group(2)) == chunks_done(out) < 54
+    assert int(line.group(2)) == chunks_done(out) < DEMO_CHUNKS_AT_256
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -292,7 +293,7 @@ def test_ctrl_c_on_the_client_rank_stops_the_run_and_the_job(slurm_cluster, demo
     line = re.search(r"^interrupted; (\S+) holds (\d+) finished chunks of rows: the same command "
                      r"resumes from them$", log, re.M)
     assert line and line.group(1) == str(out / "checkpoints"), log[-3000:]
-    assert int(line.group(2)) == chunks_done(out) < 54
+    assert int(line.group(2)) == chunks_done(out) < DEMO_CHUNKS_AT_256
     assert not (out / "results.csv").exists()
     assert "srun exited with status 130" in log and "Traceback" not in log, log[-3000:]
 

@@ -244,10 +244,16 @@ def test_a_stop_before_a_client_call_starts_logs_no_traceback(monkeypatch, caplo
 
     def interrupted_sync() -> list[logging.LogRecord]:
         caplog.clear()
+        # The loop is held until sync() waits: else, on a busy machine, it may run work() to
+        # the end before sync() looks, and sync() then returns without waiting at all.
+        held = threading.Lock()
+        held.acquire()
+        loop.add_callback(held.acquire)
         with monkeypatch.context() as patch:  # the stop arrives as sync() starts to wait
             patch.setattr(threading.Event, "wait", stopped)
             with pytest.raises(KeyboardInterrupt):
                 sync(loop, work)
+        held.release()
         for _ in range(3):  # the loop runs the scheduled cancel(), and what that schedules in turn
             ran = threading.Event()
             loop.add_callback(ran.set)

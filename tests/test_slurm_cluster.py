@@ -7,14 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO, assert_same_outputs
-from in_process import sweep_in_process
 from slurm_fixtures import slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -30,27 +28,9 @@ def sweep_command(demo, out, jobs: int = 1) -> list[str]:
             "--out", str(out), "--slurm-cluster", str(jobs)]
 
 
-def sweep_here(demo, out, monkeypatch, capsys, caplog, jobs: int = 1, timeout: float = 300, **env):
-    """:func:`sweep_command`'s sweep run in this process (tests/in_process.py: the same exit
-    status, stdout and stderr, without a process that imports TensorFlow), as it runs from a
-    shell: in this checkout, with SMALL_JOBS and ``env`` in its environment, which Dask's
-    config is read from again. Both are put back after it, and the config read once more.
-    Past ``timeout`` seconds it gets a Ctrl-C (exit status 130, which no test expects)."""
-    import dask
-    from jobs.settings import load_config
-    load_config()  # (once per process, it refreshes Dask's config: before the variables)
-    too_long = threading.Timer(timeout, os.kill, (os.getpid(), signal.SIGINT))
-    try:
-        with monkeypatch.context() as here:
-            here.chdir(REPO)  # the worker jobs' folder, from which their Python imports this checkout
-            for name, value in (SMALL_JOBS | env).items():
-                here.setenv(name, value)
-            dask.config.refresh()
-            too_long.start()
-            return sweep_in_process(*sweep_command(demo, out, jobs)[3:], capsys=capsys, caplog=caplog)
-    finally:
-        too_long.cancel()
-        dask.config.refresh()
+def run_sweep(command, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | SMALL_JOBS | env)
 
 
 def queued_worker_jobs() -> list[str]:
@@ -60,10 +40,9 @@ def queued_worker_jobs() -> list[str]:
                           capture_output=True, text=True, check=True).stdout.split()
 
 
-def test_slurm_cluster_gives_the_single_node_outputs(slurm_cluster, demo, demo_run, tmp_path,
-                                                     monkeypatch, capsys, caplog):
+def test_slurm_cluster_gives_the_single_node_outputs(slurm_cluster, demo, demo_run, tmp_path):
     out = tmp_path / "out"
-    done = sweep_here(demo, out, monkeypatch, capsys, caplog)
+    done = run_sweep(sweep_command(demo, out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"outputs in {out}" in done.stdout
@@ -71,15 +50,14 @@ def test_slurm_cluster_gives_the_single_node_outputs(slurm_cluster, demo, demo_r
     assert not queued_worker_jobs()  # the worker job was cancelled as the cluster closed
 
 
-def test_a_rerun_of_a_finished_sweep_submits_no_worker_job(slurm_cluster, demo, demo_run, tmp_path,
-                                                            monkeypatch, capsys, caplog):
+def test_a_rerun_of_a_finished_sweep_submits_no_worker_job(slurm_cluster, demo, demo_run, tmp_path):
     """Every chunk is checkpointed: the outputs are written again at once, here, byte for byte;
     a worker job would wait an hour in the queue."""
     out = tmp_path / "out"
     shutil.copytree(demo_run, out)
     started = time.monotonic()
-    done = sweep_here(demo, out, monkeypatch, capsys, caplog, timeout=120,
-                      DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES='["--begin=now+3600"]')
+    done = run_sweep(sweep_command(demo, out), timeout=120,
+                     DASK_JOBQUEUE__SLURM__JOB_EXTRA_DIRECTIVES='["--begin=now+3600"]')
     assert done.returncode == 0, done.stderr[-3000:]
     assert "0 to evaluate, so no Dask cluster is needed" in done.stderr, done.stderr[-3000:]
     assert not queued_worker_jobs() and not (out / ".dask").exists()
@@ -112,10 +90,9 @@ def test_a_worker_job_sees_the_distributed_settings_of_jobqueue_yaml(slurm_clust
         time.sleep(0.5)
 
 
-def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, demo, tmp_path,
-                                                               monkeypatch, capsys, caplog):
-    done = sweep_here(demo, tmp_path / "out", monkeypatch, capsys, caplog, timeout=120,
-                      DASK_JOBQUEUE__SLURM__MEMORY="100000GiB")
+def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, demo, tmp_path):
+    done = run_sweep(sweep_command(demo, tmp_path / "out"), timeout=120,
+                     DASK_JOBQUEUE__SLURM__MEMORY="100000GiB")
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: SLURM would not queue the worker job (") and "--mem=" in last, last
@@ -124,11 +101,10 @@ def test_a_worker_job_slurm_refuses_is_one_line_before_any_job(slurm_cluster, de
     assert not (tmp_path / "out").exists()  # nor its empty .dask/worker-logs
 
 
-def test_worker_jobs_that_end_without_a_worker_stop_the_sweep(slurm_cluster, demo, tmp_path,
-                                                              monkeypatch, capsys, caplog):
+def test_worker_jobs_that_end_without_a_worker_stop_the_sweep(slurm_cluster, demo, tmp_path):
     # A worker job whose environment cannot start Python: here its prologue simply exits.
-    done = sweep_here(demo, tmp_path / "out", monkeypatch, capsys, caplog, jobs=2, timeout=180,
-                      DASK_JOBQUEUE__SLURM__JOB_SCRIPT_PROLOGUE='["exit 3"]')
+    done = run_sweep(sweep_command(demo, tmp_path / "out", jobs=2), timeout=180,
+                     DASK_JOBQUEUE__SLURM__JOB_SCRIPT_PROLOGUE='["exit 3"]')
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the SLURM worker jobs (") and "ended before a Dask worker joined" in last, last
@@ -137,8 +113,6 @@ def test_worker_jobs_that_end_without_a_worker_stop_the_sweep(slurm_cluster, dem
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_kill_or_hangup_while_worker_jobs_wait_cancels_them(slurm_cluster, demo, tmp_path, signum):
-    """The sweep's own process, signalled as `kill` or a closing terminal signals it: a
-    subprocess, not :func:`sweep_here`."""
     out = tmp_path / "out"
     sweep = subprocess.Popen(sweep_command(demo, out, jobs=2), cwd=REPO, text=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

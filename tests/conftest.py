@@ -72,15 +72,32 @@ def pytest_xdist_make_scheduler(config, log):
     return None
 
 
+# The other modules that take longest (measured, most CPU first). Each worker takes the next
+# scope when it is done with one: the long ones first, so that the last scopes are short and
+# neither worker waits long for the other at the end. Not listed: after these, in file order.
+LONGEST_FIRST = ("test_finetune.py", "test_demo_run.py", "test_campaign.py", "test_running_cluster.py",
+                 "test_sweep.py", "test_same_everywhere.py", "test_bench.py", "test_bad_input.py",
+                 "test_demo.py", "test_exactness.py", "test_realdata.py", "test_install.py")
+
+
+def run_order(nodeid: str) -> int:
+    scope = scope_of(nodeid)
+    if scope == "slurm":
+        return 0
+    name = Path(scope).name
+    return 1 + (LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(items):
     """SLURM's tests first: waiting on a real scheduler, they are the longest chain; a test
-    that uses ``slurm_cluster`` outside ``SLURM_MODULES`` could race the others for it."""
+    that uses ``slurm_cluster`` outside ``SLURM_MODULES`` could race the others for it. Then
+    the longest modules (``LONGEST_FIRST``)."""
     strays = [item.nodeid for item in items if "slurm_cluster" in item.fixturenames
               and scope_of(item.nodeid) != "slurm"]
     if strays:
         raise pytest.UsageError(f"{strays[0]} uses slurm_cluster: add its module to "
                                 "SLURM_MODULES in tests/conftest.py")
-    items.sort(key=lambda item: scope_of(item.nodeid) != "slurm")
+    items.sort(key=lambda item: run_order(item.nodeid))
 
 
 def session_folder(tmp_path_factory) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from distributed import Client, LocalCluster
 from distributed.security import Security
 
-from conftest import REPO, assert_same_outputs
+from conftest import DEMO_CHUNKS_AT_256, REPO, assert_same_outputs
 from in_process import sweep_in_process
 from jobs.security import write_key_file
 from jobs.settings import load_config
@@ -135,7 +135,7 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
     try:
         with open(log, "w") as stderr:
             run = sweep("--model", demo.model, "--data", demo.data_dir, "--out", tmp_path / "out",
-                        "--chunk-rows", "96", "--scheduler-file", scheduler_file, stderr=stderr, **config)
+                        "--chunk-rows", "256", "--scheduler-file", scheduler_file, stderr=stderr, **config)
             wait_for(lambda: "waiting for a worker to join the scheduler at tls://" in log.read_text(), run)
             worker = subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
                                        "--nthreads", "1", *tls], cwd=REPO,
@@ -156,6 +156,7 @@ def test_waits_for_a_worker_and_a_lost_scheduler_is_one_line_that_says_how_to_re
         assert run.returncode == 1, last
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]  # distributed's, closing
         kept = len(list(checkpoints.glob("chunk-*.json")))
+        assert 3 <= kept < DEMO_CHUNKS_AT_256, kept  # the scheduler was lost mid-sweep
         assert last.startswith("error: lost the connection to the Dask scheduler (") and last.endswith(
             f"{checkpoints} holds {kept} finished chunks of rows: the same command resumes from "
             "them once the cluster is back"), last

@@ -181,7 +181,7 @@ def prepare_local_workers(args: argparse.Namespace) -> None:
     if args.single_node and LOCAL_START_METHOD == "forkserver":
         import multiprocessing.forkserver  # POSIX only
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["distributed", "jobs.tasks"])
+        context.set_forkserver_preload(["distributed", "jobs.tasks", "pruning.prune"])
         # Only this process acts on a terminal's signals: the fork server and the workers
         # forked from it ignore them.
         with terminal_signals_ignored():
@@ -266,7 +266,7 @@ def running_cluster_client(args: argparse.Namespace) -> Iterator[Client]:
 # What a process must import to take our tasks: the scheduler unpickles the task graph (the
 # tasks' module, no TensorFlow), a worker runs the tasks (TensorFlow).
 SCHEDULER_IMPORT = "import pruning.sweep"
-WORKER_IMPORT = "import jobs.tasks"
+WORKER_IMPORT = "import jobs.tasks, pruning.prune"
 
 
 def check_project_imports(client: Client) -> None:

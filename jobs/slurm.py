@@ -159,6 +159,10 @@ def end_unjoined_runner(args: argparse.Namespace, wait_s: float = 60) -> None:
         # Workers still starting would find the scheduler gone and log tracebacks: let them join.
         with contextlib.suppress(TimeoutError):
             client.wait_for_workers(int(os.environ["SLURM_NTASKS"]) - 2, timeout=wait_s)
+        # As a run's workers have them: a heartbeat on its way as a worker retires is no error.
+        from jobs.tasks import QuietWorkerLogs
+        with contextlib.suppress(Exception):
+            client.register_plugin(QuietWorkerLogs())
         _retire_workers(client)
         client.shutdown()
 

@@ -1,14 +1,14 @@
 """What the sweep's Dask workers need beyond the tasks themselves (:mod:`pruning.sweep`): quiet
-logs. Importing this module imports the tasks and what they run on (:mod:`pruning.prune`, and so
-TensorFlow): a --single-node fork server preloads it, and a joined cluster's workers are checked
-to import it. (The scheduler needs only :mod:`pruning.sweep`, which imports no TensorFlow.)"""
+logs. It imports no TensorFlow, so that the worker ranks of a job whose client refused its inputs
+take the plugin without importing it. A --single-node fork server preloads this module and
+:mod:`pruning.prune` (TensorFlow); a joined cluster's workers are checked to import both. (The
+scheduler needs only :mod:`pruning.sweep`, which imports no TensorFlow either.)"""
 from __future__ import annotations
 
 import logging
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-import pruning.prune  # noqa: F401  (what the tasks run: Keras, TensorFlow)
 import pruning.sweep  # noqa: F401  (the tasks)
 from pruning.data import InputError
 

@@ -54,7 +54,7 @@ from jobs.outdir import OutputFolder
 from jobs.stopping import stop_on_signals
 from pruning.data import InputError
 
-# What loads TensorFlow (jobs.inputs, jobs.tasks, pruning.defense) is imported where it is
+# What loads TensorFlow (jobs.inputs, pruning.prune, pruning.defense) is imported where it is
 # used, after the command line is read: --help and a mistyped flag answer at once, the fork server of
 # --single-node starts importing it alongside this process, and Ctrl-C during the import is
 # handled like any other. (pruning.sweep loads none: a Dask scheduler imports it to unpickle

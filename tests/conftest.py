@@ -41,8 +41,8 @@ REPRODUCIBLE = ["results.csv", "channel_order.csv", "goodnet.csv", "model_X=2.h5
 # 1,197 rows): the chunk size of the tests that stop a sweep mid-way and check it was mid-way.
 # Smaller chunks would only cost CPU: each chunk's base pass is padded to 256 rows
 # (pruning.prune.BATCH_ROWS). The runs at --chunk-rows 96 --workers 2 (test_demo_run.py's
-# hung_up_then_a_worker_killed, test_same_everywhere.py) are the issue's own configuration,
-# which must give the reference's bytes: they stay at 96.
+# hung_up_then_a_worker_killed, test_same_everywhere.py) check that those small chunks on two
+# workers give the reference's bytes: they stay at 96.
 DEMO_CHUNKS_AT_256 = 20
 
 

@@ -82,8 +82,8 @@ def hung_up_then_a_worker_killed(demo, tmp_path_factory):
     tests: one full run, not two)."""
     out = tmp_path_factory.mktemp("hung-up-then-a-worker-killed") / "out"
     # Small chunks: many short tasks, so there is time to kill a worker in the middle. And
-    # --chunk-rows 96 --workers 2 is the issue's configuration, which must give the reference's
-    # bytes: this is one of the runs at 96 (tests/conftest.py).
+    # --chunk-rows 96 --workers 2 must give the reference's bytes: this is one of the runs that
+    # check it (tests/conftest.py).
     sweep = subprocess.Popen(["nohup", sys.executable, "-m", "jobs.sweep", "--model", demo.model,
                               "--data", demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
                               "--chunk-rows", "96"], cwd=REPO, stdout=subprocess.DEVNULL,

@@ -127,8 +127,8 @@ def test_a_sweep_on_other_kernels_finds_the_same_curve(demo, demo_run, tmp_path)
     give the same curve, GoodNet scores, models and channel order as the reference run; only
     the mean activations may differ, in their last digits."""
     out = tmp_path / "out"
-    # --chunk-rows 96 --workers 2: the issue's configuration (the runs at 96; tests that only need
-    # many chunks use 256, tests/conftest.py)
+    # --chunk-rows 96 --workers 2: small chunks on two workers (tests that only need many chunks
+    # use 256, tests/conftest.py)
     done = subprocess.run([sys.executable, "-m", "jobs.sweep", "--model", demo.model, "--data",
                            demo.data_dir, "--out", str(out), "--single-node", "--workers", "2",
                            "--chunk-rows", "96"], cwd=REPO, capture_output=True, text=True,

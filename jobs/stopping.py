@@ -39,6 +39,17 @@ def _raise_stopped(signum, _frame):
     raise Stopped(signum)
 
 
+def stop_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The stop (Ctrl-C, SIGTERM, SIGHUP) that ``error`` was raised while handling, if any:
+    closing a cluster after a stop can fail inside distributed (a cancelled call), and such a
+    failure is the stop's, not another error to report."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__context__
+    return None
+
+
 def heeded_stop_signals() -> list[int]:
     """The stop signals this process was not told to ignore: ``nohup`` ignores SIGHUP, and a
     shell without job control ignores SIGINT in the commands it runs with ``&``."""

@@ -51,7 +51,7 @@ from jobs.arguments import explain, interrupted_line
 from jobs.checkpoints import CHECKPOINTS, Checkpoints, may_hold_every_chunk
 from jobs.finish import output_names
 from jobs.outdir import OutputFolder
-from jobs.stopping import stop_on_signals
+from jobs.stopping import stop_behind, stop_on_signals
 from pruning.data import InputError
 
 # What loads TensorFlow (jobs.inputs, pruning.prune, pruning.defense) is imported where it is
@@ -120,6 +120,13 @@ def done(written: list[str], out: OutputFolder) -> None:
     print(f"outputs in {out.path.resolve()}: " + ", ".join(sorted(written)))
 
 
+def stopped(stop: KeyboardInterrupt, out: OutputFolder | None) -> int:
+    """The stop's one line on stderr; its exit status (128 + the signal)."""
+    signum = getattr(stop, "signum", signal.SIGINT)
+    print(interrupted_line(out, signum), file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv=None) -> int:
     """Run the sweep; every failure ends in one ``error: ...`` line on stderr.
 
@@ -171,12 +178,14 @@ def main(argv=None) -> int:
         done(sweep(args, inputs, out), out)
         return 0
     except KeyboardInterrupt as stop:
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(interrupted_line(out, signum), file=sys.stderr)
-        return 128 + signum
+        return stopped(stop, out)
     except Exception as error:
         if args is not None and args.traceback and not isinstance(error, InputError):
             raise
+        stop = stop_behind(error)
+        if stop is not None:  # closing after the stop failed: the stop is what happened
+            log.debug("closing after a stop failed", exc_info=error)
+            return stopped(stop, out)
         message, status = explain(error, args, out)
         print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
         return status

@@ -8,11 +8,17 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Recreate the environment only when it is missing or the pins changed.
+# Recreate the environment only when it is missing or the pins changed. uv installs the pinned
+# wheels in a fraction of pip's minute (the same packages: compared); --compile-bytecode writes
+# the .pyc files pip writes, which every process importing TensorFlow would otherwise compile
+# again where PYTHONDONTWRITEBYTECODE is set. pip, which reads pip.conf, is the fallback for a
+# machine where uv cannot reach the index.
+UV := uv==0.13.10
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	( $(PY) -m pip install --quiet $(UV) && $(PY) -m uv pip install --quiet --compile-bytecode --python $(PY) -e '.[test]' ) \
+	  || $(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 run: setup

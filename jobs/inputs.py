@@ -8,8 +8,8 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
-from pruning.backend import keras
 from pruning.data import LAB_LAYOUT, InputError, LabSet, lab_paths, open_h5, poisoned_set
 from pruning.inputs import SweepInputs, check_thresholds, inspect_inputs, versions
 from pruning.models import ModelSpec
@@ -64,11 +64,12 @@ def no_lab_layout(data_dir: Path) -> str:
     return f"none of {layout} is in it; give the folder holding cl/ and bd/, or the sets one by one"
 
 
-def resolve_inputs(args) -> SweepInputs:
+def resolve_inputs(args, before_the_model: Callable[[], None] | None = None) -> SweepInputs:
     """Check model, layer, data and thresholds; the demo is used when none of them are given.
 
     Cheap checks come first (flags, then that every set file opens as HDF5) so that a typo
-    fails in a moment, before the model is loaded.
+    fails in a moment, before TensorFlow is imported to load the model. ``before_the_model``
+    is called once they pass (the sweep starts its workers' fork server there).
     """
     check_thresholds(args.thresholds, args.relative)
     demo = not (args.model or args.weights or args.data or given_sets(args))
@@ -90,6 +91,8 @@ def resolve_inputs(args) -> SweepInputs:
         paths = set_paths(args)
         for path in paths.values():  # missing, a folder, not HDF5, truncated: before the model
             open_h5(path).close()
+    if before_the_model is not None:
+        before_the_model()
     # Workers of a cluster joined with --scheduler-* may run in another folder: absolute paths
     # (the model's before it is loaded once, and cached, under that name and stamp).
     inputs = inspect_inputs(spec.stamped(), paths, args.layer, args.rescale,
@@ -107,6 +110,7 @@ def resolve_inputs(args) -> SweepInputs:
 def fingerprint(inputs: SweepInputs) -> dict:
     """What a checkpoint depends on: the exact files, the layer, and the software that
     computes the predictions (another TensorFlow may round a near-tie the other way)."""
+    from pruning.backend import keras
     rescale = {} if inputs.rescale == 1 else {"rescale": str(inputs.rescale)}  # (1: as before it was a flag)
     spec = inputs.spec
     return rescale | {"format": CHECKPOINT_FORMAT, "inputs": inputs.hashes, "layer": inputs.conv,

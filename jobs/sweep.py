@@ -21,6 +21,7 @@ a rerun that finds every chunk there starts no cluster.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -164,13 +165,15 @@ def main(argv=None) -> int:
             return 0
         out = OutputFolder(Path(args.out), output_names(args.thresholds, args.fine_tune))  # writes nothing
         out.check_lock()
+        # Once the cheap checks pass, the workers' fork server imports TensorFlow while this
+        # process loads the model (a typo in a path starts nothing). A rerun of a finished sweep
+        # most likely starts no cluster: none then; if it needs one after all (other inputs),
+        # its workers import TensorFlow themselves, a few seconds later.
+        workers_ahead = None
         if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
-            # (a rerun of a finished sweep most likely starts no cluster: no process importing
-            # TensorFlow for workers alongside; if it needs some after all, other inputs, they
-            # import it themselves, a few seconds later)
-            cluster.prepare_local_workers(args)
+            workers_ahead = functools.partial(cluster.prepare_local_workers, args)
         from jobs.inputs import resolve_inputs
-        inputs = resolve_inputs(args)          # every input checked before any work
+        inputs = resolve_inputs(args, workers_ahead)  # every input checked before any work
         out.check_inputs(inputs.paths)
         if args.check:
             print(check_line(inputs, args, out))

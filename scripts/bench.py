@@ -33,12 +33,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pruning.backend import keras
 import numpy as np
 import psutil
 
 from pruning.data import LAB_LAYOUT, InputError, lab_paths, open_lab_set, write_lab_h5
-from pruning.deepid import build_deepid
 from pruning.models import ModelSpec, load_model
 from pruning.report import save_model, write_text
 
@@ -46,6 +44,7 @@ LAB_ROWS = {"clean_valid": 11547, "poisoned_valid": 11547, "clean_test": 12830, 
 
 
 def make_inputs(folder: Path, scale: float, weights: str | None) -> Path:
+    from pruning.deepid import build_deepid  # Keras: imported once the flags and --doc are checked
     model = load_model(ModelSpec(weights, weights_only=True)) if weights else build_deepid()
     save_model(model, folder / "bd_net.h5")  # quiet: the lab's format is legacy .h5 on purpose
     rng = np.random.default_rng(0)
@@ -59,6 +58,7 @@ def make_inputs(folder: Path, scale: float, weights: str | None) -> Path:
 def seeds_loop(model_path: Path, data: Path, prefixes: int, first: int = 0) -> float:
     """Seconds per prefix of the seeds' loop: zero one more channel (``first``, ``first`` + 1,
     ...), re-run every set."""
+    from pruning.backend import keras
     model = keras.models.load_model(model_path, compile=False)
     sets = [open_lab_set(p, (55, 47, 3)).read() for p in lab_paths(data).values()]
     layer = model.get_layer("conv_3")

@@ -569,7 +569,7 @@ def test_check_flag_refuses_an_output_folder_in_use(lab, tmp_path, capsys, no_cl
 
 
 def test_an_unexpected_error_is_one_line_with_status_1(lab, out, capsys, monkeypatch, no_cluster):
-    def broken(args):
+    def broken(args, before_the_model):
         raise RuntimeError("something\nunforeseen")
 
     monkeypatch.setattr(jobs.inputs, "resolve_inputs", broken)
@@ -588,7 +588,7 @@ def test_a_failure_while_closing_after_a_stop_is_the_stop(lab, out, capsys, monk
     cancelled, seen once in CI after SIGHUP): the run still ends with the stop's line and status."""
     from jobs.stopping import Stopped
 
-    def stopped_then_failed(args):
+    def stopped_then_failed(args, before_the_model):
         try:
             raise Stopped(signal.SIGHUP)
         except KeyboardInterrupt:  # as a context's exit does when its close fails
@@ -724,14 +724,24 @@ def test_a_local_cluster_that_does_not_start_is_one_line_naming_why(lab, tmp_pat
     assert "internal error" not in err and listing(out) == before
 
 
-def test_flags_are_read_before_tensorflow_is_imported():
-    """--help and a mistyped flag need no TensorFlow (which takes seconds to import)."""
-    probe = ("import sys\nfrom jobs.sweep import main\nstatus = main(['--prune-harder'])\n"
-             "print(status, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+@pytest.mark.parametrize("argv, says", [
+    (["--prune-harder"], "error: unrecognized arguments: --prune-harder"),
+    (["--model", "bd_net.h5", "--data", "no-such-folder", "--single-node", "--out", "{tmp}/out"],
+     "error: --data no-such-folder: not a directory;"),
+])
+def test_flags_and_paths_are_checked_before_tensorflow_is_imported(argv, says, tmp_path):
+    """--help, a mistyped flag or path need no TensorFlow (which takes seconds to import), and
+    --single-node starts no process for its workers before the paths are found."""
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    probe = ("import sys, psutil\nfrom jobs.sweep import main\n"
+             f"status = main({argv!r})\n"
+             "print(status, 'tensorflow' in sys.modules, 'keras' in sys.modules, "
+             "len(psutil.Process().children()))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
-    assert done.stdout.split() == ["2", "False", "False"], done.stderr
-    assert done.stderr.startswith("error: unrecognized arguments: --prune-harder")
+    assert done.stdout.split() == ["2", "False", "False", "0"], done.stderr
+    assert done.stderr.startswith(says), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- found late, on a worker

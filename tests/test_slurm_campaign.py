@@ -21,7 +21,8 @@ def test_a_campaign_as_one_batch_job(slurm_cluster, demo, demo_run, tmp_path):
     (tmp_path / "campaign.yaml").write_text(
         "suspects:\n  - name: demo\n  - {name: tiny, model: tiny.keras, data: data, thresholds: 4}\n")
     cache = Path(demo.model).parent.parent
-    job_id, log = submit_and_wait([*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
+    # three tasks: scheduler, client and one worker rank (test_slurm.py runs sweep.sh's default four)
+    job_id, log = submit_and_wait(["--ntasks=3", *SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache}",
                                    f"--output={tmp_path}/%x-%j.out", str(REPO / "slurm" / "sweep.sh"),
                                    "--campaign", "campaign.yaml", "--out", "out"], timeout=480, cwd=tmp_path)
     out = tmp_path / "out"

@@ -64,12 +64,13 @@ def no_lab_layout(data_dir: Path) -> str:
     return f"none of {layout} is in it; give the folder holding cl/ and bd/, or the sets one by one"
 
 
-def resolve_inputs(args, before_the_model: Callable[[], None] | None = None) -> SweepInputs:
+def resolve_inputs(args, before_the_model: Callable[[], None] = lambda: None) -> SweepInputs:
     """Check model, layer, data and thresholds; the demo is used when none of them are given.
 
     Cheap checks come first (flags, then that every set file opens as HDF5) so that a typo
     fails in a moment, before TensorFlow is imported to load the model. ``before_the_model``
-    is called once they pass (the sweep starts its workers' fork server there).
+    is called once they pass (the sweep starts its workers' fork server there, to import
+    TensorFlow while this process loads the model).
     """
     check_thresholds(args.thresholds, args.relative)
     demo = not (args.model or args.weights or args.data or given_sets(args))
@@ -91,8 +92,7 @@ def resolve_inputs(args, before_the_model: Callable[[], None] | None = None) -> 
         paths = set_paths(args)
         for path in paths.values():  # missing, a folder, not HDF5, truncated: before the model
             open_h5(path).close()
-    if before_the_model is not None:
-        before_the_model()
+    before_the_model()
     # Workers of a cluster joined with --scheduler-* may run in another folder: absolute paths
     # (the model's before it is loaded once, and cached, under that name and stamp).
     inputs = inspect_inputs(spec.stamped(), paths, args.layer, args.rescale,

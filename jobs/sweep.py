@@ -169,11 +169,11 @@ def main(argv=None) -> int:
         # process loads the model (a typo in a path starts nothing). A rerun of a finished sweep
         # most likely starts no cluster: none then; if it needs one after all (other inputs),
         # its workers import TensorFlow themselves, a few seconds later.
-        workers_ahead = None
-        if not (args.check or (out.holds_a_finished_sweep() and not args.fine_tune)):
-            workers_ahead = functools.partial(cluster.prepare_local_workers, args)
         from jobs.inputs import resolve_inputs
-        inputs = resolve_inputs(args, workers_ahead)  # every input checked before any work
+        if args.check or (out.holds_a_finished_sweep() and not args.fine_tune):
+            inputs = resolve_inputs(args)      # every input checked before any work
+        else:
+            inputs = resolve_inputs(args, functools.partial(cluster.prepare_local_workers, args))
         out.check_inputs(inputs.paths)
         if args.check:
             print(check_line(inputs, args, out))

@@ -569,7 +569,7 @@ def test_check_flag_refuses_an_output_folder_in_use(lab, tmp_path, capsys, no_cl
 
 
 def test_an_unexpected_error_is_one_line_with_status_1(lab, out, capsys, monkeypatch, no_cluster):
-    def broken(args, before_the_model):
+    def broken(args, before_the_model=None):
         raise RuntimeError("something\nunforeseen")
 
     monkeypatch.setattr(jobs.inputs, "resolve_inputs", broken)
@@ -588,7 +588,7 @@ def test_a_failure_while_closing_after_a_stop_is_the_stop(lab, out, capsys, monk
     cancelled, seen once in CI after SIGHUP): the run still ends with the stop's line and status."""
     from jobs.stopping import Stopped
 
-    def stopped_then_failed(args, before_the_model):
+    def stopped_then_failed(args, before_the_model=None):
         try:
             raise Stopped(signal.SIGHUP)
         except KeyboardInterrupt:  # as a context's exit does when its close fails

@@ -13,10 +13,13 @@ as it is imported (:func:`sigint_kept`).
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
+import functools
 import logging
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +42,31 @@ def _raise_stopped(signum, _frame):
     raise Stopped(signum)
 
 
+# How long a stop that a finalizer swallowed waits before it is sent again (seconds): the main
+# thread is then back in the code the finalizer interrupted, where the stop is raised as usual.
+RESEND_AFTER = 0.1
+
+
+def _send_again(unraisable, previous_hook) -> None:
+    """``sys.unraisablehook`` of the client. A stop raised while Python runs a finalizer (a
+    distributed Future's ``__del__``, say) cannot leave it: Python prints "Exception ignored"
+    with a traceback and goes on, and the run would end as if never stopped. So the stop is not
+    printed but sent again to the main thread, a moment later; ``previous_hook`` gets the
+    other exceptions."""
+    stop = unraisable.exc_value
+    if not isinstance(stop, KeyboardInterrupt):
+        previous_hook(unraisable)
+        return
+    signum = getattr(stop, "signum", signal.SIGINT)
+    if hasattr(signal, "pthread_kill"):  # a signal wakes a main thread that waits on a lock
+        send = functools.partial(signal.pthread_kill, threading.main_thread().ident, signum)
+    else:
+        send = functools.partial(_thread.interrupt_main, signum)
+    timer = threading.Timer(RESEND_AFTER, send)
+    timer.daemon = True
+    timer.start()
+
+
 def stop_behind(error: BaseException) -> KeyboardInterrupt | None:
     """The stop (Ctrl-C, SIGTERM, SIGHUP) that ``error`` was raised while handling, if any:
     closing a cluster after a stop can fail inside distributed (a cancelled call), and such a
@@ -58,11 +86,13 @@ def heeded_stop_signals() -> list[int]:
 
 def stop_on_signals() -> None:
     """Make SIGTERM and SIGHUP stop this process as Ctrl-C does (raise :class:`Stopped`),
-    unless they are ignored; and keep a stop's known distributed traceback out of the log
-    (:class:`InterruptedSyncFilter`)."""
+    unless they are ignored; send again a stop that a finalizer swallowed (:func:`_send_again`);
+    and keep a stop's known distributed traceback out of the log (:class:`InterruptedSyncFilter`)."""
     for signum in heeded_stop_signals():
         if signum != signal.SIGINT:
             signal.signal(signum, _raise_stopped)
+    if getattr(sys.unraisablehook, "func", None) is not _send_again:
+        sys.unraisablehook = functools.partial(_send_again, previous_hook=sys.unraisablehook)
     tornado_log = logging.getLogger("tornado.application")
     if not any(isinstance(f, InterruptedSyncFilter) for f in tornado_log.filters):
         tornado_log.addFilter(InterruptedSyncFilter())

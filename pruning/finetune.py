@@ -3,7 +3,9 @@
 The pruned channels stay exactly zero for the whole of training: a constraint on the conv
 layer's kernel and bias (Keras applies it after every optimizer step, Adam's included) puts
 exact zeros back into them, whatever the gradients and Adam's moments would do. The model
-returned is a plain copy (no constraint, no optimizer), like B'.
+returned is a plain copy (no constraint, no optimizer), like B'. The copy that trains is kept
+for the next fine-tuning of the same network in the thread (:class:`Trainer`), so that Keras
+traces its training step once.
 
 Only the defender's data is used: the clean validation set is split, by a seed and per class
 where a class has two or more images, into a fine-tuning part and a held-out part. Training
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import pandas as pd
 
 from pruning.backend import keras
 from pruning.finetune_settings import Settings
-from pruning.prune import CHANNEL_WEIGHTS, predict_classes, prune_conv_channels
+from pruning.prune import CHANNEL_WEIGHTS, copy_model, predict_classes, prune_conv_channels, zero_conv_channels
 from pruning.report import write_json
 
 MONITOR = "heldout_accuracy"  # the one score epochs and early stopping are chosen on
@@ -53,10 +56,13 @@ def split_clean(labels: np.ndarray, seed: int, heldout: float) -> tuple[np.ndarr
 
 
 class ZeroChannels(keras.constraints.Constraint):
-    """Exact zeros in the pruned channels (the last axis) of a weight, the rest as it is."""
+    """Exact zeros in the pruned channels (the last axis) of a weight, the rest as it is. Which
+    channels are kept is a variable (``keep``), so that one traced training step serves every
+    set of pruned channels (:class:`Trainer`)."""
 
-    def __init__(self, keep: np.ndarray, inner=None):
-        self.keep, self.inner = np.asarray(keep, dtype=bool), inner
+    def __init__(self, channels: int, inner=None):
+        self.keep = keras.Variable(np.ones(channels, dtype=bool), trainable=False, name="keep")
+        self.inner = inner
 
     def __call__(self, weight):
         weight = self.inner(weight) if self.inner is not None else weight
@@ -158,6 +164,55 @@ def loss_for(model: keras.Model):
     return keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax)
 
 
+class Trainer:
+    """A copy of B compiled for fine-tuning, its ``conv`` layer's kernel and bias held at zero
+    in the pruned channels (:class:`ZeroChannels`), which every fine-tuning of the same network
+    in this process uses in turn (:func:`trainer_for`): Keras traces its training step once,
+    not once per B' (seconds each). :meth:`start` puts it back to where a new copy would be:
+    B's weights with the channels zeroed, Adam's variables as first built."""
+
+    def __init__(self, model: keras.Model, conv: str, settings: Settings):
+        self.conv = conv
+        self.model = copy_model(model)
+        self.masks = []
+        for weight in self.model.get_layer(conv).weights:
+            if weight.name in CHANNEL_WEIGHTS:
+                weight.constraint = ZeroChannels(int(weight.shape[-1]), weight.constraint)
+                self.masks.append(weight.constraint)
+        self.model.compile(keras.optimizers.Adam(settings.learning_rate), loss=loss_for(model))
+        self.model.optimizer.build(self.model.trainable_variables)
+        self.built = [keras.ops.convert_to_numpy(v.value) for v in self.model.optimizer.variables]
+
+    def start(self, model: keras.Model, pruned) -> keras.Model:
+        """This trainer's model, set to train B' (``model`` with ``pruned`` channels zeroed)."""
+        self.model.set_weights(model.get_weights())
+        zero_conv_channels(self.model, self.conv, pruned)
+        keep = ~np.isin(np.arange(self.masks[0].keep.shape[0]), np.asarray(list(pruned), dtype=np.int64))
+        for mask in self.masks:
+            mask.keep.assign(keep)
+        for variable, value in zip(self.model.optimizer.variables, self.built):
+            variable.assign(value)
+        return self.model
+
+
+# Each thread's own: a Dask worker runs tasks on several threads at once.
+_trainers = threading.local()
+
+
+def trainer_for(model: keras.Model, conv: str, settings: Settings) -> Trainer:
+    """This thread's :class:`Trainer` of ``model``'s network (the latest one kept). A network
+    with state beyond its weights (a Dropout's random seed) gets a new one each time: the
+    state a fine-tuning leaves in it would change the next."""
+    weights = {id(v) for v in model.weights}
+    if any(id(v) not in weights for v in model.variables):
+        return Trainer(model, conv, settings)
+    key = (model.to_json(), conv, settings.learning_rate)
+    kept = getattr(_trainers, "kept", None)
+    if kept is None or kept[0] != key:
+        kept = _trainers.kept = (key, Trainer(model, conv, settings))
+    return kept[1]
+
+
 def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np.ndarray],
               heldout: tuple[np.ndarray, np.ndarray], poisoned: dict | None = None,
               settings: Settings = Settings(), folder: str | Path | None = None,
@@ -172,19 +227,13 @@ def fine_tune(model: keras.Model, conv: str, pruned, train: tuple[np.ndarray, np
 
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()  # process-wide; there is no switch back
-    tuned = prune_conv_channels(model, conv, pruned)
-    layer = tuned.get_layer(conv)
-    keep = ~np.isin(np.arange(layer.filters), np.asarray(list(pruned), dtype=np.int64))
-    for weight in layer.weights:
-        if weight.name in CHANNEL_WEIGHTS:
-            weight.constraint = ZeroChannels(keep, weight.constraint)
+    tuned = trainer_for(model, conv, settings).start(model, pruned)
     raw_heldout = heldout
     first, scale = pixel_scale(tuned, train[0])
     if scale != 1:  # trained on pixels / scale, its first layer's kernel times scale: the same net
         first.kernel.assign(first.kernel * scale)
         train, heldout = (train[0] / scale, train[1]), (heldout[0] / scale, heldout[1])
         poisoned = {name: (x / scale, y) for name, (x, y) in (poisoned or {}).items()}
-    tuned.compile(keras.optimizers.Adam(settings.learning_rate), loss=loss_for(model))
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(folder if folder is not None else scratch)
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ saved files, a rerun writes the same bytes, and a fine-tuning killed mid-way res
 weights as an uninterrupted one. On the demos, docs/finetune.md's targets, from B'_X=4's
 fine-tuning alone (which the tiny model shows is the command's)."""
 import json
+import threading
 from types import SimpleNamespace
 
 import keras
@@ -181,6 +182,33 @@ def test_a_fine_tuning_stopped_mid_way_resumes_to_the_same_weights(tmp_path):
     assert resumed.epochs == whole.epochs
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
         assert np.array_equal(a, b)
+
+
+def test_a_trainer_that_fine_tuned_another_b_prime_gives_what_a_new_one_gives(monkeypatch):
+    """fine_tune keeps one compiled copy of the network per process (its training step traced
+    once): a B' fine-tuned on it after another B' ends with the weights and log of the same B'
+    fine-tuned on a new one."""
+    from pruning import finetune
+    monkeypatch.setattr(finetune, "_trainers", threading.local())
+    model, train, held = small_task()
+    settings = Settings(epochs=3, patience=5)
+    trained = {}  # the pruned layer's kernel as training left it (the result's is zeroed again)
+    first = fine_tune(model, "target", [1], train, held, settings=settings)
+    trainer = finetune.trainer_for(model, "target", settings)
+    other = fine_tune(model, "target", [0, 4], train, held, settings=settings)
+    trained["other"] = trainer.model.get_layer("target").get_weights()[0]
+    again = fine_tune(model, "target", [1], train, held, settings=settings)
+    trained["again"] = trainer.model.get_layer("target").get_weights()[0]
+    assert finetune.trainer_for(model, "target", settings) is trainer  # it served all three
+    pd.testing.assert_frame_equal(again.log, first.log)
+    for a, b in zip(again.model.get_weights(), first.model.get_weights()):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(other.model.get_weights()[2], first.model.get_weights()[2])
+    assert not trained["other"][..., [0, 4]].any() and trained["other"][..., 1].any()  # each its own
+    assert not trained["again"][..., 1].any() and trained["again"][..., [0, 4]].any()  # channels held
+    # A network with state beyond its weights (a Dropout's seed) gets a new copy every time.
+    dropout = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2, name="d")])
+    assert finetune.trainer_for(dropout, "d", settings) is not finetune.trainer_for(dropout, "d", settings)
 
 
 def test_the_plot_gains_a_panel_of_each_run_before_and_after(run):

@@ -97,7 +97,7 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
             # USR1 to the job's steps, as a --signal=USR1@600 without B: sends it: no rank dies of it
             job = re.search(r"job (\d+) ", log).group(1)
             subprocess.run(["scancel", "--signal=USR1", job], check=True)
-            bound.update(listening([process for rank in range(4) for process in runner_ranks(out, rank, job)]))
+            bound.update(listening([process for rank in range(3) for process in runner_ranks(out, rank, job)]))
 
     def time_limit_near(log: str) -> None:  # what SLURM's --signal=B:USR1@300 sends
         if not signalled and chunks_done(out) > done:  # mid-sweep: this job finished a chunk
@@ -111,11 +111,14 @@ def cancelled_then_resubmitted(slurm_cluster, demo, tmp_path_factory):
 
     # Resubmitted as a user submits (test_sweep_sh): from the scratch folder by the script's path,
     # --out relative to it, the job's log by the script's default name, with port 8787 taken.
+    # One worker rank here too: test_a_worker_rank_killed_mid_sweep_changes_nothing runs
+    # sweep.sh's default of four tasks (two worker ranks, a GPU each).
     with contextlib.ExitStack() as held:
         with contextlib.suppress(OSError):   # if something else holds it, it is taken all the same
             held.enter_context(socket.create_server(("", 8787)))
         job_id, resubmitted_log = submit_and_wait(
-            [*SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache},MAX_REQUEUES=0", str(REPO / "slurm" / "sweep.sh"),
+            ["--ntasks=3", *SMALL, f"--export=ALL,FINE_PRUNING_CACHE={cache},MAX_REQUEUES=0",
+             str(REPO / "slurm" / "sweep.sh"),
              "--out", "./out", "--chunk-rows", "256"],
             timeout=480, while_running=while_resubmitted, cwd=tmp_path)
     return SimpleNamespace(folder=tmp_path, out=out, cancelled=cancelled, done=done, cancelled_log=cancelled_log,
@@ -149,8 +152,8 @@ def test_sweep_sh(cancelled_then_resubmitted, demo_run):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "results.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # outputs: the user's umask
-    # One GPU per worker rank, none for the scheduler and the client.
-    for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
+    # A GPU for the worker rank, none for the scheduler and the client (two worker ranks: below).
+    for rank, gpu in [(0, "none"), (1, "none"), (2, "0")]:
         assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
     assert "srun exited with status 0" in log and "User defined signal" not in log, log[-5000:]
     assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
@@ -249,6 +252,9 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     assert killed and killed[0] < DEMO_CHUNKS_AT_256, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
+    # sweep.sh's default four tasks: one GPU per worker rank, none for the scheduler and the client
+    for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
+        assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
     # No one without the job's certificate can use a port of its ranks (scheduler, workers)
     assert attacked["ranks"] == 4 and len(attacked["ports"]) >= 4, attacked
     assert attacked["ports"] <= attacked["still_listening"], attacked  # the attack met the live job

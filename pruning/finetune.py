@@ -167,7 +167,7 @@ def loss_for(model: keras.Model):
 class Trainer:
     """A copy of B compiled for fine-tuning, its ``conv`` layer's kernel and bias held at zero
     in the pruned channels (:class:`ZeroChannels`), which every fine-tuning of the same network
-    in this process uses in turn (:func:`trainer_for`): Keras traces its training step once,
+    in this thread uses in turn (:func:`trainer_for`): Keras traces its training step once,
     not once per B' (seconds each). :meth:`start` puts it back to where a new copy would be:
     B's weights with the channels zeroed, Adam's variables as first built."""
 

@@ -64,7 +64,8 @@ def _send_again(unraisable, previous_hook) -> None:
         send = functools.partial(_thread.interrupt_main, signum)
     timer = threading.Timer(RESEND_AFTER, send)
     timer.daemon = True
-    timer.start()
+    with contextlib.suppress(RuntimeError):  # Python is exiting: no thread starts, nothing to stop
+        timer.start()
 
 
 def stop_behind(error: BaseException) -> KeyboardInterrupt | None:

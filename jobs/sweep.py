@@ -170,10 +170,9 @@ def main(argv=None) -> int:
         # most likely starts no cluster: none then; if it needs one after all (other inputs),
         # its workers import TensorFlow themselves, a few seconds later.
         from jobs.inputs import resolve_inputs
-        if args.check or (out.holds_a_finished_sweep() and not args.fine_tune):
-            inputs = resolve_inputs(args)      # every input checked before any work
-        else:
-            inputs = resolve_inputs(args, functools.partial(cluster.prepare_local_workers, args))
+        no_workers = args.check or (out.holds_a_finished_sweep() and not args.fine_tune)
+        start_workers = (lambda: None) if no_workers else functools.partial(cluster.prepare_local_workers, args)
+        inputs = resolve_inputs(args, start_workers)  # every input checked before any work
         out.check_inputs(inputs.paths)
         if args.check:
             print(check_line(inputs, args, out))

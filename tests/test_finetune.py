@@ -185,7 +185,7 @@ def test_a_fine_tuning_stopped_mid_way_resumes_to_the_same_weights(tmp_path):
 
 
 def test_a_trainer_that_fine_tuned_another_b_prime_gives_what_a_new_one_gives(monkeypatch):
-    """fine_tune keeps one compiled copy of the network per process (its training step traced
+    """fine_tune keeps one compiled copy of the network per thread (its training step traced
     once): a B' fine-tuned on it after another B' ends with the weights and log of the same B'
     fine-tuned on a new one."""
     from pruning import finetune

@@ -53,6 +53,13 @@ def with_export_none(job: list[str]) -> list[str]:
             for option in job]
 
 
+def assert_gpus(log: str, workers: int) -> None:
+    """One GPU per worker rank (the node's two stand-ins, in rank order), none for the scheduler
+    (rank 0) and the client (rank 1), as the job's log says."""
+    for rank, gpu in [(0, "none"), (1, "none"), *((2 + i, str(i)) for i in range(workers))]:
+        assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
+
+
 def chunks_done(out: Path) -> int:
     """Checkpointed chunks of rows (each with every prefix); the demo at --chunk-rows 256 (every
     sweep job here) has ``DEMO_CHUNKS_AT_256``."""
@@ -152,9 +159,7 @@ def test_sweep_sh(cancelled_then_resubmitted, demo_run):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "results.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # outputs: the user's umask
-    # A GPU for the worker rank, none for the scheduler and the client (two worker ranks: below).
-    for rank, gpu in [(0, "none"), (1, "none"), (2, "0")]:
-        assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
+    assert_gpus(log, workers=1)  # (two worker ranks: test_a_worker_rank_killed_mid_sweep_changes_nothing)
     assert "srun exited with status 0" in log and "User defined signal" not in log, log[-5000:]
     assert "Traceback" not in log, log[-5000:]  # workers retire before the scheduler goes
     # distributed's warnings only (jobs/jobqueue.yaml): no line for every connection
@@ -252,9 +257,7 @@ def test_a_worker_rank_killed_mid_sweep_changes_nothing(slurm_cluster, demo, dem
     assert killed and killed[0] < DEMO_CHUNKS_AT_256, "no worker rank was killed mid-sweep"
     assert "outputs in" in log, log[-3000:]
     assert_same_outputs(out, demo_run)
-    # sweep.sh's default four tasks: one GPU per worker rank, none for the scheduler and the client
-    for rank, gpu in [(0, "none"), (1, "none"), (2, "0"), (3, "1")]:
-        assert re.search(rf"SLURM rank {rank} on \S+: \w+, GPU {gpu}$", log, re.M), (rank, gpu)
+    assert_gpus(log, workers=2)  # sweep.sh's default four tasks
     # No one without the job's certificate can use a port of its ranks (scheduler, workers)
     assert attacked["ranks"] == 4 and len(attacked["ports"]) >= 4, attacked
     assert attacked["ports"] <= attacked["still_listening"], attacked  # the attack met the live job
